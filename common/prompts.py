@@ -1,0 +1,44 @@
+"""Prompt sets by name, a prompt file, and seedable sampling from them."""
+import os
+
+import torch
+
+from common import fail
+
+# the 45 common animals of the DDPO paper
+SIMPLE_ANIMALS = [
+    "cat", "dog", "horse", "monkey", "rabbit", "zebra", "spider", "bird", "sheep", "deer", "cow", "goat", "lion",
+    "tiger", "bear", "raccoon", "fox", "wolf", "lizard", "beetle", "ant", "butterfly", "fish", "shark", "whale",
+    "dolphin", "squirrel", "mouse", "rat", "snake", "turtle", "frog", "chicken", "duck", "goose", "bee", "pig",
+    "turkey", "fly", "llama", "camel", "bat", "gorilla", "hedgehog", "kangaroo",
+]  # fmt: skip
+ACTIVITIES = ["washing the dishes", "riding a bike", "playing chess"]
+
+PROMPT_SETS = {
+    "simple_animals": SIMPLE_ANIMALS,
+    "nouns_activities": [
+        f"{'an' if animal[0] in 'aeiou' else 'a'} {animal} {activity}"
+        for animal in SIMPLE_ANIMALS
+        for activity in ACTIVITIES
+    ],
+}
+
+
+def load_prompts(name: str = "simple_animals", prompt_file: str | None = None) -> list[str]:
+    """The prompt set `name`, or the non-empty lines of `prompt_file` when one is given."""
+    if prompt_file is None:
+        if name not in PROMPT_SETS:
+            fail(f"unknown prompt set '{name}'; choose one of: {', '.join(PROMPT_SETS)}, or pass --prompt-file")
+        return list(PROMPT_SETS[name])
+    if not os.path.isfile(prompt_file):
+        fail(f"the prompt file '{prompt_file}' does not exist")
+    with open(prompt_file, encoding="utf-8") as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    if not prompts:
+        fail(f"the prompt file '{prompt_file}' has no prompts (one per line)")
+    return prompts
+
+
+def sample_prompts(prompts: list[str], n: int, generator: torch.Generator) -> list[str]:
+    """n prompts drawn uniformly with replacement; the generator's state makes it reproducible and resumable."""
+    return [prompts[i] for i in torch.randint(len(prompts), (n,), generator=generator).tolist()]

@@ -1,0 +1,176 @@
+"""Rewards by name. Each is an nn.Module called as reward(images, prompts) -> (B,) float32 tensor, with images
+(B, 3, H, W) in [0, 1], and a class attribute `differentiable` (DRaFT and BRAID need True). Model-based rewards
+take their model ids or local paths as arguments, so tests pass tiny models through the same code."""
+import io
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from huggingface_hub import hf_hub_download
+from PIL import Image
+from torch import nn
+from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel, CLIPVisionModelWithProjection
+
+from common import fail, load_or_fail
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_preprocess(images, size: int = 224, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD) -> torch.Tensor:
+    """Differentiable CLIP preprocessing: resize the short side to `size` (bicubic, antialiased), centre crop,
+    normalise. Matches CLIPImageProcessor on the same image up to its uint8 rounding (tests/test_rewards.py)."""
+    height, width = images.shape[-2:]
+    scale = size / min(height, width)
+    new_height, new_width = max(size, int(height * scale)), max(size, int(width * scale))
+    images = F.interpolate(images, (new_height, new_width), mode="bicubic", antialias=True, align_corners=False)
+    top, left = (new_height - size) // 2, (new_width - size) // 2
+    images = images[..., top : top + size, left : left + size]
+    mean, std = (torch.tensor(v, device=images.device).view(3, 1, 1) for v in (mean, std))
+    return (images - mean) / std
+
+
+def processor_preprocess(processor: CLIPImageProcessor, images) -> torch.Tensor:
+    """clip_preprocess with the size, mean and std of a model's own image processor config."""
+    size = processor.crop_size["height"] if processor.do_center_crop else processor.size["shortest_edge"]
+    return clip_preprocess(images, size, processor.image_mean, processor.image_std)
+
+
+def hub_file(repo_or_path: str, filename: str) -> str:
+    """A local file as is, else `filename` downloaded from the hub repo `repo_or_path`."""
+    return repo_or_path if os.path.isfile(repo_or_path) else load_or_fail(hf_hub_download, repo_or_path, filename=filename)
+
+
+class Aesthetic(nn.Module):
+    """LAION 'improved aesthetic predictor': L2-normalised CLIP ViT-L/14 image embeddings into an MLP head
+    (768-1024-128-64-16-1, dropouts, no activations), weights sac+logos+ava1-l14-linearMSE."""
+
+    differentiable = True
+
+    def __init__(self, clip_model="openai/clip-vit-large-patch14", head="trl-lib/ddpo-aesthetic-predictor"):
+        super().__init__()
+        self.clip = load_or_fail(CLIPVisionModelWithProjection.from_pretrained, clip_model)
+        self.processor = load_or_fail(CLIPImageProcessor.from_pretrained, clip_model)
+        dim = self.clip.config.projection_dim
+        self.head = nn.Sequential(
+            nn.Linear(dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
+            nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1),
+        )  # fmt: skip
+        state_dict = torch.load(hub_file(head, "aesthetic-model.pth"), map_location="cpu", weights_only=True)
+        self.head.load_state_dict({k.removeprefix("layers."): v for k, v in state_dict.items()})
+
+    def forward(self, images, prompts=None):
+        pixels = processor_preprocess(self.processor, images).to(self.clip.dtype)
+        embeds = self.clip(pixel_values=pixels).image_embeds
+        embeds = embeds / embeds.norm(dim=-1, keepdim=True)
+        return self.head(embeds.to(self.head[0].weight.dtype)).squeeze(-1).float()
+
+
+class PickScore(nn.Module):
+    """PickScore (Kirstain et al., 2023): logit_scale.exp() * cosine(image, text) of a fine-tuned CLIP-H."""
+
+    differentiable = True
+
+    def __init__(self, model="yuvalkirstain/PickScore_v1", processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K"):
+        super().__init__()
+        self.model = load_or_fail(CLIPModel.from_pretrained, model)
+        self.processor = load_or_fail(CLIPImageProcessor.from_pretrained, processor)
+        self.tokenizer = load_or_fail(AutoTokenizer.from_pretrained, processor)
+
+    def forward(self, images, prompts):
+        pixels = processor_preprocess(self.processor, images).to(self.model.dtype)
+        text = self.tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+        image_embeds = self.model.get_image_features(pixel_values=pixels).pooler_output
+        text_embeds = self.model.get_text_features(**text.to(images.device)).pooler_output
+        image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
+        text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
+        return (self.model.logit_scale.exp() * (image_embeds * text_embeds).sum(-1)).float()
+
+
+class HPSv2(nn.Module):
+    """HPS v2 (Wu et al., 2023): cosine(image, text) of an open_clip ViT-H-14 fine-tuned on human preferences
+    (papers report it x100). Needs the optional open_clip package. Not run in this project's tests: open_clip
+    needs torchvision, which has no CPU build on PyPI (unverified here)."""
+
+    differentiable = True
+
+    def __init__(self, checkpoint="xswu/HPSv2"):
+        super().__init__()
+        try:
+            import open_clip
+        except ImportError:
+            fail("the hpsv2 reward needs open_clip: pip install open-clip-torch")
+        self.model = open_clip.create_model("ViT-H-14", pretrained=None)
+        state = torch.load(hub_file(checkpoint, "HPS_v2_compressed.pt"), map_location="cpu", weights_only=False)
+        self.model.load_state_dict(state["state_dict"])
+        self.tokenizer = open_clip.get_tokenizer("ViT-H-14")
+
+    def forward(self, images, prompts):
+        dtype = next(self.model.parameters()).dtype
+        image_embeds = self.model.encode_image(clip_preprocess(images).to(dtype), normalize=True)
+        text_embeds = self.model.encode_text(self.tokenizer(prompts).to(images.device), normalize=True)
+        return (image_embeds * text_embeds).sum(-1).float()
+
+
+def jpeg_size_kb(images) -> torch.Tensor:
+    """Size in kB of each image saved as JPEG at quality 95 (PIL), as in DDPO's public code."""
+    arrays = (images.detach().float() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    sizes = []
+    for array in arrays:
+        buffer = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="JPEG", quality=95)
+        sizes.append(buffer.tell() / 1000)
+    return torch.tensor(sizes, device=images.device)
+
+
+class JpegCompressibility(nn.Module):
+    """-(JPEG size in kB): smaller files score higher. Not differentiable."""
+
+    differentiable = False
+
+    def forward(self, images, prompts=None):
+        return -jpeg_size_kb(images)
+
+
+class JpegIncompressibility(nn.Module):
+    """+(JPEG size in kB): larger files score higher. Not differentiable."""
+
+    differentiable = False
+
+    def forward(self, images, prompts=None):
+        return jpeg_size_kb(images)
+
+
+class Colorfulness(nn.Module):
+    """Hasler and Suesstrunk (2003) colourfulness on the 0-255 scale: sqrt(var_rg + var_yb) + 0.3 sqrt(mu_rg^2 +
+    mu_yb^2), rg = R - G, yb = (R + G) / 2 - B; about 0 for grey, above 100 for very colourful images.
+    Differentiable and weight-free (a small epsilon keeps the square roots differentiable at 0)."""
+
+    differentiable = True
+
+    def forward(self, images, prompts=None):
+        red, green, blue = (images.float() * 255).unbind(1)  # each (B, H, W)
+        rg, yb = red - green, 0.5 * (red + green) - blue
+        spread = (rg.var(dim=(1, 2), unbiased=False) + yb.var(dim=(1, 2), unbiased=False) + 1e-8).sqrt()
+        offset = (rg.mean(dim=(1, 2)) ** 2 + yb.mean(dim=(1, 2)) ** 2 + 1e-8).sqrt()
+        return spread + 0.3 * offset
+
+
+REWARDS = {
+    "aesthetic": Aesthetic,
+    "pickscore": PickScore,
+    "hpsv2": HPSv2,
+    "jpeg_compressibility": JpegCompressibility,
+    "jpeg_incompressibility": JpegIncompressibility,
+    "colorfulness": Colorfulness,
+}
+DIFFERENTIABLE_REWARDS = [name for name, cls in REWARDS.items() if cls.differentiable]
+
+
+def make_reward(name: str, device="cpu", dtype=torch.float32, **kwargs) -> nn.Module:
+    """The reward `name`, frozen and in eval mode on `device` (its weights in `dtype`). `kwargs` go to its
+    constructor: model ids or local paths."""
+    if name not in REWARDS:
+        fail(f"unknown reward '{name}'; choose one of: {', '.join(REWARDS)}")
+    return REWARDS[name](**kwargs).requires_grad_(False).eval().to(device, dtype)

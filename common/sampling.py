@@ -1,0 +1,112 @@
+"""DDIM sampling with classifier-free guidance, in the notation of ALGORITHMS.md:
+    x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)
+    sigma  = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev)
+    mean   = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps,   x_prev = mean + sigma z
+At eta = 0 this is diffusers' DDIMScheduler.step; the DDIM arithmetic runs in fp32 whatever the UNet's dtype."""
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+def initial_latents(sd, batch_size: int, resolution: int, generator=None, device="cpu") -> torch.Tensor:
+    """x_T ~ N(0, I), (B, 4, resolution / 8, resolution / 8) for SD (DDIM's init_noise_sigma is 1)."""
+    size = resolution // sd.vae_scale_factor
+    shape = (batch_size, sd.unet.config.in_channels, size, size)
+    return torch.randn(shape, generator=generator, device=generator.device if generator else device).to(device)
+
+
+def predict_noise(unet, latents, t, prompt_embeds, negative_embeds, guidance_scale: float) -> torch.Tensor:
+    """eps = eps_u + w (eps_c - eps_u) from one batched UNet call on [uncond; cond]. As in diffusers, there is
+    no guidance (one call on cond) when w <= 1. `negative_embeds` may be one row; it is broadcast."""
+    if guidance_scale <= 1.0:
+        return unet(latents.to(unet.dtype), t, encoder_hidden_states=prompt_embeds.to(unet.dtype)).sample.float()
+    negative_embeds = negative_embeds.expand(len(latents), -1, -1)
+    embeds = torch.cat([negative_embeds, prompt_embeds]).to(unet.dtype)  # (2B, 77, D)
+    eps = unet(torch.cat([latents, latents]).to(unet.dtype), t, encoder_hidden_states=embeds).sample.float()
+    eps_uncond, eps_cond = eps.chunk(2)
+    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+
+@dataclass
+class Step:
+    latents: torch.Tensor  # x_{t-1}, the sample (or the given prev_latents)
+    pred_x0: torch.Tensor  # x0_hat
+    mean: torch.Tensor  # mean of p(x_{t-1} | x_t)
+    std: torch.Tensor  # sigma, a scalar
+    log_prob: torch.Tensor | None  # (B,) MEAN over latent dims of log p(x_{t-1} | x_t); None at eta = 0
+
+
+def ddim_step(scheduler, eps, t, latents, eta: float = 0.0, prev_latents=None, generator=None) -> Step:
+    """One DDIM step from x_t. Pass `prev_latents` to score a stored action instead of sampling one (DDPO).
+    The log-prob is the mean over latent dimensions, as in DDPO's public code (its 1e-4 clip range assumes it),
+    and treats x_{t-1} as data (detached)."""
+    abar = scheduler.alphas_cumprod.to(latents.device)
+    prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    abar_t = abar[t]
+    abar_prev = abar[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod.to(latents.device)
+    pred_x0 = (latents - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()
+    std = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).sqrt()
+    mean = abar_prev.sqrt() * pred_x0 + (1 - abar_prev - std**2).sqrt() * eps
+    if prev_latents is None and eta == 0:
+        prev_latents = mean
+    elif prev_latents is None:
+        noise = torch.randn(mean.shape, generator=generator, device=generator.device if generator else mean.device)
+        prev_latents = mean + std * noise.to(mean.device)
+    log_prob = None
+    if eta > 0:
+        log_density = -((prev_latents.detach() - mean) ** 2) / (2 * std**2) - std.log() - math.log(math.sqrt(2 * math.pi))
+        log_prob = log_density.mean(dim=tuple(range(1, mean.ndim)))
+    return Step(prev_latents, pred_x0, mean, std, log_prob)
+
+
+@dataclass
+class Trajectory:
+    timesteps: list = field(default_factory=list)  # t_T, ..., t_1
+    latents: list = field(default_factory=list)  # x_T, ..., x_0: num_steps + 1 tensors (B, 4, h, w)
+    means: list = field(default_factory=list)  # per step (B, 4, h, w)
+    stds: list = field(default_factory=list)  # per step, scalars
+    log_probs: list = field(default_factory=list)  # per step (B,), at eta > 0
+
+
+def sample(
+    sd, latents, prompt_embeds, negative_embeds, num_steps: int = 50, guidance_scale: float = 7.5,
+    eta: float = 0.0, grad_steps: int = 0, checkpoint_unet: bool = False, generator=None, trajectory: bool = False,
+):
+    """DDIM from x_T = `latents` to x_0 with guidance. Only the last `grad_steps` steps build an autograd graph
+    (0: none, K: the last K as in DRaFT-K, num_steps: all); the latent entering them is a constant.
+    `checkpoint_unet` recomputes those UNet calls in the backward pass instead of storing their activations.
+    Returns x_0, and the Trajectory when asked (else None)."""
+    sd.scheduler.set_timesteps(num_steps, device=latents.device)
+    record = Trajectory(latents=[latents]) if trajectory else None
+    for i, t in enumerate(sd.scheduler.timesteps):
+        with torch.set_grad_enabled(i >= num_steps - grad_steps):
+            args = (sd.unet, latents, t, prompt_embeds, negative_embeds, guidance_scale)
+            if checkpoint_unet and torch.is_grad_enabled():
+                eps = checkpoint(predict_noise, *args, use_reentrant=False)
+            else:
+                eps = predict_noise(*args)
+            step = ddim_step(sd.scheduler, eps, t, latents, eta, generator=generator)
+        latents = step.latents
+        if record:
+            record.timesteps.append(t)
+            record.latents.append(latents)
+            record.means.append(step.mean)
+            record.stds.append(step.std)
+            record.log_probs.append(step.log_prob)
+    return latents, record
+
+
+def decode(sd, latents, checkpoint_vae: bool = False) -> torch.Tensor:
+    """Latents -> images (B, 3, H, W) in [0, 1], differentiable; optionally checkpointed (the VAE decoder's
+    activations at 512 px are large)."""
+
+    def vae_decode(z):
+        return sd.vae.decode(z.to(sd.vae.dtype) / sd.vae.config.scaling_factor).sample.float()
+
+    if checkpoint_vae and torch.is_grad_enabled():
+        images = checkpoint(vae_decode, latents, use_reentrant=False)
+    else:
+        images = vae_decode(latents)
+    return (images / 2 + 0.5).clamp(0, 1)

@@ -1,0 +1,120 @@
+"""Tiny random models in the Stable Diffusion pipeline format, built in code and saved with save_pretrained, so
+the tests go through the same from_pretrained code as SD 1.4. No downloads: the hub is switched off."""
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before huggingface_hub is imported: a test must never wait on the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from common.prompts import SIMPLE_ANIMALS
+
+WORDS = SIMPLE_ANIMALS + ["a", "an", "photo", "of", "the", "on", "red", "green", "blue", "white", "background"]
+
+
+def byte_alphabet() -> list[str]:
+    """The 256 printable characters that byte-level BPE (GPT-2, CLIP) uses for the 256 byte values."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in printable]
+    return [chr(c) for c in printable] + [chr(256 + i) for i in range(len(extra))]
+
+
+def make_tokenizer(words=WORDS) -> CLIPTokenizer:
+    """A CLIP tokenizer whose vocabulary is the byte alphabet plus `words`, merged left to right."""
+    alphabet = byte_alphabet()
+    vocab = {}
+    for token in ["<|startoftext|>", "<|endoftext|>", *alphabet, *(c + "</w>" for c in alphabet)]:
+        vocab.setdefault(token, len(vocab))
+    merges = []
+    for word in words:
+        parts = [*word[:-1], word[-1] + "</w>"]
+        while len(parts) > 1:
+            merged = parts[0] + parts[1]
+            if merged not in vocab:
+                vocab[merged] = len(vocab)
+                merges.append((parts[0], parts[1]))
+            parts = [merged, *parts[2:]]
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def text_config(tokenizer, **kwargs) -> CLIPTextConfig:
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, hidden_act="quick_gelu", **ids, **kwargs,
+    )  # fmt: skip
+
+
+def build_tiny_sd(path) -> str:
+    """A random SD-shaped pipeline: CLIP text encoder, UNet with cross-attention, KL VAE (scale factor 2), and SD's
+    own scheduler config (PNDM, as the SD 1.4 repo ships it)."""
+    torch.manual_seed(0)
+    tokenizer = make_tokenizer()
+    text_encoder = CLIPTextModel(text_config(tokenizer))
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
+        sample_size=16, scaling_factor=0.18215,
+    )  # fmt: skip
+    scheduler = PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        steps_offset=1, set_alpha_to_one=False, skip_prk_steps=True,
+    )  # fmt: skip
+    pipeline = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipeline.save_pretrained(path)
+    return str(path)
+
+
+def build_tiny_clip(path) -> str:
+    """A random CLIPModel (ViT vision tower at 224 px, patch 32) with its tokenizer and OpenAI-style image
+    processor, in one folder: stands in for both openai/clip-vit-large-patch14 and PickScore."""
+    torch.manual_seed(1)
+    tokenizer = make_tokenizer()
+    config = CLIPConfig(
+        text_config=text_config(tokenizer).to_dict(),
+        vision_config=dict(image_size=224, patch_size=32, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=4, hidden_act="quick_gelu"),
+        projection_dim=32,
+    )  # fmt: skip
+    CLIPModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(path)
+    return str(path)
+
+
+def build_aesthetic_head(path, dim: int = 32) -> str:
+    """A random head in the layout of the LAION aesthetic predictor's .pth (keys layers.0 ... layers.7)."""
+    torch.manual_seed(2)
+    sizes = [(dim, 1024, 0), (1024, 128, 2), (128, 64, 4), (64, 16, 6), (16, 1, 7)]
+    state_dict = {}
+    for fan_in, fan_out, index in sizes:
+        layer = torch.nn.Linear(fan_in, fan_out)
+        state_dict[f"layers.{index}.weight"], state_dict[f"layers.{index}.bias"] = layer.weight.data, layer.bias.data
+    torch.save(state_dict, path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_path(tmp_path_factory):
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_path(tmp_path_factory):
+    return build_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
+
+
+@pytest.fixture(scope="session")
+def aesthetic_head_path(tmp_path_factory):
+    return build_aesthetic_head(tmp_path_factory.mktemp("head") / "aesthetic-model.pth")

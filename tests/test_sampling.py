@@ -1,0 +1,165 @@
+"""The DDIM loop and step against diffusers and against the formulas; which steps carry gradient."""
+import math
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+from common.rewards import Colorfulness
+from common.sampling import ddim_step, decode, initial_latents, predict_noise, sample
+from common.sd import add_lora, encode_prompts, load_sd
+
+PROMPTS = ["a photo of a cat", "a red fox"]
+RESOLUTION, STEPS, GUIDANCE = 32, 8, 7.5
+
+
+@pytest.fixture(scope="module")
+def sd(tiny_sd_path):
+    return load_sd(tiny_sd_path)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_sd_path):
+    scheduler = DDIMScheduler.from_pretrained(tiny_sd_path, subfolder="scheduler")
+    return StableDiffusionPipeline.from_pretrained(tiny_sd_path, scheduler=scheduler, safety_checker=None)
+
+
+@pytest.fixture(scope="module")
+def lora_sd(tiny_sd_path):
+    """The tiny model with a LoRA whose B matrices are non-zero, so every LoRA parameter gets gradient."""
+    sd = load_sd(tiny_sd_path)
+    torch.manual_seed(3)
+    for p in add_lora(sd.unet, rank=4):
+        p.data.normal_(std=0.1)
+    return sd
+
+
+def embeds(sd, prompts=PROMPTS):
+    return encode_prompts(sd, prompts), encode_prompts(sd, [""])
+
+
+def relative_error(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_loop_equals_diffusers_pipeline(sd, pipeline, eta):
+    latents = initial_latents(sd, len(PROMPTS), RESOLUTION, torch.Generator().manual_seed(0))
+    prompt_embeds, negative_embeds = embeds(sd)
+    with torch.no_grad():  # at eta = 1 both draw the step noise from generators seeded alike
+        ours, _ = sample(sd, latents, prompt_embeds, negative_embeds, STEPS, GUIDANCE, eta,
+                         generator=torch.Generator().manual_seed(1))  # fmt: skip
+        ours_images = decode(sd, ours)
+    kwargs = dict(num_inference_steps=STEPS, guidance_scale=GUIDANCE, eta=eta, latents=latents.clone(),
+                  height=RESOLUTION, width=RESOLUTION)  # fmt: skip
+    theirs = pipeline(PROMPTS, output_type="latent", generator=torch.Generator().manual_seed(1), **kwargs).images
+    theirs_images = pipeline(PROMPTS, output_type="pt", generator=torch.Generator().manual_seed(1), **kwargs).images
+    assert ours.shape == (2, 4, RESOLUTION // 2, RESOLUTION // 2)
+    assert relative_error(ours, theirs) < 1e-5
+    assert relative_error(ours_images, theirs_images) < 1e-5
+
+
+def test_step_mean_and_std_follow_the_formulas(sd):
+    """eta = 1: the mean is diffusers' step without noise, sigma is the DDIM formula, and samples have that
+    mean and std."""
+    sd.scheduler.set_timesteps(STEPS)
+    t = sd.scheduler.timesteps[3]
+    torch.manual_seed(0)
+    latents, eps = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    step = ddim_step(sd.scheduler, eps, t, latents, eta=1.0)
+    abar = sd.scheduler.alphas_cumprod
+    abar_t, abar_prev = abar[t], abar[t - 1000 // STEPS]
+    sigma = math.sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))
+    assert step.std.item() == pytest.approx(sigma, rel=1e-6)
+    no_noise = sd.scheduler.step(eps, t, latents, eta=1.0, variance_noise=torch.zeros_like(eps)).prev_sample
+    torch.testing.assert_close(step.mean, no_noise, rtol=1e-5, atol=1e-6)
+    draws = torch.stack([ddim_step(sd.scheduler, eps, t, latents, eta=1.0).latents for _ in range(2000)])
+    standardised = (draws - step.mean) / sigma  # (2000, 1, 4, 8, 8), N(0, 1) if mean and std are right
+    assert standardised.mean().abs() < 0.01 and (standardised.std() - 1).abs() < 0.01
+    assert standardised.mean(0).abs().max() < 0.15  # per dimension: 2000 draws, 256 dims, ~5 sigma
+
+
+def test_step_log_prob_is_the_gaussian_density_mean_over_dims(sd):
+    sd.scheduler.set_timesteps(STEPS)
+    torch.manual_seed(0)
+    for t in sd.scheduler.timesteps[[0, 4, -1]]:  # including the last step, where abar_prev = alphas_cumprod[0]
+        latents, eps, prev = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+        for given in (None, prev):
+            step = ddim_step(sd.scheduler, eps, t, latents, eta=1.0, prev_latents=given)
+            density = torch.distributions.Normal(step.mean, step.std).log_prob(step.latents)
+            torch.testing.assert_close(step.log_prob, density.mean(dim=(1, 2, 3)), rtol=1e-5, atol=1e-5)
+    assert ddim_step(sd.scheduler, eps, t, latents, eta=0.0).log_prob is None
+
+
+def count_graph_calls(unet):
+    """Counts the UNet forwards that run with autograd on."""
+    calls = []
+    handle = unet.register_forward_pre_hook(lambda module, args: calls.append(torch.is_grad_enabled()))
+    return calls, handle
+
+
+@pytest.mark.parametrize("grad_steps", [0, 1, 3, STEPS])
+def test_only_the_last_k_steps_build_a_graph(lora_sd, grad_steps):
+    sd = lora_sd
+    prompt_embeds, negative_embeds = embeds(sd)
+    latents = initial_latents(sd, 2, RESOLUTION, torch.Generator().manual_seed(0)).requires_grad_()
+    sd.unet.zero_grad()
+    calls, handle = count_graph_calls(sd.unet)
+    try:
+        x0, _ = sample(sd, latents, prompt_embeds, negative_embeds, STEPS, GUIDANCE, grad_steps=grad_steps)
+    finally:
+        handle.remove()
+    assert calls == [False] * (STEPS - grad_steps) + [True] * grad_steps
+    if grad_steps == 0:
+        assert not x0.requires_grad
+        return
+    Colorfulness()(decode(sd, x0)).sum().backward()
+    lora = [p for p in sd.unet.parameters() if p.requires_grad]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)
+    # x_T reaches the loss only when every step carries gradient
+    assert (latents.grad is not None) == (grad_steps == STEPS)
+
+
+def lora_gradients(sd, checkpointing: bool):
+    prompt_embeds, negative_embeds = embeds(sd)
+    latents = initial_latents(sd, 2, RESOLUTION, torch.Generator().manual_seed(0))
+    sd.unet.zero_grad()
+    x0, _ = sample(sd, latents, prompt_embeds, negative_embeds, STEPS, GUIDANCE, eta=1.0, grad_steps=STEPS,
+                   checkpoint_unet=checkpointing, generator=torch.Generator().manual_seed(1))  # fmt: skip
+    rewards = Colorfulness()(decode(sd, x0, checkpoint_vae=checkpointing))
+    rewards.sum().backward()
+    return rewards.detach(), [p.grad.clone() for p in sd.unet.parameters() if p.requires_grad]
+
+
+def test_checkpointing_gives_the_same_gradient(lora_sd):
+    rewards, grads = lora_gradients(lora_sd, checkpointing=False)
+    rewards_ckpt, grads_ckpt = lora_gradients(lora_sd, checkpointing=True)
+    torch.testing.assert_close(rewards_ckpt, rewards)
+    for g, g_ckpt in zip(grads, grads_ckpt):
+        torch.testing.assert_close(g_ckpt, g, rtol=1e-4, atol=1e-7)
+
+
+def test_same_seed_same_latents_rewards_and_gradients(lora_sd):
+    first, second = lora_gradients(lora_sd, False), lora_gradients(lora_sd, False)
+    assert torch.equal(first[0], second[0])
+    assert all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
+    a = initial_latents(lora_sd, 2, RESOLUTION, torch.Generator().manual_seed(5))
+    assert torch.equal(a, initial_latents(lora_sd, 2, RESOLUTION, torch.Generator().manual_seed(5)))
+
+
+def test_trajectory_records_every_step(sd):
+    prompt_embeds, negative_embeds = embeds(sd)
+    latents = initial_latents(sd, 2, RESOLUTION, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x0, trajectory = sample(sd, latents, prompt_embeds, negative_embeds, STEPS, GUIDANCE, eta=1.0, trajectory=True,
+                                generator=torch.Generator().manual_seed(1))  # fmt: skip
+    assert len(trajectory.latents) == STEPS + 1 and len(trajectory.log_probs) == STEPS
+    assert trajectory.latents[0] is latents and trajectory.latents[-1] is x0
+    assert torch.equal(torch.stack(trajectory.timesteps), sd.scheduler.timesteps)
+    # replaying a stored step scores the stored action with the same log-prob (what DDPO's first PPO step sees)
+    i = 3
+    t, x_t, x_prev = trajectory.timesteps[i], trajectory.latents[i], trajectory.latents[i + 1]
+    with torch.no_grad():
+        eps = predict_noise(sd.unet, x_t, t, prompt_embeds, negative_embeds, GUIDANCE)
+        replay = ddim_step(sd.scheduler, eps, t, x_t, eta=1.0, prev_latents=x_prev)
+    torch.testing.assert_close(replay.log_prob, trajectory.log_probs[i])
