@@ -1,7 +1,11 @@
 """Shared pieces of the six scripts: SD loading and LoRA (`sd`), DDIM sampling (`sampling`),
 rewards (`rewards`) and prompt sets (`prompts`). Only what is the same in every method lives here."""
 import sys
+import warnings
 from typing import NoReturn
+
+# diffusers 0.42 still passes this retired argument to huggingface_hub, which warns on every config load
+warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
 
 
 def fail(message: str) -> NoReturn:

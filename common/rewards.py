@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from huggingface_hub import hf_hub_download
 from PIL import Image
 from torch import nn
-from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel, CLIPVisionModelWithProjection
+from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
 from common import fail, load_or_fail
 
@@ -25,6 +25,7 @@ def clip_preprocess(images, size: int = 224, mean=OPENAI_CLIP_MEAN, std=OPENAI_C
     scale = size / min(height, width)
     new_height, new_width = max(size, int(height * scale)), max(size, int(width * scale))
     images = F.interpolate(images, (new_height, new_width), mode="bicubic", antialias=True, align_corners=False)
+    images = images.clamp(0, 1)  # bicubic overshoots; PIL clips it to the uint8 range
     top, left = (new_height - size) // 2, (new_width - size) // 2
     images = images[..., top : top + size, left : left + size]
     mean, std = (torch.tensor(v, device=images.device).view(3, 1, 1) for v in (mean, std))
@@ -50,7 +51,7 @@ class Aesthetic(nn.Module):
 
     def __init__(self, clip_model="openai/clip-vit-large-patch14", head="trl-lib/ddpo-aesthetic-predictor"):
         super().__init__()
-        self.clip = load_or_fail(CLIPVisionModelWithProjection.from_pretrained, clip_model)
+        self.clip = load_or_fail(CLIPModel.from_pretrained, clip_model)  # the text tower idles: 1/4 of the weights
         self.processor = load_or_fail(CLIPImageProcessor.from_pretrained, clip_model)
         dim = self.clip.config.projection_dim
         self.head = nn.Sequential(
@@ -62,7 +63,7 @@ class Aesthetic(nn.Module):
 
     def forward(self, images, prompts=None):
         pixels = processor_preprocess(self.processor, images).to(self.clip.dtype)
-        embeds = self.clip(pixel_values=pixels).image_embeds
+        embeds = self.clip.get_image_features(pixel_values=pixels).pooler_output
         embeds = embeds / embeds.norm(dim=-1, keepdim=True)
         return self.head(embeds.to(self.head[0].weight.dtype)).squeeze(-1).float()
 

@@ -1,0 +1,140 @@
+"""Rewards: known values, gradients, the tiny-CLIP model rewards against the official CLIP processor and model."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import CLIPImageProcessor, CLIPModel
+
+from common.rewards import DIFFERENTIABLE_REWARDS, REWARDS, clip_preprocess, jpeg_size_kb, make_reward
+
+
+def to_pil(images):
+    return [Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for x in images]
+
+
+def smooth_images(batch, height, width, seed=0):
+    coarse = torch.rand(batch, 3, 4, 4, generator=torch.Generator().manual_seed(seed))
+    return (F.interpolate(coarse, (height, width), mode="bilinear") * 255).round() / 255
+
+
+@pytest.mark.parametrize("height, width", [(64, 64), (512, 512), (48, 80), (300, 200)])
+def test_preprocessing_matches_the_clip_image_processor(height, width):
+    """Stated tolerance, in normalised units (one uint8 level is 1/255/0.27 = 0.015): at most 0.02 everywhere on
+    smooth images; on white noise a mean of 0.01, since PIL rounds and clips to uint8 between its two resize
+    passes where bicubic overshoots."""
+    processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
+    smooth = smooth_images(2, height, width)
+    reference = processor(images=to_pil(smooth), return_tensors="pt").pixel_values
+    assert clip_preprocess(smooth).shape == reference.shape == (2, 3, 224, 224)
+    assert (clip_preprocess(smooth) - reference).abs().max() < 0.02
+    noise = (torch.rand(2, 3, height, width, generator=torch.Generator().manual_seed(1)) * 255).round() / 255
+    reference = processor(images=to_pil(noise), return_tensors="pt").pixel_values
+    assert (clip_preprocess(noise) - reference).abs().mean() < 0.01
+
+
+def test_jpeg_rewards_prefer_flat_images_and_are_not_differentiable():
+    flat = torch.full((2, 3, 64, 64), 0.5)
+    noise = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    compressibility, incompressibility = make_reward("jpeg_compressibility"), make_reward("jpeg_incompressibility")
+    assert (compressibility(flat, None) > compressibility(noise, None)).all()
+    assert (incompressibility(noise, None) > incompressibility(flat, None)).all()
+    torch.testing.assert_close(compressibility(noise, None), -incompressibility(noise, None))
+    import io
+
+    buffer = io.BytesIO()
+    to_pil(noise[:1])[0].save(buffer, format="JPEG", quality=95)
+    assert jpeg_size_kb(noise[:1]).item() == pytest.approx(len(buffer.getvalue()) / 1000)
+    assert not compressibility.differentiable and not incompressibility.differentiable
+
+
+def colorfulness_numpy(image):
+    """Hasler and Suesstrunk's metric, written independently on one H x W x 3 uint8-scale array."""
+    r, g, b = (image[..., i].astype(np.float64) for i in range(3))
+    rg, yb = r - g, 0.5 * (r + g) - b
+    return np.sqrt(rg.std() ** 2 + yb.std() ** 2) + 0.3 * np.sqrt(rg.mean() ** 2 + yb.mean() ** 2)
+
+
+def test_colorfulness_values_and_gradient():
+    reward = make_reward("colorfulness")
+    grey = torch.full((1, 3, 16, 16), 0.4)
+    red = torch.zeros(1, 3, 16, 16)
+    red[:, 0] = 1.0
+    assert reward(grey, None).item() == pytest.approx(0.0, abs=1e-3)
+    assert reward(red, None).item() == pytest.approx(0.3 * np.hypot(255, 127.5), rel=1e-5)  # 85.5
+    images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    expected = [colorfulness_numpy(x.permute(1, 2, 0).numpy() * 255) for x in images]
+    torch.testing.assert_close(reward(images, None), torch.tensor(expected, dtype=torch.float32), rtol=1e-4, atol=1e-3)
+    images.requires_grad_()
+    reward(images, None).sum().backward()
+    assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+
+
+def test_aesthetic_through_tiny_clip(tiny_clip_path, aesthetic_head_path):
+    reward = make_reward("aesthetic", clip_model=tiny_clip_path, head=aesthetic_head_path)
+    images = smooth_images(2, 64, 64)
+    # the same score from the official processor and the full CLIPModel, with the head's weights by hand
+    clip = CLIPModel.from_pretrained(tiny_clip_path)
+    pixels = CLIPImageProcessor.from_pretrained(tiny_clip_path)(images=to_pil(images), return_tensors="pt").pixel_values
+    with torch.no_grad():
+        embeds = clip.get_image_features(pixel_values=pixels).pooler_output
+        x = embeds / embeds.norm(dim=-1, keepdim=True)
+        state_dict = torch.load(aesthetic_head_path)
+        for index in (0, 2, 4, 6, 7):  # dropout is off in eval mode and there are no activations
+            x = x @ state_dict[f"layers.{index}.weight"].T + state_dict[f"layers.{index}.bias"]
+        torch.testing.assert_close(reward(images, None), x.squeeze(-1), rtol=1e-3, atol=1e-3)
+    images.requires_grad_()
+    reward(images, None).sum().backward()
+    assert images.grad.abs().sum() > 0
+    assert not any(p.requires_grad for p in reward.parameters())
+
+
+def test_pickscore_through_tiny_clip(tiny_clip_path):
+    reward = make_reward("pickscore", model=tiny_clip_path, processor=tiny_clip_path)
+    images, prompts = smooth_images(2, 64, 64), ["a photo of a cat", "a dog"]
+    clip = CLIPModel.from_pretrained(tiny_clip_path)
+    from transformers import CLIPProcessor
+
+    inputs = CLIPProcessor.from_pretrained(tiny_clip_path)(text=prompts, images=to_pil(images), padding=True,
+                                                           return_tensors="pt")  # fmt: skip
+    with torch.no_grad():
+        scores = reward(images, prompts)
+        logits = clip(**inputs).logits_per_image  # logit_scale.exp() * cosine, (images, texts)
+        torch.testing.assert_close(scores, logits.diagonal(), rtol=0, atol=0.05)  # uint8 vs float preprocessing
+        inputs["pixel_values"] = clip_preprocess(images)  # the same pixels: then the score formula is exact
+        torch.testing.assert_close(scores, clip(**inputs).logits_per_image.diagonal(), rtol=1e-5, atol=1e-5)
+    images.requires_grad_()
+    reward(images, prompts).sum().backward()
+    assert images.grad.abs().sum() > 0
+
+
+def test_unknown_reward_lists_the_valid_names(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        make_reward("beauty")
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert "unknown reward 'beauty'" in message and all(name in message for name in REWARDS)
+
+
+def test_hpsv2_says_how_to_install_open_clip(capsys):
+    pytest.importorskip("torch")
+    try:
+        import open_clip  # noqa: F401
+
+        pytest.skip("open_clip is installed")
+    except ImportError:
+        pass
+    with pytest.raises(SystemExit):
+        make_reward("hpsv2")
+    assert "pip install open-clip-torch" in capsys.readouterr().err
+
+
+def test_missing_reward_model_gives_one_clear_sentence(capsys):
+    with pytest.raises(SystemExit):
+        make_reward("aesthetic", clip_model="/no/such/clip")
+    message = capsys.readouterr().err.strip()
+    assert message.startswith("error: could not load '/no/such/clip'") and len(message.splitlines()) == 1
+
+
+def test_the_differentiable_list():
+    assert DIFFERENTIABLE_REWARDS == ["aesthetic", "pickscore", "hpsv2", "colorfulness"]
