@@ -110,3 +110,13 @@ def decode(sd, latents, checkpoint_vae: bool = False) -> torch.Tensor:
     else:
         images = vae_decode(latents)
     return (images / 2 + 0.5).clamp(0, 1)
+
+
+def save_grid(images: torch.Tensor, path: str, columns: int) -> None:
+    """Images (N, 3, H, W) in [0, 1] -> one PNG, `columns` images a row."""
+    from PIL import Image
+
+    rows = -(-len(images) // columns)
+    padded = torch.cat([images, images.new_zeros(rows * columns - len(images), *images.shape[1:])])
+    grid = padded.view(rows, columns, *images.shape[1:]).permute(0, 3, 1, 4, 2).flatten(0, 1).flatten(1, 2)
+    Image.fromarray((grid.float().clamp(0, 1) * 255).round().byte().cpu().numpy()).save(path)

@@ -1,0 +1,226 @@
+"""DRaFT-K: Directly Fine-Tuning Diffusion Models on Differentiable Rewards, truncated to the last K steps.
+Clark, Vicol, Swersky and Fleet, 2023, arXiv 2309.17400 (Section 4.1, "DRaFT-K"; K = 1 is their recommendation).
+
+    python draft_k.py --k 1                                    # SD 1.4, aesthetic reward, simple animals (GPU)
+    python draft_k.py --k 1 --pretrained-model assets/tiny-sd --reward colorfulness --prompts shapes \
+        --resolution 32 --num-steps 20 --guidance-scale 5 --train-steps 60   # a CPU run in minutes
+
+Sample with DDIM (eta = 0) from x_T, the first T - K steps without gradient, the last K with it; decode;
+maximise the differentiable reward by backpropagating through the decoder and those K UNet calls into the LoRA.
+Defaults follow the paper's small-scale setup (LoRA rank 8, AdamW lr 4e-4, weight decay 0.1, batch 4, 2k steps:
+unverified against their code, which is not public); the gradient-norm clip of 1.0 is ours.
+"""
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import tyro
+from tqdm.auto import tqdm
+
+from common import fail
+from common.prompts import load_prompts, sample_prompts
+from common.rewards import DIFFERENTIABLE_REWARDS, REWARDS, make_reward
+from common.sampling import decode, initial_latents, sample, save_grid
+from common.sd import SD14, add_lora, encode_prompts, load_lora, load_sd, save_lora
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be enabled by default"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases"""
+    wandb_project_name: str = "diffusion-reward-finetuning"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
+    output_dir: str = "runs"
+    """the run folder is {output_dir}/{run_name}"""
+    save_every: int = 500
+    """save a checkpoint (LoRA, optimizer, step, RNG) every this many optimizer steps"""
+    sample_every: int = 100
+    """save a grid of fixed-seed samples on held-out prompts every this many optimizer steps"""
+    resume: Optional[str] = None
+    """a checkpoint folder (runs/.../checkpoints/step_000100) or a run folder (its latest checkpoint)"""
+
+    # Model, reward and prompts
+    pretrained_model: str = SD14
+    """hub id or local folder of a Stable Diffusion 1.x pipeline"""
+    revision: Optional[str] = None
+    """the model's revision on the hub"""
+    reward: str = "aesthetic"
+    """the reward to maximise; it must be differentiable"""
+    prompts: str = "simple_animals"
+    """the prompt set (simple_animals, nouns_activities, shapes)"""
+    prompt_file: Optional[str] = None
+    """a file of prompts, one per line, instead of --prompts"""
+    num_steps: int = 50
+    """DDIM sampling steps"""
+    guidance_scale: float = 7.5
+    """classifier-free guidance weight"""
+    eta: float = 0.0
+    """DDIM eta (0: deterministic sampling, as in the paper)"""
+    resolution: int = 512
+    """image height and width in pixels"""
+    mixed_precision: Literal["bf16", "no"] = "bf16"
+    """dtype of the frozen weights on CUDA (the LoRA stays fp32); the CPU always uses fp32"""
+
+    # Algorithm specific arguments
+    k: int = 1
+    """backpropagate through the last K sampling steps only"""
+    lora_rank: int = 8
+    """rank of the LoRA on the UNet's attention projections"""
+    learning_rate: float = 4e-4
+    """AdamW learning rate"""
+    weight_decay: float = 0.1
+    """AdamW weight decay"""
+    batch_size: int = 4
+    """images per micro-batch"""
+    grad_accum_steps: int = 1
+    """micro-batches per optimizer step"""
+    train_steps: int = 2000
+    """optimizer steps"""
+    max_grad_norm: float = 1.0
+    """clip the LoRA gradient to this norm"""
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    if not 1 <= args.k <= args.num_steps:
+        fail(f"--k must be between 1 and --num-steps ({args.num_steps}), got {args.k}")
+    if args.reward not in REWARDS:
+        fail(f"unknown reward '{args.reward}'; choose one of: {', '.join(REWARDS)}")
+    if not REWARDS[args.reward].differentiable:
+        fail(f"DRaFT needs a differentiable reward and '{args.reward}' is not; use one of: {', '.join(DIFFERENTIABLE_REWARDS)}")
+    prompts = load_prompts(args.prompts, args.prompt_file)
+    # the last 4 prompts are held out of training and used for the sample grids
+    eval_prompts, train_prompts = prompts[-4:], prompts[:-4] if len(prompts) > 4 else prompts
+
+    # TRY NOT TO MODIFY: run folder, resuming, tracking, seeding
+    state = None
+    if args.resume:
+        path = args.resume
+        if not os.path.isfile(os.path.join(path, "state.pt")) and os.path.isdir(os.path.join(path, "checkpoints")):
+            steps = sorted(os.listdir(os.path.join(path, "checkpoints")))
+            path = os.path.join(path, "checkpoints", steps[-1]) if steps else path
+        if not os.path.isfile(os.path.join(path, "state.pt")):
+            fail(f"--resume {args.resume} is neither a checkpoint folder nor a run folder with checkpoints")
+        state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
+    run_name = state["run_name"] if state else f"{args.reward}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.dirname(os.path.dirname(path)) if state else os.path.join(args.output_dir, run_name)
+    os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args), name=run_name,
+                   id=run_name, resume="allow", sync_tensorboard=True)  # fmt: skip
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(run_dir)
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    except ImportError:  # tensorboard is optional: metrics.jsonl has everything
+        writer = None
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if device.type == "cpu":
+        print("note: no CUDA device, running on the CPU: SD 1.4 will be very slow there (try --pretrained-model assets/tiny-sd)")
+    dtype = torch.bfloat16 if device.type == "cuda" and args.mixed_precision == "bf16" else torch.float32
+    rng = torch.Generator().manual_seed(args.seed)  # prompts and noise, on the CPU: the same draws on every device
+
+    sd = load_sd(args.pretrained_model, args.revision, device, dtype)
+    reward_fn = make_reward(args.reward, device, dtype)
+    lora_params = add_lora(sd.unet, args.lora_rank)
+    optimizer = torch.optim.AdamW(lora_params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    negative_embeds = encode_prompts(sd, [""])  # (1, 77, D), the unconditional embedding, computed once
+    eval_embeds = encode_prompts(sd, eval_prompts * 2)
+    eval_latents = initial_latents(sd, len(eval_embeds), args.resolution, torch.Generator().manual_seed(args.seed), device)
+    start_step = 0
+    if state:
+        load_lora(sd.unet, path)
+        optimizer.load_state_dict(state["optimizer"])
+        rng.set_state(state["rng"])
+        start_step = state["step"]
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:  # drop what was logged after the checkpoint
+            kept = [line for line in f if json.loads(line)["step"] <= start_step]
+        with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+            f.writelines(kept)
+
+    def evaluate(step: int) -> float:
+        """Fixed-seed samples on the held-out prompts: a grid, and their mean reward."""
+        with torch.no_grad():
+            x0, _ = sample(sd, eval_latents, eval_embeds, negative_embeds, args.num_steps, args.guidance_scale)
+            images = decode(sd, x0)
+            save_grid(images, os.path.join(run_dir, "samples", f"step_{step:06d}.png"), columns=len(eval_prompts))
+            return reward_fn(images, eval_prompts * 2).mean().item()
+
+    eval_reward = evaluate(start_step) if start_step == 0 else None
+    for step in tqdm(range(start_step + 1, args.train_steps + 1), initial=start_step, total=args.train_steps):
+        step_start = time.time()
+        rewards_seen, loss_total = [], 0.0
+        for _ in range(args.grad_accum_steps):
+            batch_prompts = sample_prompts(train_prompts, args.batch_size, rng)
+            prompt_embeds = encode_prompts(sd, batch_prompts)  # (B, 77, D)
+            latents = initial_latents(sd, args.batch_size, args.resolution, rng, device)  # x_T, (B, 4, h, w)
+            # ALGO LOGIC: the first T - K steps run without gradient, so x_{t_K} enters the last K as a constant;
+            # the UNet calls that carry gradient and the decoder are checkpointed to save memory
+            x0, _ = sample(sd, latents, prompt_embeds, negative_embeds, args.num_steps, args.guidance_scale,
+                           args.eta, grad_steps=args.k, checkpoint_unet=True, generator=rng)  # fmt: skip
+            rewards = reward_fn(decode(sd, x0, checkpoint_vae=True), batch_prompts)  # (B,)
+            loss = -rewards.mean() / args.grad_accum_steps  # gradient ascent on the reward
+            loss.backward()
+            rewards_seen.append(rewards.detach())
+            loss_total += loss.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, args.max_grad_norm)
+        if not (np.isfinite(loss_total) and torch.isfinite(grad_norm)):
+            fail(f"the loss or its gradient became {loss_total} / {grad_norm.item()} at step {step}; stopped before the "
+                 "LoRA was overwritten (the last checkpoint is intact): try a lower --learning-rate")  # fmt: skip
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # TRY NOT TO MODIFY: logging, samples and checkpoints
+        rewards_seen = torch.cat(rewards_seen)
+        if step % args.sample_every == 0 or step == args.train_steps:
+            eval_reward = evaluate(step)
+        metrics = {
+            "step": step,
+            "reward_mean": rewards_seen.mean().item(),
+            "reward_std": rewards_seen.std().item() if len(rewards_seen) > 1 else 0.0,
+            "loss": loss_total,
+            "grad_norm": grad_norm.item(),
+            "images_per_sec": len(rewards_seen) / (time.time() - step_start),
+            "eval_reward_mean": eval_reward,
+        }
+        if device.type == "cuda":
+            metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if writer:
+            for name, value in metrics.items():
+                if name != "step" and value is not None:
+                    writer.add_scalar(("losses/" if name == "loss" else "charts/") + name, value, step)
+        if step % args.save_every == 0 or step == args.train_steps:
+            checkpoint_dir = os.path.join(run_dir, "checkpoints", f"step_{step:06d}")
+            save_lora(sd.unet, checkpoint_dir)
+            torch.save({"run_name": run_name, "step": step, "optimizer": optimizer.state_dict(), "rng": rng.get_state(),
+                        "args": asdict(args)}, os.path.join(checkpoint_dir, "state.pt"))  # fmt: skip
+
+    save_lora(sd.unet, run_dir)  # loads with StableDiffusionPipeline.from_pretrained(base).load_lora_weights(run_dir)
+    print(f"done: {run_dir}, eval reward {eval_reward}")
+    if writer:
+        writer.close()

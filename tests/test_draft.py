@@ -1,0 +1,140 @@
+"""DRaFT scripts: they run end to end, learn, resume exactly, and refuse bad input with one sentence."""
+import json
+import os
+import runpy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common.sampling
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ["draft_full.py", "draft_k.py", "draft_lv.py"]
+TINY = ["--reward", "colorfulness", "--resolution", "16", "--num-steps", "4", "--batch-size", "2"]
+
+
+def run_script(script, args, monkeypatch):
+    """Runs a script in this process (as `python script ...` would, without the interpreter's start-up cost)."""
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+
+
+def read_metrics(output_dir):
+    (run,) = os.listdir(output_dir)
+    with open(os.path.join(output_dir, run, "metrics.jsonl")) as f:
+        return os.path.join(output_dir, run), [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_script_runs_and_writes_metrics_grids_and_lora(script, tiny_sd_path, tmp_path):
+    args = [sys.executable, script, "--pretrained-model", tiny_sd_path, *TINY, "--train-steps", "2",
+            "--sample-every", "1", "--output-dir", str(tmp_path)]  # fmt: skip
+    result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir, metrics = read_metrics(tmp_path)
+    assert [m["step"] for m in metrics] == [1, 2]
+    for key in ("reward_mean", "reward_std", "loss", "grad_norm", "images_per_sec", "eval_reward_mean"):
+        assert all(isinstance(m[key], float) for m in metrics), key
+    assert sorted(os.listdir(os.path.join(run_dir, "samples"))) == [f"step_00000{i}.png" for i in range(3)]
+    assert os.path.isfile(os.path.join(run_dir, "pytorch_lora_weights.safetensors"))
+    assert os.path.isfile(os.path.join(run_dir, "checkpoints", "step_000002", "state.pt"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_colorfulness_goes_up(script, tiny_sd_path, tmp_path, monkeypatch):
+    """Fixed-noise evaluation on held-out prompts, before and after 12 updates, against the batch-to-batch spread
+    of the training reward (the seed noise)."""
+    args = ["--pretrained-model", tiny_sd_path, *TINY, "--num-steps", "6", "--batch-size", "4", "--train-steps", "12",
+            "--learning-rate", "1e-2", "--sample-every", "12", "--output-dir", str(tmp_path)]  # fmt: skip
+    run_script(script, args, monkeypatch)
+    _, metrics = read_metrics(tmp_path)
+    seed_noise = torch.tensor([m["reward_mean"] for m in metrics]).std().item()
+    gain = metrics[-1]["eval_reward_mean"] - metrics[0]["eval_reward_mean"]
+    assert gain > 2 * seed_noise, (gain, seed_noise)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_resume_reproduces_the_uninterrupted_run(script, tiny_sd_path, tmp_path, monkeypatch):
+    args = ["--pretrained-model", tiny_sd_path, *TINY, "--train-steps", "4", "--save-every", "2", "--sample-every", "100"]
+    run_script(script, [*args, "--output-dir", str(tmp_path / "once")], monkeypatch)
+    run_dir, uninterrupted = read_metrics(tmp_path / "once")
+    # stop after step 2, then resume from that run folder (its latest checkpoint) to step 4
+    run_script(script, [*args, "--output-dir", str(tmp_path / "twice"), "--train-steps", "2"], monkeypatch)
+    resumed_dir, _ = read_metrics(tmp_path / "twice")
+    run_script(script, [*args, "--output-dir", str(tmp_path / "twice"), "--resume", resumed_dir], monkeypatch)
+    _, resumed = read_metrics(tmp_path / "twice")
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    for a, b in zip(uninterrupted, resumed):
+        for key in ("reward_mean", "loss", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
+
+
+def test_draft_k_passes_k_to_the_sampler(tiny_sd_path, tmp_path, monkeypatch):
+    """Which steps carry gradient is sample()'s job (tests/test_sampling.py counts the graph-building UNet calls)."""
+    seen = []
+    original = common.sampling.sample
+
+    def recording_sample(*args, **kwargs):
+        seen.append(kwargs.get("grad_steps", 0))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(common.sampling, "sample", recording_sample)
+    run_script("draft_k.py", ["--pretrained-model", tiny_sd_path, *TINY, "--k", "3", "--train-steps", "2",
+                              "--output-dir", str(tmp_path)], monkeypatch)  # fmt: skip
+    assert seen == [0, 3, 3, 0]  # evaluation at step 0, two training steps, evaluation at the end
+
+
+def test_draft_lv_uses_n_distinct_noises_on_a_constant_x0(tiny_sd_path, tmp_path, monkeypatch):
+    inputs = []
+    original = common.sampling.predict_noise
+
+    def recording_predict_noise(unet, latents, *args):
+        if torch.is_grad_enabled():
+            inputs.append(latents)
+        return original(unet, latents, *args)
+
+    monkeypatch.setattr(common.sampling, "predict_noise", recording_predict_noise)
+    run_script("draft_lv.py", ["--pretrained-model", tiny_sd_path, *TINY, "--n", "3", "--train-steps", "1",
+                               "--output-dir", str(tmp_path)], monkeypatch)  # fmt: skip
+    first_pass = inputs[:3]  # then the checkpoint's recomputation in the backward pass sees the same inputs
+    assert len(inputs) == 6 and all(any(torch.equal(a, b) for b in first_pass) for a in inputs[3:])
+    assert not any(x1.requires_grad for x1 in first_pass)  # x_0 was detached before re-noising
+    assert all(not torch.allclose(first_pass[i], first_pass[j]) for i in range(3) for j in range(i + 1, 3))
+
+
+BAD_INPUTS = [
+    ("draft_k.py", ["--k", "0"], "--k must be between 1 and --num-steps (4), got 0"),
+    ("draft_k.py", ["--k", "5"], "--k must be between 1 and --num-steps (4), got 5"),
+    ("draft_lv.py", ["--n", "0"], "--n must be at least 1"),
+    ("draft_k.py", ["--reward", "jpeg_compressibility"], "DRaFT needs a differentiable reward and 'jpeg_compressibility' is not; use one of: aesthetic, pickscore, hpsv2, colorfulness"),
+    ("draft_full.py", ["--reward", "beauty"], "unknown reward 'beauty'"),
+    ("draft_lv.py", ["--prompts", "birds"], "unknown prompt set 'birds'"),
+    ("draft_full.py", ["--pretrained-model", "/no/such/model"], "could not load '/no/such/model'"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("script, bad, message", BAD_INPUTS)
+def test_bad_input_ends_with_one_sentence_and_status_2(script, bad, message, tiny_sd_path, tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(script, ["--pretrained-model", tiny_sd_path, *TINY, "--output-dir", str(tmp_path), *bad], monkeypatch)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_empty_prompt_file(tiny_sd_path, tmp_path, monkeypatch, capsys):
+    (tmp_path / "prompts.txt").write_text("\n")
+    with pytest.raises(SystemExit) as exit_info:
+        run_script("draft_k.py", [*TINY, "--prompt-file", str(tmp_path / "prompts.txt")], monkeypatch)
+    assert exit_info.value.code == 2 and "has no prompts" in capsys.readouterr().err
+
+
+def test_a_diverging_run_stops_before_overwriting_the_lora(tiny_sd_path, tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_script("draft_k.py", ["--pretrained-model", tiny_sd_path, *TINY, "--train-steps", "5", "--max-grad-norm",
+                                  "1e30", "--learning-rate", "1e30", "--output-dir", str(tmp_path)], monkeypatch)  # fmt: skip
+    assert exit_info.value.code == 2
+    assert "at step" in capsys.readouterr().err
+    run_dir, _ = read_metrics(tmp_path)
+    assert not os.path.exists(os.path.join(run_dir, "pytorch_lora_weights.safetensors"))
