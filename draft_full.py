@@ -1,5 +1,5 @@
 """DRaFT: Directly Fine-Tuning Diffusion Models on Differentiable Rewards, backpropagating through every step.
-Clark, Vicol, Swersky and Fleet, 2023, arXiv 2309.17400 (Algorithm 1, Section 4).
+Clark, Vicol, Swersky and Fleet, 2023, arXiv 2309.17400 (the full-backpropagation method).
 
     python draft_full.py                                       # SD 1.4, aesthetic reward, simple animals (GPU)
     python draft_full.py --pretrained-model assets/tiny-sd --reward colorfulness --prompts shapes \

@@ -1,5 +1,5 @@
 """DRaFT-K: Directly Fine-Tuning Diffusion Models on Differentiable Rewards, truncated to the last K steps.
-Clark, Vicol, Swersky and Fleet, 2023, arXiv 2309.17400 (Section 4.1, "DRaFT-K"; K = 1 is their recommendation).
+Clark, Vicol, Swersky and Fleet, 2023, arXiv 2309.17400 (the DRaFT-K variant; K = 1 is their recommendation).
 
     python draft_k.py --k 1                                    # SD 1.4, aesthetic reward, simple animals (GPU)
     python draft_k.py --k 1 --pretrained-model assets/tiny-sd --reward colorfulness --prompts shapes \

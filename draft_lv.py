@@ -1,5 +1,5 @@
 """DRaFT-LV: Directly Fine-Tuning Diffusion Models on Differentiable Rewards, K = 1 with lower variance.
-Clark, Vicol, Swersky and Fleet, 2023, arXiv 2309.17400 (Section 4.1, "DRaFT-LV").
+Clark, Vicol, Swersky and Fleet, 2023, arXiv 2309.17400 (the DRaFT-LV variant).
 
     python draft_lv.py --n 2                                   # SD 1.4, aesthetic reward, simple animals (GPU)
     python draft_lv.py --pretrained-model assets/tiny-sd --reward colorfulness --prompts shapes \
