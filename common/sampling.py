@@ -24,6 +24,7 @@ def predict_noise(unet, latents, t, prompt_embeds, negative_embeds, guidance_sca
         return unet(latents.to(unet.dtype), t, encoder_hidden_states=prompt_embeds.to(unet.dtype)).sample.float()
     negative_embeds = negative_embeds.expand(len(latents), -1, -1)
     embeds = torch.cat([negative_embeds, prompt_embeds]).to(unet.dtype)  # (2B, 77, D)
+    t = torch.cat([t, t]) if t.ndim else t  # one timestep per sample (DDPO's shuffled timesteps) or one for all
     eps = unet(torch.cat([latents, latents]).to(unet.dtype), t, encoder_hidden_states=embeds).sample.float()
     eps_uncond, eps_cond = eps.chunk(2)
     return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
@@ -34,18 +35,22 @@ class Step:
     latents: torch.Tensor  # x_{t-1}, the sample (or the given prev_latents)
     pred_x0: torch.Tensor  # x0_hat
     mean: torch.Tensor  # mean of p(x_{t-1} | x_t)
-    std: torch.Tensor  # sigma, a scalar
+    std: torch.Tensor  # sigma: a scalar, or (B, 1, 1, 1) for one timestep per sample
     log_prob: torch.Tensor | None  # (B,) MEAN over latent dims of log p(x_{t-1} | x_t); None at eta = 0
 
 
 def ddim_step(scheduler, eps, t, latents, eta: float = 0.0, prev_latents=None, generator=None) -> Step:
-    """One DDIM step from x_t. Pass `prev_latents` to score a stored action instead of sampling one (DDPO).
+    """One DDIM step from x_t, at one timestep t or one per sample (B,). Pass `prev_latents` to score a stored action
+    instead of sampling one (DDPO).
     The log-prob is the mean over latent dimensions, as in DDPO's public code (its 1e-4 clip range assumes it),
     and treats x_{t-1} as data (detached)."""
     abar = scheduler.alphas_cumprod.to(latents.device)
+    t = torch.as_tensor(t, device=latents.device)
     prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-    abar_t = abar[t]
-    abar_prev = abar[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod.to(latents.device)
+    shape = (-1,) + (1,) * (latents.ndim - 1) if t.ndim else ()  # t may hold one timestep per sample: (B, 1, 1, 1)
+    abar_t = abar[t].view(shape)
+    final = scheduler.final_alpha_cumprod.to(latents.device)  # abar "before" t_1: alphas_cumprod[0] for SD
+    abar_prev = torch.where(prev_t >= 0, abar[prev_t.clamp(min=0)], final).view(shape)
     pred_x0 = (latents - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()
     std = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).sqrt()
     mean = abar_prev.sqrt() * pred_x0 + (1 - abar_prev - std**2).sqrt() * eps

@@ -163,3 +163,21 @@ def test_trajectory_records_every_step(sd):
         eps = predict_noise(sd.unet, x_t, t, prompt_embeds, negative_embeds, GUIDANCE)
         replay = ddim_step(sd.scheduler, eps, t, x_t, eta=1.0, prev_latents=x_prev)
     torch.testing.assert_close(replay.log_prob, trajectory.log_probs[i])
+
+
+def test_one_timestep_per_sample_equals_separate_steps(sd):
+    """DDPO trains on a batch whose samples sit at different timesteps."""
+    sd.scheduler.set_timesteps(STEPS)
+    timesteps = sd.scheduler.timesteps[[0, 5, STEPS - 1]]
+    torch.manual_seed(0)
+    latents, prev = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    prompt_embeds, negative_embeds = embeds(sd, ["a cat", "a dog", "a fox"])
+    with torch.no_grad():
+        eps = predict_noise(sd.unet, latents, timesteps, prompt_embeds, negative_embeds, GUIDANCE)
+        batched = ddim_step(sd.scheduler, eps, timesteps, latents, eta=1.0, prev_latents=prev)
+        for i, t in enumerate(timesteps):
+            eps_i = predict_noise(sd.unet, latents[i : i + 1], t, prompt_embeds[i : i + 1], negative_embeds, GUIDANCE)
+            single = ddim_step(sd.scheduler, eps_i, t, latents[i : i + 1], eta=1.0, prev_latents=prev[i : i + 1])
+            torch.testing.assert_close(eps[i : i + 1], eps_i, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(batched.mean[i : i + 1], single.mean, rtol=1e-4, atol=1e-4)  # fp32 rounding / sqrt(abar)
+            torch.testing.assert_close(batched.log_prob[i : i + 1], single.log_prob, rtol=1e-4, atol=1e-4)
