@@ -1,0 +1,309 @@
+"""DDPO: Training Diffusion Models with Reinforcement Learning (denoising diffusion policy optimisation).
+Black, Janner, Du, Kostrikov and Levine, 2023, arXiv 2305.13301.
+
+    python ddpo.py                                             # DDPO-IS, SD 1.4, aesthetic, simple animals (GPU)
+    python ddpo.py --estimator sf --reward jpeg_compressibility
+    python ddpo.py --pretrained-model assets/tiny-sd --reward jpeg_incompressibility --prompts shapes \
+        --resolution 32 --num-steps 20 --num-epochs 20 --samples-per-epoch 32   # a CPU run in minutes
+
+Denoising is a T-step MDP: state (x_t, t, c), action x_{t-1}, reward r(x_0, c) at the end. Each epoch samples
+images with DDIM at eta = 1, keeping every step's (x_t, x_{t-1}, log p_old); scores them; normalises the rewards
+per prompt into advantages; then takes policy-gradient steps on the steps' log-probs: PPO's clipped importance
+ratio (DDPO-IS) or REINFORCE (DDPO-SF). Any reward works, differentiable or not. Defaults follow the public code
+ddpo-pytorch (LoRA rank 4, AdamW lr 3e-4, weight decay 1e-4, guidance 5, clip range 1e-4, 256 samples an epoch).
+"""
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import tyro
+from tqdm.auto import tqdm
+
+from common import fail
+from common.prompts import load_prompts, sample_prompts
+from common.rewards import REWARDS, make_reward
+from common.sampling import ddim_step, decode, initial_latents, predict_noise, sample, save_grid
+from common.sd import SD14, add_lora, encode_prompts, load_lora, load_sd, save_lora
+
+
+class PerPromptStatTracker:
+    """Advantages (r - mean) / (std + 1e-6) with the mean and std of the last `buffer_size` rewards of the same
+    prompt; while a prompt has fewer than `min_count`, those of the whole epoch (DDPO's public code)."""
+
+    def __init__(self, buffer_size: int, min_count: int):
+        self.buffer_size, self.min_count, self.buffers = buffer_size, min_count, {}
+
+    def update(self, prompts: list[str], rewards: torch.Tensor) -> torch.Tensor:
+        advantages = torch.empty_like(rewards)
+        for prompt in dict.fromkeys(prompts):  # in order of first appearance
+            index = torch.tensor([i for i, p in enumerate(prompts) if p == prompt])
+            buffer = self.buffers.setdefault(prompt, [])
+            buffer[:] = (buffer + rewards[index].tolist())[-self.buffer_size :]
+            stats = torch.tensor(buffer) if len(buffer) >= self.min_count else rewards
+            advantages[index] = (rewards[index] - stats.mean()) / (stats.std(unbiased=False) + 1e-6)
+        return advantages
+
+
+def policy_loss(estimator: str, log_prob, old_log_prob, advantages, clip_range: float):
+    """DDPO-IS: mean(max(-A rho, -A clip(rho, 1 - eps, 1 + eps))), rho = exp(log p - log p_old), PPO's clipped
+    surrogate; DDPO-SF: -mean(A log p). Returns the loss and rho."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    if estimator == "sf":
+        return -(advantages * log_prob).mean(), ratio
+    clipped = torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    return torch.max(-advantages * ratio, -advantages * clipped).mean(), ratio
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be enabled by default"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases"""
+    wandb_project_name: str = "diffusion-reward-finetuning"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
+    output_dir: str = "runs"
+    """the run folder is {output_dir}/{run_name}"""
+    save_every: int = 10
+    """save a checkpoint (LoRA, optimizer, epoch, RNG, per-prompt buffers) every this many epochs"""
+    sample_every: int = 5
+    """save a grid of fixed-seed samples on held-out prompts every this many epochs"""
+    resume: Optional[str] = None
+    """a checkpoint folder (runs/.../checkpoints/step_000100) or a run folder (its latest checkpoint)"""
+
+    # Model, reward and prompts
+    pretrained_model: str = SD14
+    """hub id or local folder of a Stable Diffusion 1.x pipeline"""
+    revision: Optional[str] = None
+    """the model's revision on the hub"""
+    reward: str = "aesthetic"
+    """the reward to maximise; it must be differentiable"""
+    prompts: str = "simple_animals"
+    """the prompt set (simple_animals, nouns_activities, shapes)"""
+    prompt_file: Optional[str] = None
+    """a file of prompts, one per line, instead of --prompts"""
+    num_steps: int = 50
+    """DDIM sampling steps"""
+    guidance_scale: float = 5.0
+    """classifier-free guidance weight"""
+    eta: float = 1.0
+    """DDIM eta: 1 makes every step a Gaussian policy with a log-prob (DDPO needs eta > 0)"""
+    resolution: int = 512
+    """image height and width in pixels"""
+    mixed_precision: Literal["bf16", "no"] = "bf16"
+    """dtype of the frozen weights on CUDA (the LoRA stays fp32); the CPU always uses fp32"""
+
+    # Algorithm specific arguments
+    estimator: Literal["is", "sf"] = "is"
+    """is: DDPO-IS, PPO's clipped importance ratio; sf: DDPO-SF, REINFORCE (one gradient step per epoch)"""
+    lora_rank: int = 4
+    """rank of the LoRA on the UNet's attention projections"""
+    learning_rate: float = 3e-4
+    """AdamW learning rate"""
+    weight_decay: float = 1e-4
+    """AdamW weight decay"""
+    num_epochs: int = 100
+    """epochs; each is one sampling round and the training on it"""
+    samples_per_epoch: int = 256
+    """images sampled (with their trajectories) per epoch"""
+    sample_batch_size: int = 8
+    """images per sampling batch"""
+    train_batch_size: int = 4
+    """trajectories per training batch (each contributes every one of its trained timesteps)"""
+    grad_accum_steps: int = 1
+    """training batches per optimizer step (DDPO-SF always takes one step per epoch)"""
+    num_inner_epochs: int = 1
+    """passes over each epoch's samples (DDPO-IS only)"""
+    clip_range: float = 1e-4
+    """PPO clip range for the importance ratio (small because the log-prob is a mean over latent dims)"""
+    adv_clip_max: float = 5.0
+    """clip advantages to [-adv_clip_max, adv_clip_max]"""
+    timestep_fraction: float = 1.0
+    """fraction of each trajectory's timesteps trained on (shuffled per sample)"""
+    per_prompt_buffer: int = 16
+    """rewards kept per prompt for its advantage statistics"""
+    per_prompt_min_count: int = 16
+    """below this many rewards of a prompt, normalise with the whole epoch's statistics instead"""
+    max_grad_norm: float = 1.0
+    """clip the LoRA gradient to this norm"""
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    if args.eta <= 0:
+        fail(f"DDPO needs --eta > 0 so that each denoising step has a log-probability, got {args.eta}")
+    if args.estimator == "sf" and args.num_inner_epochs != 1:
+        fail("DDPO-SF is on-policy: --num-inner-epochs must be 1 with --estimator sf")
+    if args.samples_per_epoch % args.sample_batch_size or args.samples_per_epoch % args.train_batch_size:
+        fail("--samples-per-epoch must be a multiple of --sample-batch-size and of --train-batch-size")
+    if args.reward not in REWARDS:
+        fail(f"unknown reward '{args.reward}'; choose one of: {', '.join(REWARDS)}")
+    prompts = load_prompts(args.prompts, args.prompt_file)
+    # the last 4 prompts are held out of training and used for the sample grids
+    eval_prompts, train_prompts = prompts[-4:], prompts[:-4] if len(prompts) > 4 else prompts
+
+    # TRY NOT TO MODIFY: run folder, resuming, tracking, seeding
+    state = None
+    if args.resume:
+        path = args.resume
+        if not os.path.isfile(os.path.join(path, "state.pt")) and os.path.isdir(os.path.join(path, "checkpoints")):
+            steps = sorted(os.listdir(os.path.join(path, "checkpoints")))
+            path = os.path.join(path, "checkpoints", steps[-1]) if steps else path
+        if not os.path.isfile(os.path.join(path, "state.pt")):
+            fail(f"--resume {args.resume} is neither a checkpoint folder nor a run folder with checkpoints")
+        state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
+    run_name = state["run_name"] if state else f"{args.reward}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.dirname(os.path.dirname(path)) if state else os.path.join(args.output_dir, run_name)
+    os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args), name=run_name,
+                   id=run_name, resume="allow", sync_tensorboard=True)  # fmt: skip
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(run_dir)
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    except ImportError:  # tensorboard is optional: metrics.jsonl has everything
+        writer = None
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if device.type == "cpu":
+        print("note: no CUDA device, running on the CPU: SD 1.4 will be very slow there (try --pretrained-model assets/tiny-sd)")
+    dtype = torch.bfloat16 if device.type == "cuda" and args.mixed_precision == "bf16" else torch.float32
+    rng = torch.Generator().manual_seed(args.seed)  # prompts and noise, on the CPU: the same draws on every device
+
+    sd = load_sd(args.pretrained_model, args.revision, device, dtype)
+    reward_fn = make_reward(args.reward, device, dtype)
+    lora_params = add_lora(sd.unet, args.lora_rank)
+    optimizer = torch.optim.AdamW(lora_params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    negative_embeds = encode_prompts(sd, [""])  # (1, 77, D), the unconditional embedding, computed once
+    eval_embeds = encode_prompts(sd, eval_prompts * 2)
+    eval_latents = initial_latents(sd, len(eval_embeds), args.resolution, torch.Generator().manual_seed(args.seed), device)
+    tracker = PerPromptStatTracker(args.per_prompt_buffer, args.per_prompt_min_count)
+    start_epoch = 0
+    if state:
+        load_lora(sd.unet, path)
+        optimizer.load_state_dict(state["optimizer"])
+        rng.set_state(state["rng"])
+        tracker.buffers = state["per_prompt_buffers"]
+        start_epoch = state["epoch"]
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:  # drop what was logged after the checkpoint
+            kept = [line for line in f if json.loads(line)["epoch"] <= start_epoch]
+        with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+            f.writelines(kept)
+
+    def evaluate(epoch: int) -> float:
+        """Fixed-seed samples on the held-out prompts: a grid, and their mean reward."""
+        with torch.no_grad():
+            x0, _ = sample(sd, eval_latents, eval_embeds, negative_embeds, args.num_steps, args.guidance_scale)
+            images = decode(sd, x0)
+            save_grid(images, os.path.join(run_dir, "samples", f"step_{epoch:06d}.png"), columns=len(eval_prompts))
+            return reward_fn(images, eval_prompts * 2).mean().item()
+
+    eval_reward = evaluate(start_epoch) if start_epoch == 0 else None
+    for epoch in tqdm(range(start_epoch + 1, args.num_epochs + 1), initial=start_epoch, total=args.num_epochs):
+        epoch_start = time.time()
+        # ALGO LOGIC: sampling round, with eta > 0 so that every step is a Gaussian policy with a log-prob
+        batches = []
+        with torch.no_grad():
+            for _ in range(args.samples_per_epoch // args.sample_batch_size):
+                batch_prompts = sample_prompts(train_prompts, args.sample_batch_size, rng)
+                prompt_embeds = encode_prompts(sd, batch_prompts)  # (B, 77, D)
+                latents = initial_latents(sd, args.sample_batch_size, args.resolution, rng, device)  # x_T
+                x0, trajectory = sample(sd, latents, prompt_embeds, negative_embeds, args.num_steps,
+                                        args.guidance_scale, args.eta, generator=rng, trajectory=True)  # fmt: skip
+                rewards = reward_fn(decode(sd, x0), batch_prompts)  # (B,)
+                batches.append((batch_prompts, prompt_embeds, torch.stack(trajectory.latents, dim=1),
+                                torch.stack(trajectory.log_probs, dim=1), rewards))  # fmt: skip
+        prompts_seen = [p for batch in batches for p in batch[0]]
+        prompt_embeds, latents, old_log_probs, rewards = (torch.cat([b[i] for b in batches]) for i in range(1, 5))
+        # latents: (N, T + 1, 4, h, w), x_T ... x_0; old_log_probs: (N, T); rewards: (N,)
+        timesteps = sd.scheduler.timesteps  # (T,), t_T ... t_1, set by sample()
+
+        # ALGO LOGIC: advantages, normalised per prompt, then clipped
+        advantages = tracker.update(prompts_seen, rewards.float().cpu()).to(device)
+        advantages = advantages.clamp(-args.adv_clip_max, args.adv_clip_max)
+
+        # ALGO LOGIC: policy-gradient steps on the stored transitions (x_t, x_{t-1}), timesteps shuffled per sample
+        num_train_timesteps = int(args.num_steps * args.timestep_fraction)
+        num_batches = args.samples_per_epoch // args.train_batch_size
+        batches_per_update = num_batches if args.estimator == "sf" else args.grad_accum_steps  # SF: one step an epoch
+        losses, approx_kls, clipfracs, grad_norms = [], [], [], []
+        for inner_epoch in range(args.num_inner_epochs):
+            order = torch.randperm(args.samples_per_epoch, generator=rng)
+            step_order = torch.stack([torch.randperm(args.num_steps, generator=rng) for _ in order])  # (N, T)
+            for b in range(num_batches):
+                index = order[b * args.train_batch_size : (b + 1) * args.train_batch_size]
+                for j in range(num_train_timesteps):
+                    step_index = step_order[index, j]  # (B,): one step of each trajectory
+                    t = timesteps[step_index]
+                    x_t, x_prev = latents[index, step_index], latents[index, step_index + 1]
+                    eps = predict_noise(sd.unet, x_t, t, prompt_embeds[index], negative_embeds, args.guidance_scale)
+                    log_prob = ddim_step(sd.scheduler, eps, t, x_t, args.eta, prev_latents=x_prev).log_prob  # (B,)
+                    old_log_prob = old_log_probs[index, step_index]
+                    loss, ratio = policy_loss(args.estimator, log_prob, old_log_prob, advantages[index], args.clip_range)
+                    (loss / (num_train_timesteps * batches_per_update)).backward()
+                    losses.append(loss.item())
+                    approx_kls.append(0.5 * ((log_prob - old_log_prob) ** 2).mean().item())
+                    clipfracs.append(((ratio - 1.0).abs() > args.clip_range).float().mean().item())
+                if (b + 1) % batches_per_update == 0 or b == num_batches - 1:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, args.max_grad_norm)
+                    if not (np.isfinite(losses[-1]) and torch.isfinite(grad_norm)):
+                        fail(f"the loss or its gradient became {losses[-1]} / {grad_norm.item()} at epoch {epoch}; "
+                             "stopped before the LoRA was overwritten (the last checkpoint is intact): try a lower "
+                             "--learning-rate")  # fmt: skip
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    grad_norms.append(grad_norm.item())
+
+        # TRY NOT TO MODIFY: logging, samples and checkpoints
+        if epoch % args.sample_every == 0 or epoch == args.num_epochs:
+            eval_reward = evaluate(epoch)
+        metrics = {
+            "epoch": epoch,
+            "reward_mean": rewards.mean().item(),
+            "reward_std": rewards.std().item(),
+            "loss": float(np.mean(losses)),
+            "approx_kl": float(np.mean(approx_kls)),
+            "clipfrac": float(np.mean(clipfracs)),
+            "grad_norm": float(np.mean(grad_norms)),
+            "images_per_sec": args.samples_per_epoch / (time.time() - epoch_start),
+            "eval_reward_mean": eval_reward,
+        }
+        if device.type == "cuda":
+            metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if writer:
+            for name, value in metrics.items():
+                if name != "epoch" and value is not None:
+                    writer.add_scalar(("losses/" if name in ("loss", "approx_kl", "clipfrac") else "charts/") + name, value, epoch)
+        if epoch % args.save_every == 0 or epoch == args.num_epochs:
+            checkpoint_dir = os.path.join(run_dir, "checkpoints", f"step_{epoch:06d}")
+            save_lora(sd.unet, checkpoint_dir)
+            torch.save({"run_name": run_name, "epoch": epoch, "optimizer": optimizer.state_dict(), "rng": rng.get_state(),
+                        "per_prompt_buffers": tracker.buffers, "args": asdict(args)}, os.path.join(checkpoint_dir, "state.pt"))  # fmt: skip
+
+    save_lora(sd.unet, run_dir)  # loads with StableDiffusionPipeline.from_pretrained(base).load_lora_weights(run_dir)
+    print(f"done: {run_dir}, eval reward {eval_reward}")
+    if writer:
+        writer.close()

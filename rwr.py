@@ -1,0 +1,276 @@
+"""RWR: reward-weighted regression for text-to-image diffusion, and its sparse variant (the baselines of DDPO).
+Black, Janner, Du, Kostrikov and Levine, 2023, arXiv 2305.13301 (RWR after Peters and Schaal, 2007).
+
+    python rwr.py                                              # RWR, SD 1.4, aesthetic, simple animals (GPU)
+    python rwr.py --sparse --reward jpeg_compressibility       # keep the top 10% of each sampling batch
+    python rwr.py --pretrained-model assets/tiny-sd --reward jpeg_incompressibility --prompts shapes \
+        --resolution 32 --num-steps 20 --num-epochs 20 --samples-per-epoch 32   # a CPU run in minutes
+
+Rounds alternate: sample N images with the current model (DDIM, eta = 0) and score them; then train on the
+generated latents z_0 with the ordinary denoising loss, weighted per sample: w = N softmax(beta r) over the round
+(mean weight 1), or, with --sparse, w = 1 for the samples at or above the 90th percentile of their sampling batch
+and 0 otherwise. No VAE re-encode: the latents are what was sampled. Any reward works, differentiable or not.
+Defaults: beta 0.2 as in DDPO's public code; optimiser and LoRA as DDPO's (unverified for RWR).
+"""
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import tyro
+from tqdm.auto import tqdm
+
+from common import fail
+from common.prompts import load_prompts, sample_prompts
+from common.rewards import REWARDS, make_reward
+from common.sampling import decode, initial_latents, sample, save_grid
+from common.sd import SD14, add_lora, encode_prompts, load_lora, load_sd, save_lora
+
+
+def rwr_weights(rewards, beta: float, sparse: bool, percentile: float, sample_batch_size: int) -> torch.Tensor:
+    """RWR: N softmax(beta r) over the whole round, so the weights average 1. Sparse RWR: 1 where r is at or above
+    the `percentile` of its sampling batch (the round's rewards come in batches of `sample_batch_size`), else 0."""
+    if not sparse:
+        return len(rewards) * torch.softmax(beta * rewards, dim=0)
+    batches = rewards.view(-1, sample_batch_size)  # (num_batches, B)
+    thresholds = torch.quantile(batches, percentile / 100, dim=1, keepdim=True)
+    return (batches >= thresholds).float().flatten()
+
+
+def denoising_loss(unet, scheduler, latents, prompt_embeds, timesteps, noise, weights) -> torch.Tensor:
+    """mean_i w_i || eps_i - eps_theta(z_t, t_i, c_i) ||^2 (mean over latent dims), z_t = sqrt(abar_t) z_0 +
+    sqrt(1 - abar_t) eps: the ordinary diffusion training loss, on the conditional model (no guidance)."""
+    abar = scheduler.alphas_cumprod.to(latents.device)[timesteps].view(-1, 1, 1, 1)
+    noisy_latents = abar.sqrt() * latents + (1 - abar).sqrt() * noise
+    eps = unet(noisy_latents.to(unet.dtype), timesteps, encoder_hidden_states=prompt_embeds.to(unet.dtype)).sample
+    return (weights * ((eps.float() - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be enabled by default"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases"""
+    wandb_project_name: str = "diffusion-reward-finetuning"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
+    output_dir: str = "runs"
+    """the run folder is {output_dir}/{run_name}"""
+    save_every: int = 10
+    """save a checkpoint (LoRA, optimizer, epoch, RNG, per-prompt buffers) every this many epochs"""
+    sample_every: int = 5
+    """save a grid of fixed-seed samples on held-out prompts every this many epochs"""
+    resume: Optional[str] = None
+    """a checkpoint folder (runs/.../checkpoints/step_000100) or a run folder (its latest checkpoint)"""
+
+    # Model, reward and prompts
+    pretrained_model: str = SD14
+    """hub id or local folder of a Stable Diffusion 1.x pipeline"""
+    revision: Optional[str] = None
+    """the model's revision on the hub"""
+    reward: str = "aesthetic"
+    """the reward to maximise; it must be differentiable"""
+    prompts: str = "simple_animals"
+    """the prompt set (simple_animals, nouns_activities, shapes)"""
+    prompt_file: Optional[str] = None
+    """a file of prompts, one per line, instead of --prompts"""
+    num_steps: int = 50
+    """DDIM sampling steps"""
+    guidance_scale: float = 5.0
+    """classifier-free guidance weight"""
+    eta: float = 0.0
+    """DDIM eta for sampling (0: deterministic)"""
+    resolution: int = 512
+    """image height and width in pixels"""
+    mixed_precision: Literal["bf16", "no"] = "bf16"
+    """dtype of the frozen weights on CUDA (the LoRA stays fp32); the CPU always uses fp32"""
+
+    # Algorithm specific arguments
+    sparse: bool = False
+    """sparse RWR: weight 1 for the samples at or above --percentile of their sampling batch, 0 for the rest"""
+    beta: float = 0.2
+    """inverse temperature of the weights N softmax(beta r)"""
+    percentile: float = 90.0
+    """sparse RWR's percentile"""
+    lora_rank: int = 4
+    """rank of the LoRA on the UNet's attention projections"""
+    learning_rate: float = 3e-4
+    """AdamW learning rate"""
+    weight_decay: float = 1e-4
+    """AdamW weight decay"""
+    num_epochs: int = 100
+    """epochs; each is one sampling round and the training on it"""
+    samples_per_epoch: int = 256
+    """images sampled per epoch"""
+    sample_batch_size: int = 8
+    """images per sampling batch (sparse RWR's percentile is taken within it)"""
+    train_batch_size: int = 4
+    """generated latents per training batch"""
+    grad_accum_steps: int = 1
+    """training batches per optimizer step"""
+    num_inner_epochs: int = 1
+    """passes over each epoch's samples"""
+    max_grad_norm: float = 1.0
+    """clip the LoRA gradient to this norm"""
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    if not 0 <= args.percentile <= 100:
+        fail(f"--percentile must be between 0 and 100, got {args.percentile}")
+    if args.samples_per_epoch % args.sample_batch_size or args.samples_per_epoch % args.train_batch_size:
+        fail("--samples-per-epoch must be a multiple of --sample-batch-size and of --train-batch-size")
+    if args.reward not in REWARDS:
+        fail(f"unknown reward '{args.reward}'; choose one of: {', '.join(REWARDS)}")
+    prompts = load_prompts(args.prompts, args.prompt_file)
+    # the last 4 prompts are held out of training and used for the sample grids
+    eval_prompts, train_prompts = prompts[-4:], prompts[:-4] if len(prompts) > 4 else prompts
+
+    # TRY NOT TO MODIFY: run folder, resuming, tracking, seeding
+    state = None
+    if args.resume:
+        path = args.resume
+        if not os.path.isfile(os.path.join(path, "state.pt")) and os.path.isdir(os.path.join(path, "checkpoints")):
+            steps = sorted(os.listdir(os.path.join(path, "checkpoints")))
+            path = os.path.join(path, "checkpoints", steps[-1]) if steps else path
+        if not os.path.isfile(os.path.join(path, "state.pt")):
+            fail(f"--resume {args.resume} is neither a checkpoint folder nor a run folder with checkpoints")
+        state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
+    run_name = state["run_name"] if state else f"{args.reward}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.dirname(os.path.dirname(path)) if state else os.path.join(args.output_dir, run_name)
+    os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args), name=run_name,
+                   id=run_name, resume="allow", sync_tensorboard=True)  # fmt: skip
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(run_dir)
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    except ImportError:  # tensorboard is optional: metrics.jsonl has everything
+        writer = None
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if device.type == "cpu":
+        print("note: no CUDA device, running on the CPU: SD 1.4 will be very slow there (try --pretrained-model assets/tiny-sd)")
+    dtype = torch.bfloat16 if device.type == "cuda" and args.mixed_precision == "bf16" else torch.float32
+    rng = torch.Generator().manual_seed(args.seed)  # prompts and noise, on the CPU: the same draws on every device
+
+    sd = load_sd(args.pretrained_model, args.revision, device, dtype)
+    reward_fn = make_reward(args.reward, device, dtype)
+    lora_params = add_lora(sd.unet, args.lora_rank)
+    optimizer = torch.optim.AdamW(lora_params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    negative_embeds = encode_prompts(sd, [""])  # (1, 77, D), the unconditional embedding, computed once
+    eval_embeds = encode_prompts(sd, eval_prompts * 2)
+    eval_latents = initial_latents(sd, len(eval_embeds), args.resolution, torch.Generator().manual_seed(args.seed), device)
+    start_epoch = 0
+    if state:
+        load_lora(sd.unet, path)
+        optimizer.load_state_dict(state["optimizer"])
+        rng.set_state(state["rng"])
+        start_epoch = state["epoch"]
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:  # drop what was logged after the checkpoint
+            kept = [line for line in f if json.loads(line)["epoch"] <= start_epoch]
+        with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+            f.writelines(kept)
+
+    def evaluate(epoch: int) -> float:
+        """Fixed-seed samples on the held-out prompts: a grid, and their mean reward."""
+        with torch.no_grad():
+            x0, _ = sample(sd, eval_latents, eval_embeds, negative_embeds, args.num_steps, args.guidance_scale)
+            images = decode(sd, x0)
+            save_grid(images, os.path.join(run_dir, "samples", f"step_{epoch:06d}.png"), columns=len(eval_prompts))
+            return reward_fn(images, eval_prompts * 2).mean().item()
+
+    eval_reward = evaluate(start_epoch) if start_epoch == 0 else None
+    for epoch in tqdm(range(start_epoch + 1, args.num_epochs + 1), initial=start_epoch, total=args.num_epochs):
+        epoch_start = time.time()
+        # ALGO LOGIC: sampling round with the current model; only x_0's latents are kept
+        batches = []
+        with torch.no_grad():
+            for _ in range(args.samples_per_epoch // args.sample_batch_size):
+                batch_prompts = sample_prompts(train_prompts, args.sample_batch_size, rng)
+                prompt_embeds = encode_prompts(sd, batch_prompts)  # (B, 77, D)
+                latents = initial_latents(sd, args.sample_batch_size, args.resolution, rng, device)  # x_T
+                x0, _ = sample(sd, latents, prompt_embeds, negative_embeds, args.num_steps, args.guidance_scale,
+                               args.eta, generator=rng)  # fmt: skip
+                rewards = reward_fn(decode(sd, x0), batch_prompts)  # (B,)
+                batches.append((prompt_embeds, x0, rewards))
+        prompt_embeds, latents, rewards = (torch.cat([b[i] for b in batches]) for i in range(3))
+        # latents: (N, 4, h, w), the generated z_0; rewards: (N,)
+
+        # ALGO LOGIC: per-sample weights from the rewards
+        weights = rwr_weights(rewards.float(), args.beta, args.sparse, args.percentile, args.sample_batch_size)
+
+        # ALGO LOGIC: weighted denoising regression on the generated latents
+        num_batches = args.samples_per_epoch // args.train_batch_size
+        losses, grad_norms = [], []
+        for inner_epoch in range(args.num_inner_epochs):
+            order = torch.randperm(args.samples_per_epoch, generator=rng)
+            for b in range(num_batches):
+                index = order[b * args.train_batch_size : (b + 1) * args.train_batch_size]
+                timesteps = torch.randint(0, sd.scheduler.config.num_train_timesteps, (len(index),), generator=rng)
+                noise = torch.randn(latents[index].shape, generator=rng).to(device)
+                loss = denoising_loss(sd.unet, sd.scheduler, latents[index], prompt_embeds[index],
+                                      timesteps.to(device), noise, weights[index])  # fmt: skip
+                (loss / args.grad_accum_steps).backward()
+                losses.append(loss.item())
+                if (b + 1) % args.grad_accum_steps == 0 or b == num_batches - 1:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, args.max_grad_norm)
+                    if not (np.isfinite(losses[-1]) and torch.isfinite(grad_norm)):
+                        fail(f"the loss or its gradient became {losses[-1]} / {grad_norm.item()} at epoch {epoch}; "
+                             "stopped before the LoRA was overwritten (the last checkpoint is intact): try a lower "
+                             "--learning-rate")  # fmt: skip
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    grad_norms.append(grad_norm.item())
+
+        # TRY NOT TO MODIFY: logging, samples and checkpoints
+        if epoch % args.sample_every == 0 or epoch == args.num_epochs:
+            eval_reward = evaluate(epoch)
+        metrics = {
+            "epoch": epoch,
+            "reward_mean": rewards.mean().item(),
+            "reward_std": rewards.std().item(),
+            "loss": float(np.mean(losses)),
+            "effective_sample_size": (weights.sum() ** 2 / (weights**2).sum()).item(),
+            "grad_norm": float(np.mean(grad_norms)),
+            "images_per_sec": args.samples_per_epoch / (time.time() - epoch_start),
+            "eval_reward_mean": eval_reward,
+        }
+        if device.type == "cuda":
+            metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if writer:
+            for name, value in metrics.items():
+                if name != "epoch" and value is not None:
+                    writer.add_scalar(("losses/" if name in ("loss",) else "charts/") + name, value, epoch)
+        if epoch % args.save_every == 0 or epoch == args.num_epochs:
+            checkpoint_dir = os.path.join(run_dir, "checkpoints", f"step_{epoch:06d}")
+            save_lora(sd.unet, checkpoint_dir)
+            torch.save({"run_name": run_name, "epoch": epoch, "optimizer": optimizer.state_dict(), "rng": rng.get_state(),
+                        "args": asdict(args)}, os.path.join(checkpoint_dir, "state.pt"))  # fmt: skip
+
+    save_lora(sd.unet, run_dir)  # loads with StableDiffusionPipeline.from_pretrained(base).load_lora_weights(run_dir)
+    print(f"done: {run_dir}, eval reward {eval_reward}")
+    if writer:
+        writer.close()
