@@ -1,0 +1,125 @@
+"""DDPO and RWR: their formulas against hand computations, and the scripts end to end."""
+import json
+import math
+import os
+import runpy
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from common.sd import load_sd
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DDPO = runpy.run_path(os.path.join(ROOT, "ddpo.py"))  # the definitions only: the training runs under __main__
+RWR = runpy.run_path(os.path.join(ROOT, "rwr.py"))
+TINY = ["--reward", "jpeg_incompressibility", "--resolution", "16", "--num-steps", "4", "--samples-per-epoch", "4",
+        "--sample-batch-size", "2", "--train-batch-size", "2"]  # fmt: skip
+
+
+def test_per_prompt_advantages_by_hand():
+    tracker = DDPO["PerPromptStatTracker"](buffer_size=3, min_count=2)
+    advantages = tracker.update(["a", "a", "b"], torch.tensor([1.0, 3.0, 5.0]))
+    # "a" has 2 rewards (mean 2, std 1); "b" has 1 < min_count: the batch's mean 3 and std sqrt(8/3)
+    expected = torch.tensor([-1 / (1 + 1e-6), 1 / (1 + 1e-6), 2 / (math.sqrt(8 / 3) + 1e-6)])
+    torch.testing.assert_close(advantages, expected)
+    tracker.update(["a"], torch.tensor([5.0]))  # buffer of "a": 1, 3, 5
+    advantages = tracker.update(["a"], torch.tensor([7.0]))  # the buffer keeps the last 3: 3, 5, 7
+    torch.testing.assert_close(advantages, torch.tensor([2 / (math.sqrt(8 / 3) + 1e-6)]))
+
+
+def test_ppo_clipped_loss_by_hand():
+    policy_loss = DDPO["policy_loss"]
+    advantages = torch.tensor([1.0, -1.0, 2.0])
+    old = torch.tensor([-1.0, -2.0, -3.0])
+    loss, ratio = policy_loss("is", old.clone(), old, advantages, 0.2)
+    assert torch.equal(ratio, torch.ones(3)) and loss.item() == pytest.approx(-advantages.mean().item())
+    log_prob = old + torch.log(torch.tensor([1.5, 0.5, 1.1]))
+    loss, _ = policy_loss("is", log_prob, old, advantages, 0.2)
+    # A = 1, rho 1.5: max(-1.5, -1.2); A = -1, rho 0.5: max(0.5, 0.8); A = 2, rho 1.1 inside the clip: -2.2
+    assert loss.item() == pytest.approx((-1.2 + 0.8 - 2.2) / 3, rel=1e-6)
+
+
+def test_sf_loss_is_minus_advantage_times_log_prob():
+    advantages, log_prob = torch.tensor([0.5, -2.0]), torch.tensor([-1.0, -3.0], requires_grad=True)
+    loss, _ = DDPO["policy_loss"]("sf", log_prob, log_prob.detach() - 1, advantages, 1e-4)
+    assert loss.item() == pytest.approx(-(0.5 * -1.0 + -2.0 * -3.0) / 2)
+    loss.backward()
+    torch.testing.assert_close(log_prob.grad, -advantages / 2)
+
+
+def test_rwr_weights_follow_the_softmax_and_average_one():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 0.0])
+    weights = RWR["rwr_weights"](rewards, beta=0.5, sparse=False, percentile=90, sample_batch_size=2)
+    expected = 4 * torch.exp(0.5 * rewards) / torch.exp(0.5 * rewards).sum()
+    torch.testing.assert_close(weights, expected)
+    assert weights.mean().item() == pytest.approx(1.0)
+
+
+def test_sparse_rwr_keeps_exactly_the_top_fraction_of_each_batch():
+    rewards = torch.randperm(40, generator=torch.Generator().manual_seed(0)).float()
+    weights = RWR["rwr_weights"](rewards, beta=0.2, sparse=True, percentile=90, sample_batch_size=20)
+    for batch, kept in zip(rewards.view(2, 20), weights.view(2, 20)):
+        assert set(kept.tolist()) == {0.0, 1.0} and kept.sum() == 2  # the top 10% of 20
+        assert batch[kept == 1].min() > batch[kept == 0].max()
+
+
+def test_denoising_loss_against_diffusers_add_noise(tiny_sd_path):
+    sd = load_sd(tiny_sd_path)
+    generator = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(3, 4, 8, 8, generator=generator), torch.randn(3, 4, 8, 8, generator=generator)
+    embeds, timesteps, weights = torch.randn(3, 77, 32, generator=generator), torch.tensor([10, 500, 999]), torch.rand(3)
+    with torch.no_grad():
+        loss = RWR["denoising_loss"](sd.unet, sd.scheduler, latents, embeds, timesteps, noise, weights)
+        noisy = DDPMScheduler.from_config(sd.scheduler.config).add_noise(latents, noise, timesteps)
+        eps = sd.unet(noisy, timesteps, encoder_hidden_states=embeds).sample
+    expected = sum(weights[i] * torch.nn.functional.mse_loss(eps[i], noise[i]) for i in range(3)) / 3
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+VARIANTS = [("ddpo.py", []), ("ddpo.py", ["--estimator", "sf"]), ("rwr.py", []), ("rwr.py", ["--sparse"])]
+
+
+@pytest.mark.parametrize("script, variant", VARIANTS)
+def test_script_runs_and_writes_metrics_grids_and_lora(script, variant, tiny_sd_path, tmp_path):
+    args = [sys.executable, script, "--pretrained-model", tiny_sd_path, *TINY, *variant, "--num-epochs", "2",
+            "--sample-every", "1", "--output-dir", str(tmp_path)]  # fmt: skip
+    result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = os.listdir(tmp_path)
+    with open(tmp_path / run / "metrics.jsonl") as f:
+        metrics = [json.loads(line) for line in f]
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    keys = ["reward_mean", "reward_std", "loss", "grad_norm", "images_per_sec", "eval_reward_mean"]
+    keys += ["approx_kl", "clipfrac"] if script == "ddpo.py" else ["effective_sample_size"]
+    assert all(isinstance(m[key], float) for m in metrics for key in keys)
+    assert sorted(os.listdir(tmp_path / run / "samples")) == [f"step_00000{i}.png" for i in range(3)]
+    assert os.path.isfile(tmp_path / run / "pytorch_lora_weights.safetensors")
+
+
+def test_ddpo_ratio_is_one_before_the_first_update(tiny_sd_path, tmp_path, monkeypatch):
+    """One training batch per epoch: every ratio is computed before any update, so none leaves the 1e-4 clip
+    range (recomputing the log-probs in another batch layout differs from sampling by float rounding only)."""
+    monkeypatch.setattr(sys, "argv", ["ddpo.py", "--pretrained-model", tiny_sd_path, *TINY, "--train-batch-size",
+                                      "4", "--num-epochs", "1", "--output-dir", str(tmp_path)])  # fmt: skip
+    runpy.run_path(os.path.join(ROOT, "ddpo.py"), run_name="__main__")
+    (run,) = os.listdir(tmp_path)
+    with open(tmp_path / run / "metrics.jsonl") as f:
+        (metrics,) = [json.loads(line) for line in f]
+    assert metrics["clipfrac"] == 0.0 and metrics["approx_kl"] < 1e-10
+
+
+@pytest.mark.parametrize("script, bad, message", [
+    ("ddpo.py", ["--eta", "0"], "DDPO needs --eta > 0"),
+    ("ddpo.py", ["--estimator", "sf", "--num-inner-epochs", "2"], "DDPO-SF is on-policy"),
+    ("rwr.py", ["--samples-per-epoch", "5"], "--samples-per-epoch must be a multiple of --sample-batch-size"),
+    ("rwr.py", ["--percentile", "120"], "--percentile must be between 0 and 100"),
+    ("ddpo.py", ["--reward", "beauty"], "unknown reward 'beauty'"),
+])  # fmt: skip
+def test_bad_input_ends_with_one_sentence_and_status_2(script, bad, message, tiny_sd_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [script, "--pretrained-model", tiny_sd_path, *TINY, *bad])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
