@@ -123,8 +123,10 @@ if __name__ == "__main__":
     run_dir = os.path.dirname(os.path.dirname(path)) if state else os.path.join(args.output_dir, run_name)
     os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
     if args.track:
-        import wandb
-
+        try:
+            import wandb
+        except ImportError:
+            fail("--track logs to Weights and Biases, which is not installed: pip install wandb")
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args), name=run_name,
                    id=run_name, resume="allow", sync_tensorboard=True)  # fmt: skip
     try:

@@ -112,6 +112,7 @@ BAD_INPUTS = [
     ("draft_full.py", ["--reward", "beauty"], "unknown reward 'beauty'"),
     ("draft_lv.py", ["--prompts", "birds"], "unknown prompt set 'birds'"),
     ("draft_full.py", ["--pretrained-model", "/no/such/model"], "could not load '/no/such/model'"),
+    ("draft_k.py", ["--resume", "/no/such/run"], "--resume /no/such/run is neither a checkpoint folder nor a run folder"),
 ]  # fmt: skip
 
 
