@@ -100,8 +100,8 @@ class ConservativeReward(nn.Module):
         super().__init__()
         self.heads, self.c = nn.ModuleList(heads), c
         if len(heads) == 1:  # bonus
-            f = heads[0](features)[1]  # (N, 16)
-            sigma = f.T @ f + bonus_lambda * torch.eye(f.shape[1], device=f.device)
+            f = heads[0](features)[1].double()  # (N, 16); float64: Sigma is ill-conditioned when N >> 16
+            sigma = f.T @ f + bonus_lambda * torch.eye(f.shape[1], device=f.device, dtype=f.dtype)
             self.register_buffer("sigma_inv", torch.linalg.inv(sigma))
 
     def forward(self, features):
@@ -110,7 +110,7 @@ class ConservativeReward(nn.Module):
             proxy = predictions.mean(0)
             return proxy - self.c * predictions.std(0), proxy
         proxy, f = self.heads[0](features)
-        bonus = ((f @ self.sigma_inv) * f).sum(-1).clamp(min=0).sqrt()
+        bonus = ((f.double() @ self.sigma_inv) * f.double()).sum(-1).clamp(min=0).sqrt().float()
         return proxy - self.c * bonus, proxy
 
 

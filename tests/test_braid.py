@@ -1,0 +1,168 @@
+"""BRAID: the conservative reward model, the path KL against an independent computation, the script end to end."""
+import json
+import os
+import runpy
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from common.sampling import initial_latents, predict_noise, sample
+from common.sd import add_lora, encode_prompts, load_sd
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BRAID = runpy.run_path(os.path.join(ROOT, "braid.py"))  # the definitions only
+TINY = ["--labeler", "colorfulness", "--feature-model", "vae", "--resolution", "16", "--num-steps", "4",
+        "--offline-size", "24", "--batch-size", "4", "--reward-model-steps", "50"]  # fmt: skip
+
+
+def toy_data(n=400, dim=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(n, dim, generator=generator)
+    weights = torch.randn(dim, generator=generator)
+    return features, features @ weights + 1.0, weights
+
+
+def fit_ensemble(features, scores, size, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    resamples = [torch.randint(len(features), (len(features),), generator=generator) for _ in range(size)]
+    return [BRAID["fit_head"](features[i], scores[i], 300, 1e-3, generator) for i in resamples]
+
+
+def test_reward_head_fits_a_known_function():
+    features, scores, weights = toy_data()
+    (head,) = fit_ensemble(features, scores, 1)
+    test = torch.randn(100, 8, generator=torch.Generator().manual_seed(1))
+    prediction = head(test)[0]
+    assert torch.nn.functional.mse_loss(prediction, test @ weights + 1.0) < 0.01 * scores.var()
+
+
+def test_bootstrap_spread_grows_away_from_the_data_and_c0_is_the_mean():
+    features, scores, _ = toy_data()
+    heads = fit_ensemble(features, scores, 4)
+    near, far = features[:50], 10 * torch.randn(50, 8, generator=torch.Generator().manual_seed(2))
+    conservative = BRAID["ConservativeReward"](heads, c=1.0)
+    spread = lambda x: conservative(x)[1] - conservative(x)[0]  # noqa: E731  (c = 1: proxy - r_c = std)
+    assert spread(far).mean() > 3 * spread(near).mean()
+    mean = torch.stack([h(far)[0] for h in heads]).mean(0)
+    r_c, proxy = BRAID["ConservativeReward"](heads, c=0.0)(far)
+    assert torch.equal(r_c, proxy) and torch.allclose(r_c, mean)
+
+
+def test_bonus_is_small_on_the_data_and_grows_away_from_it():
+    features, scores, _ = toy_data(n=2000)
+    heads = fit_ensemble(features, scores, 1)
+    conservative = BRAID["ConservativeReward"](heads, c=1.0, features=features, bonus_lambda=1e-3)
+    bonus = lambda x: conservative(x)[1] - conservative(x)[0]  # noqa: E731
+    on_data, far = bonus(features[:100]), bonus(20 * torch.randn(100, 8, generator=torch.Generator().manual_seed(3)))
+    assert on_data.max() < 0.2 and far.mean() > 10 * on_data.mean()
+    # by hand: sqrt(f^T (sum_i f_i f_i^T + lambda I)^-1 f)
+    f, f_data = heads[0](features[:3])[1].double(), heads[0](features)[1].double()
+    sigma = f_data.T @ f_data + 1e-3 * torch.eye(16, dtype=torch.float64)
+    expected = torch.sqrt((f @ torch.linalg.inv(sigma) * f).sum(-1)).float()
+    torch.testing.assert_close(on_data[:3], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_path_kl_is_zero_at_init_and_matches_an_independent_computation(tiny_sd_path):
+    sd, pretrained = load_sd(tiny_sd_path), load_sd(tiny_sd_path)  # the second never gets a LoRA
+    add_lora(sd.unet, rank=4)
+    prompt_embeds, negative_embeds = encode_prompts(sd, ["a cat", "a dog"]), encode_prompts(sd, [""])
+    latents = initial_latents(sd, 2, 16, torch.Generator().manual_seed(0))
+
+    def trajectory_and_kl():
+        _, trajectory = sample(sd, latents, prompt_embeds, negative_embeds, 4, 7.5, 1.0, grad_steps=4,
+                               generator=torch.Generator().manual_seed(1), trajectory=True)  # fmt: skip
+        return trajectory, BRAID["path_kl"](sd, trajectory, range(4), prompt_embeds, negative_embeds, 7.5, 1.0)
+
+    _, kl = trajectory_and_kl()
+    assert torch.equal(kl, torch.zeros(2))  # the LoRA starts as the identity
+    for name, p in sd.unet.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(std=0.1, generator=torch.Generator().manual_seed(2))
+    trajectory, kl = trajectory_and_kl()
+    assert (kl > 0).all()
+    kl.sum().backward()  # the gradient reaches the LoRA, and the adapters are left switched on
+    assert all(p.requires_grad and p.grad is not None for n, p in sd.unet.named_parameters() if "lora_" in n)
+    # independently: diffusers' DDIM step without noise gives each model's mean, its variance gives sigma_t^2
+    expected = torch.zeros(2)
+    pretrained.scheduler.set_timesteps(4)
+    with torch.no_grad():
+        for t, x_t, mean in zip(trajectory.timesteps, trajectory.latents, trajectory.means):
+            eps_pre = predict_noise(pretrained.unet, x_t, t, prompt_embeds, negative_embeds, 7.5)
+            zero = torch.zeros_like(x_t)
+            mean_pre = pretrained.scheduler.step(eps_pre, t, x_t, eta=1.0, variance_noise=zero).prev_sample
+            variance = pretrained.scheduler._get_variance(t, t - 1000 // 4)
+            expected += ((mean - mean_pre) ** 2).mean(dim=(1, 2, 3)) / (2 * variance)
+    torch.testing.assert_close(kl.detach(), expected, rtol=1e-4, atol=1e-8)
+
+
+def read_metrics(output_dir):
+    (run,) = [d for d in os.listdir(output_dir)]
+    with open(os.path.join(output_dir, run, "metrics.jsonl")) as f:
+        return os.path.join(output_dir, run), [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("variant", [["--conservatism", "boot"], ["--conservatism", "bonus"], ["--c", "0"]])
+def test_script_runs_on_synthesised_data(variant, tiny_sd_path, tmp_path):
+    args = [sys.executable, "braid.py", "--pretrained-model", tiny_sd_path, *TINY, *variant, "--train-steps", "2",
+            "--offline-quantile", "0.5", "--output-dir", str(tmp_path)]  # fmt: skip
+    result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir, metrics = read_metrics(tmp_path)
+    assert [m["step"] for m in metrics] == [1, 2]
+    for key in ("reward_mean", "proxy_reward_mean", "kl", "true_reward_mean", "offline_best", "offline_median",
+                "reward_model_val_mse", "loss", "grad_norm", "eval_reward_mean"):  # fmt: skip
+        assert all(isinstance(m[key], float) for m in metrics), key
+    assert metrics[0]["kl"] == 0.0 and metrics[1]["kl"] > 0  # LoRA starts as the identity
+    if variant == ["--c", "0"]:
+        assert all(m["reward_mean"] == pytest.approx(m["proxy_reward_mean"]) for m in metrics)
+    data = torch.load(os.path.join(run_dir, "offline_data.pt"))
+    assert len(data["scores"]) == 12 and data["images"].dtype == torch.uint8  # the lower half of 24
+    for name in ("reward_model.pt", "pytorch_lora_weights.safetensors", "samples/step_000000.png"):
+        assert os.path.isfile(os.path.join(run_dir, name))
+
+
+def test_script_runs_on_a_folder_of_images_with_scores(tiny_sd_path, tmp_path, monkeypatch):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rows = ["file,score"]
+    for i in range(12):
+        pixels = np.random.default_rng(i).integers(0, 255, (20, 24, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+        rows.append(f"{i}.png,{i / 10}")
+    (folder / "scores.csv").write_text("\n".join(rows) + "\n")
+    monkeypatch.setattr(sys, "argv", ["braid.py", "--pretrained-model", tiny_sd_path, *TINY, "--offline-data",
+                                      str(folder), "--train-steps", "2", "--output-dir", str(tmp_path / "runs")])  # fmt: skip
+    runpy.run_path(os.path.join(ROOT, "braid.py"), run_name="__main__")
+    _, metrics = read_metrics(tmp_path / "runs")
+    assert metrics[-1]["true_reward_mean"] is None and metrics[-1]["offline_best"] == pytest.approx(1.1)
+
+
+def test_conservative_reward_rises(tiny_sd_path, tmp_path, monkeypatch):
+    args = ["braid.py", "--pretrained-model", tiny_sd_path, *TINY, "--resolution", "32", "--offline-size", "128",
+            "--reward-model-steps", "1000", "--train-steps", "12", "--learning-rate", "3e-2", "--sample-every", "12",
+            "--output-dir", str(tmp_path)]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", args)
+    runpy.run_path(os.path.join(ROOT, "braid.py"), run_name="__main__")
+    _, metrics = read_metrics(tmp_path)
+    seed_noise = torch.tensor([m["reward_mean"] for m in metrics]).std().item()
+    gain = metrics[-1]["eval_reward_mean"] - metrics[0]["eval_reward_mean"]
+    assert gain > 2 * seed_noise, (gain, seed_noise, [m["reward_mean"] for m in metrics])
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--eta", "0"], "BRAID's path KL needs --eta > 0"),
+    (["--labeler", "beauty"], "unknown labeler 'beauty'"),
+    (["--conservatism", "boot", "--ensemble-size", "1"], "needs --ensemble-size of at least 2"),
+    (["--offline-data", "/no/such/data"], "is neither a .pt file nor a folder with a scores.csv"),
+    (["--k", "9"], "--k must be between 1 and --num-steps (4), got 9"),
+])  # fmt: skip
+def test_bad_input_ends_with_one_sentence_and_status_2(bad, message, tiny_sd_path, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["braid.py", "--pretrained-model", tiny_sd_path, *TINY, *bad,
+                                      "--output-dir", str(tmp_path)])  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(os.path.join(ROOT, "braid.py"), run_name="__main__")
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
