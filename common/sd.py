@@ -78,7 +78,10 @@ def load_lora(unet: UNet2DConditionModel, directory: str) -> None:
     """Load weights written by `save_lora` into a UNet that `add_lora` gave the same rank (to resume)."""
     state_dict = StableDiffusionPipeline.lora_state_dict(directory, weight_name=LORA_WEIGHTS)[0]
     state_dict = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in state_dict.items()})
-    result = set_peft_model_state_dict(unet, state_dict)
+    try:
+        result = set_peft_model_state_dict(unet, state_dict)
+    except RuntimeError:  # a size mismatch: another rank
+        fail(f"the LoRA in '{directory}' has other shapes than this UNet's LoRA: was it saved with another --lora-rank?")
     if result.unexpected_keys:
         fail(f"the LoRA in '{directory}' does not fit this UNet (unexpected keys such as {result.unexpected_keys[0]})")
 

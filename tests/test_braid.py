@@ -1,20 +1,16 @@
 """BRAID: the conservative reward model, the path KL against an independent computation, the script end to end."""
-import json
 import os
-import runpy
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scripts import definitions, read_metrics, run_script, run_subprocess
 
 from common.sampling import initial_latents, predict_noise, sample
 from common.sd import add_lora, encode_prompts, load_sd
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BRAID = runpy.run_path(os.path.join(ROOT, "braid.py"))  # the definitions only
+BRAID = definitions("braid.py")
 TINY = ["--labeler", "colorfulness", "--feature-model", "vae", "--resolution", "16", "--num-steps", "4",
         "--offline-size", "24", "--batch-size", "4", "--reward-model-steps", "50"]  # fmt: skip
 
@@ -99,18 +95,10 @@ def test_path_kl_is_zero_at_init_and_matches_an_independent_computation(tiny_sd_
     torch.testing.assert_close(kl.detach(), expected, rtol=1e-4, atol=1e-8)
 
 
-def read_metrics(output_dir):
-    (run,) = [d for d in os.listdir(output_dir)]
-    with open(os.path.join(output_dir, run, "metrics.jsonl")) as f:
-        return os.path.join(output_dir, run), [json.loads(line) for line in f]
-
-
 @pytest.mark.parametrize("variant", [["--conservatism", "boot"], ["--conservatism", "bonus"], ["--c", "0"]])
 def test_script_runs_on_synthesised_data(variant, tiny_sd_path, tmp_path):
-    args = [sys.executable, "braid.py", "--pretrained-model", tiny_sd_path, *TINY, *variant, "--train-steps", "2",
-            "--offline-quantile", "0.5", "--output-dir", str(tmp_path)]  # fmt: skip
-    result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_subprocess("braid.py", ["--pretrained-model", tiny_sd_path, *TINY, *variant, "--train-steps", "2",
+                                "--offline-quantile", "0.5", "--output-dir", str(tmp_path)])  # fmt: skip
     run_dir, metrics = read_metrics(tmp_path)
     assert [m["step"] for m in metrics] == [1, 2]
     for key in ("reward_mean", "proxy_reward_mean", "kl", "true_reward_mean", "offline_best", "offline_median",
@@ -134,19 +122,16 @@ def test_script_runs_on_a_folder_of_images_with_scores(tiny_sd_path, tmp_path, m
         Image.fromarray(pixels).save(folder / f"{i}.png")
         rows.append(f"{i}.png,{i / 10}")
     (folder / "scores.csv").write_text("\n".join(rows) + "\n")
-    monkeypatch.setattr(sys, "argv", ["braid.py", "--pretrained-model", tiny_sd_path, *TINY, "--offline-data",
-                                      str(folder), "--train-steps", "2", "--output-dir", str(tmp_path / "runs")])  # fmt: skip
-    runpy.run_path(os.path.join(ROOT, "braid.py"), run_name="__main__")
+    run_script("braid.py", ["--pretrained-model", tiny_sd_path, *TINY, "--offline-data", str(folder), "--train-steps",
+                            "2", "--output-dir", str(tmp_path / "runs")], monkeypatch)  # fmt: skip
     _, metrics = read_metrics(tmp_path / "runs")
     assert metrics[-1]["true_reward_mean"] is None and metrics[-1]["offline_best"] == pytest.approx(1.1)
 
 
 def test_conservative_reward_rises(tiny_sd_path, tmp_path, monkeypatch):
-    args = ["braid.py", "--pretrained-model", tiny_sd_path, *TINY, "--resolution", "32", "--offline-size", "128",
-            "--reward-model-steps", "1000", "--train-steps", "12", "--learning-rate", "3e-2", "--sample-every", "12",
-            "--output-dir", str(tmp_path)]  # fmt: skip
-    monkeypatch.setattr(sys, "argv", args)
-    runpy.run_path(os.path.join(ROOT, "braid.py"), run_name="__main__")
+    run_script("braid.py", ["--pretrained-model", tiny_sd_path, *TINY, "--resolution", "32", "--offline-size", "128",
+                            "--reward-model-steps", "1000", "--train-steps", "12", "--learning-rate", "3e-2",
+                            "--sample-every", "12", "--output-dir", str(tmp_path)], monkeypatch)  # fmt: skip
     _, metrics = read_metrics(tmp_path)
     seed_noise = torch.tensor([m["reward_mean"] for m in metrics]).std().item()
     gain = metrics[-1]["eval_reward_mean"] - metrics[0]["eval_reward_mean"]
@@ -161,8 +146,7 @@ def test_conservative_reward_rises(tiny_sd_path, tmp_path, monkeypatch):
     (["--k", "9"], "--k must be between 1 and --num-steps (4), got 9"),
 ])  # fmt: skip
 def test_bad_input_ends_with_one_sentence_and_status_2(bad, message, tiny_sd_path, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["braid.py", "--pretrained-model", tiny_sd_path, *TINY, *bad,
-                                      "--output-dir", str(tmp_path)])  # fmt: skip
     with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path(os.path.join(ROOT, "braid.py"), run_name="__main__")
+        run_script("braid.py", ["--pretrained-model", tiny_sd_path, *TINY, *bad, "--output-dir", str(tmp_path)],
+                   monkeypatch)  # fmt: skip
     assert exit_info.value.code == 2 and message in capsys.readouterr().err

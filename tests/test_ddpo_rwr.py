@@ -1,20 +1,15 @@
 """DDPO and RWR: their formulas against hand computations, and the scripts end to end."""
-import json
 import math
 import os
-import runpy
-import subprocess
-import sys
 
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from scripts import definitions, read_metrics, run_script, run_subprocess
 
 from common.sd import load_sd
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DDPO = runpy.run_path(os.path.join(ROOT, "ddpo.py"))  # the definitions only: the training runs under __main__
-RWR = runpy.run_path(os.path.join(ROOT, "rwr.py"))
+DDPO, RWR = definitions("ddpo.py"), definitions("rwr.py")
 TINY = ["--reward", "jpeg_incompressibility", "--resolution", "16", "--num-steps", "4", "--samples-per-epoch", "4",
         "--sample-batch-size", "2", "--train-batch-size", "2"]  # fmt: skip
 
@@ -84,30 +79,23 @@ VARIANTS = [("ddpo.py", []), ("ddpo.py", ["--estimator", "sf"]), ("rwr.py", []),
 
 @pytest.mark.parametrize("script, variant", VARIANTS)
 def test_script_runs_and_writes_metrics_grids_and_lora(script, variant, tiny_sd_path, tmp_path):
-    args = [sys.executable, script, "--pretrained-model", tiny_sd_path, *TINY, *variant, "--num-epochs", "2",
-            "--sample-every", "1", "--output-dir", str(tmp_path)]  # fmt: skip
-    result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (run,) = os.listdir(tmp_path)
-    with open(tmp_path / run / "metrics.jsonl") as f:
-        metrics = [json.loads(line) for line in f]
+    run_subprocess(script, ["--pretrained-model", tiny_sd_path, *TINY, *variant, "--num-epochs", "2",
+                            "--sample-every", "1", "--output-dir", str(tmp_path)])  # fmt: skip
+    run_dir, metrics = read_metrics(tmp_path)
     assert [m["epoch"] for m in metrics] == [1, 2]
     keys = ["reward_mean", "reward_std", "loss", "grad_norm", "images_per_sec", "eval_reward_mean"]
     keys += ["approx_kl", "clipfrac"] if script == "ddpo.py" else ["effective_sample_size"]
     assert all(isinstance(m[key], float) for m in metrics for key in keys)
-    assert sorted(os.listdir(tmp_path / run / "samples")) == [f"step_00000{i}.png" for i in range(3)]
-    assert os.path.isfile(tmp_path / run / "pytorch_lora_weights.safetensors")
+    assert sorted(os.listdir(os.path.join(run_dir, "samples"))) == [f"step_00000{i}.png" for i in range(3)]
+    assert os.path.isfile(os.path.join(run_dir, "pytorch_lora_weights.safetensors"))
 
 
 def test_ddpo_ratio_is_one_before_the_first_update(tiny_sd_path, tmp_path, monkeypatch):
     """One training batch per epoch: every ratio is computed before any update, so none leaves the 1e-4 clip
     range (recomputing the log-probs in another batch layout differs from sampling by float rounding only)."""
-    monkeypatch.setattr(sys, "argv", ["ddpo.py", "--pretrained-model", tiny_sd_path, *TINY, "--train-batch-size",
-                                      "4", "--num-epochs", "1", "--output-dir", str(tmp_path)])  # fmt: skip
-    runpy.run_path(os.path.join(ROOT, "ddpo.py"), run_name="__main__")
-    (run,) = os.listdir(tmp_path)
-    with open(tmp_path / run / "metrics.jsonl") as f:
-        (metrics,) = [json.loads(line) for line in f]
+    run_script("ddpo.py", ["--pretrained-model", tiny_sd_path, *TINY, "--train-batch-size", "4", "--num-epochs", "1",
+                           "--output-dir", str(tmp_path)], monkeypatch)  # fmt: skip
+    _, (metrics,) = read_metrics(tmp_path)
     assert metrics["clipfrac"] == 0.0 and metrics["approx_kl"] < 1e-10
 
 
@@ -119,7 +107,6 @@ def test_ddpo_ratio_is_one_before_the_first_update(tiny_sd_path, tmp_path, monke
     ("ddpo.py", ["--reward", "beauty"], "unknown reward 'beauty'"),
 ])  # fmt: skip
 def test_bad_input_ends_with_one_sentence_and_status_2(script, bad, message, tiny_sd_path, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", [script, "--pretrained-model", tiny_sd_path, *TINY, *bad])
     with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+        run_script(script, ["--pretrained-model", tiny_sd_path, *TINY, *bad], monkeypatch)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -1,38 +1,20 @@
 """DRaFT scripts: they run end to end, learn, resume exactly, and refuse bad input with one sentence."""
-import json
 import os
-import runpy
-import subprocess
-import sys
 
 import pytest
 import torch
+from scripts import read_metrics, run_script, run_subprocess
 
 import common.sampling
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["draft_full.py", "draft_k.py", "draft_lv.py"]
 TINY = ["--reward", "colorfulness", "--resolution", "16", "--num-steps", "4", "--batch-size", "2"]
 
 
-def run_script(script, args, monkeypatch):
-    """Runs a script in this process (as `python script ...` would, without the interpreter's start-up cost)."""
-    monkeypatch.setattr(sys, "argv", [script, *args])
-    runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
-
-
-def read_metrics(output_dir):
-    (run,) = os.listdir(output_dir)
-    with open(os.path.join(output_dir, run, "metrics.jsonl")) as f:
-        return os.path.join(output_dir, run), [json.loads(line) for line in f]
-
-
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_script_runs_and_writes_metrics_grids_and_lora(script, tiny_sd_path, tmp_path):
-    args = [sys.executable, script, "--pretrained-model", tiny_sd_path, *TINY, "--train-steps", "2",
-            "--sample-every", "1", "--output-dir", str(tmp_path)]  # fmt: skip
-    result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_subprocess(script, ["--pretrained-model", tiny_sd_path, *TINY, "--train-steps", "2", "--sample-every", "1",
+                            "--output-dir", str(tmp_path)])  # fmt: skip
     run_dir, metrics = read_metrics(tmp_path)
     assert [m["step"] for m in metrics] == [1, 2]
     for key in ("reward_mean", "reward_std", "loss", "grad_norm", "images_per_sec", "eval_reward_mean"):

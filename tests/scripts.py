@@ -1,0 +1,31 @@
+"""Running the six scripts from tests: in this process (fast) or as `python script.py ...` (the real thing)."""
+import json
+import os
+import runpy
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def definitions(script: str) -> dict:
+    """The script's functions and classes, without running its training (that sits under __main__)."""
+    return runpy.run_path(os.path.join(ROOT, script))
+
+
+def run_script(script: str, args: list[str], monkeypatch) -> None:
+    """Runs a script in this process, as `python script ...` would, without the interpreter's start-up cost."""
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+
+
+def run_subprocess(script: str, args: list[str]) -> None:
+    result = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def read_metrics(output_dir) -> tuple[str, list[dict]]:
+    """The only run folder under output_dir, and its metrics.jsonl."""
+    (run,) = os.listdir(output_dir)
+    with open(os.path.join(output_dir, run, "metrics.jsonl")) as f:
+        return os.path.join(output_dir, run), [json.loads(line) for line in f]
