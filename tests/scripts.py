@@ -29,3 +29,20 @@ def read_metrics(output_dir) -> tuple[str, list[dict]]:
     (run,) = os.listdir(output_dir)
     with open(os.path.join(output_dir, run, "metrics.jsonl")) as f:
         return os.path.join(output_dir, run), [json.loads(line) for line in f]
+
+
+def check_resume(script: str, args: list[str], length: str, tmp_path, monkeypatch, keys=("reward_mean", "loss")):
+    """Runs 4 steps (or epochs: `length` names the flag) in one go, then 2, then resumes from that run folder to
+    4, and checks that the resumed run logs the uninterrupted run's numbers."""
+    args = [*args, "--save-every", "2", "--sample-every", "100"]
+    run_script(script, [*args, length, "4", "--output-dir", str(tmp_path / "once")], monkeypatch)
+    _, uninterrupted = read_metrics(tmp_path / "once")
+    run_script(script, [*args, length, "2", "--output-dir", str(tmp_path / "twice")], monkeypatch)
+    stopped_dir, _ = read_metrics(tmp_path / "twice")
+    run_script(script, [*args, length, "4", "--output-dir", str(tmp_path / "twice"), "--resume", stopped_dir], monkeypatch)
+    _, resumed = read_metrics(tmp_path / "twice")
+    counter = "epoch" if length == "--num-epochs" else "step"
+    assert [m[counter] for m in resumed] == [1, 2, 3, 4]
+    for a, b in zip(uninterrupted, resumed):
+        for key in keys:
+            assert abs(a[key] - b[key]) <= 1e-5 * abs(a[key]) + 1e-7, (a[counter], key, a[key], b[key])

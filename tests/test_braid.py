@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from scripts import definitions, read_metrics, run_script, run_subprocess
+from scripts import check_resume, definitions, read_metrics, run_script, run_subprocess
 
 from common.sampling import initial_latents, predict_noise, sample
 from common.sd import add_lora, encode_prompts, load_sd
@@ -113,7 +113,7 @@ def test_script_runs_on_synthesised_data(variant, tiny_sd_path, tmp_path):
         assert os.path.isfile(os.path.join(run_dir, name))
 
 
-def test_script_runs_on_a_folder_of_images_with_scores(tiny_sd_path, tmp_path, monkeypatch):
+def test_script_runs_on_a_folder_of_images_with_scores(tiny_sd_path, tmp_path):
     folder = tmp_path / "data"
     folder.mkdir()
     rows = ["file,score"]
@@ -122,10 +122,16 @@ def test_script_runs_on_a_folder_of_images_with_scores(tiny_sd_path, tmp_path, m
         Image.fromarray(pixels).save(folder / f"{i}.png")
         rows.append(f"{i}.png,{i / 10}")
     (folder / "scores.csv").write_text("\n".join(rows) + "\n")
-    run_script("braid.py", ["--pretrained-model", tiny_sd_path, *TINY, "--offline-data", str(folder), "--train-steps",
-                            "2", "--output-dir", str(tmp_path / "runs")], monkeypatch)  # fmt: skip
+    run_subprocess("braid.py", ["--pretrained-model", tiny_sd_path, *TINY, "--offline-data", str(folder),
+                                "--train-steps", "2", "--output-dir", str(tmp_path / "runs")])  # fmt: skip
     _, metrics = read_metrics(tmp_path / "runs")
     assert metrics[-1]["true_reward_mean"] is None and metrics[-1]["offline_best"] == pytest.approx(1.1)
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny_sd_path, tmp_path, monkeypatch):
+    """The resumed run reuses the cached offline data and refits the same reward model."""
+    check_resume("braid.py", ["--pretrained-model", tiny_sd_path, *TINY], "--train-steps", tmp_path, monkeypatch,
+                 keys=("reward_mean", "proxy_reward_mean", "kl", "true_reward_mean", "loss", "grad_norm"))  # fmt: skip
 
 
 def test_conservative_reward_rises(tiny_sd_path, tmp_path, monkeypatch):

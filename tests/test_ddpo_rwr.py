@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 from diffusers import DDPMScheduler
-from scripts import definitions, read_metrics, run_script, run_subprocess
+from scripts import check_resume, definitions, read_metrics, run_script, run_subprocess
 
 from common.sd import load_sd
 
@@ -88,6 +88,12 @@ def test_script_runs_and_writes_metrics_grids_and_lora(script, variant, tiny_sd_
     assert all(isinstance(m[key], float) for m in metrics for key in keys)
     assert sorted(os.listdir(os.path.join(run_dir, "samples"))) == [f"step_00000{i}.png" for i in range(3)]
     assert os.path.isfile(os.path.join(run_dir, "pytorch_lora_weights.safetensors"))
+
+
+@pytest.mark.parametrize("script, variant", VARIANTS)
+def test_resume_reproduces_the_uninterrupted_run(script, variant, tiny_sd_path, tmp_path, monkeypatch):
+    check_resume(script, ["--pretrained-model", tiny_sd_path, *TINY, *variant], "--num-epochs", tmp_path, monkeypatch,
+                 keys=("reward_mean", "loss", "grad_norm"))  # fmt: skip
 
 
 def test_ddpo_ratio_is_one_before_the_first_update(tiny_sd_path, tmp_path, monkeypatch):

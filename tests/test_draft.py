@@ -3,7 +3,7 @@ import os
 
 import pytest
 import torch
-from scripts import read_metrics, run_script, run_subprocess
+from scripts import check_resume, read_metrics, run_script, run_subprocess
 
 import common.sampling
 
@@ -39,18 +39,8 @@ def test_colorfulness_goes_up(script, tiny_sd_path, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_resume_reproduces_the_uninterrupted_run(script, tiny_sd_path, tmp_path, monkeypatch):
-    args = ["--pretrained-model", tiny_sd_path, *TINY, "--train-steps", "4", "--save-every", "2", "--sample-every", "100"]
-    run_script(script, [*args, "--output-dir", str(tmp_path / "once")], monkeypatch)
-    run_dir, uninterrupted = read_metrics(tmp_path / "once")
-    # stop after step 2, then resume from that run folder (its latest checkpoint) to step 4
-    run_script(script, [*args, "--output-dir", str(tmp_path / "twice"), "--train-steps", "2"], monkeypatch)
-    resumed_dir, _ = read_metrics(tmp_path / "twice")
-    run_script(script, [*args, "--output-dir", str(tmp_path / "twice"), "--resume", resumed_dir], monkeypatch)
-    _, resumed = read_metrics(tmp_path / "twice")
-    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
-    for a, b in zip(uninterrupted, resumed):
-        for key in ("reward_mean", "loss", "grad_norm"):
-            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["step"], key)
+    check_resume(script, ["--pretrained-model", tiny_sd_path, *TINY], "--train-steps", tmp_path, monkeypatch,
+                 keys=("reward_mean", "loss", "grad_norm"))  # fmt: skip
 
 
 def test_draft_k_passes_k_to_the_sampler(tiny_sd_path, tmp_path, monkeypatch):
