@@ -78,15 +78,20 @@ class RewardHead(nn.Module):
 
 
 def fit_head(features, scores, steps: int, lr: float, generator) -> RewardHead:
-    """Least squares with Adam on minibatches of 128; returns the head in eval mode."""
+    """Least squares with Adam on minibatches of 128, on standardised scores (whatever the reward's scale), folded
+    back into the last layer afterwards; returns the head in eval mode."""
     head = RewardHead(features.shape[1]).to(features.device)
+    mean, std = scores.mean(), scores.std() + 1e-8
     optimizer = torch.optim.Adam(head.parameters(), lr=lr)
     for _ in range(steps):
         index = torch.randint(len(features), (min(128, len(features)),), generator=generator).to(features.device)
-        loss = F.mse_loss(head(features[index])[0], scores[index])
+        loss = F.mse_loss(head(features[index])[0], (scores[index] - mean) / std)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+    with torch.no_grad():  # predict scores, not standardised scores
+        head.out.weight.mul_(std)
+        head.out.bias.mul_(std).add_(mean)
     return head.eval().requires_grad_(False)
 
 
@@ -262,8 +267,10 @@ if __name__ == "__main__":
     if args.conservatism == "boot" and args.ensemble_size < 2:
         fail("--conservatism boot needs --ensemble-size of at least 2")
     prompts = load_prompts(args.prompts, args.prompt_file)
-    # the last 4 prompts are held out of training and used for the sample grids
-    eval_prompts, train_prompts = prompts[-4:], prompts[:-4] if len(prompts) > 4 else prompts
+    # 4 prompts spread through the set are held out of training and used for the sample grids
+    held_out = [round((i + 0.5) * len(prompts) / 4) for i in range(4)] if len(prompts) > 4 else []
+    eval_prompts = [prompts[i] for i in held_out] or prompts[:4]
+    train_prompts = [p for i, p in enumerate(prompts) if i not in held_out]
 
     # TRY NOT TO MODIFY: run folder, resuming, tracking, seeding
     state = None

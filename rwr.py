@@ -135,8 +135,10 @@ if __name__ == "__main__":
     if args.reward not in REWARDS:
         fail(f"unknown reward '{args.reward}'; choose one of: {', '.join(REWARDS)}")
     prompts = load_prompts(args.prompts, args.prompt_file)
-    # the last 4 prompts are held out of training and used for the sample grids
-    eval_prompts, train_prompts = prompts[-4:], prompts[:-4] if len(prompts) > 4 else prompts
+    # 4 prompts spread through the set are held out of training and used for the sample grids
+    held_out = [round((i + 0.5) * len(prompts) / 4) for i in range(4)] if len(prompts) > 4 else []
+    eval_prompts = [prompts[i] for i in held_out] or prompts[:4]
+    train_prompts = [p for i, p in enumerate(prompts) if i not in held_out]
 
     # TRY NOT TO MODIFY: run folder, resuming, tracking, seeding
     state = None
