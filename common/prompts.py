@@ -13,6 +13,9 @@ SIMPLE_ANIMALS = [
     "turkey", "fly", "llama", "camel", "bat", "gorilla", "hedgehog", "kangaroo",
 ]  # fmt: skip
 ACTIVITIES = ["washing the dishes", "riding a bike", "playing chess"]
+# the world of the tiny model in assets/tiny-sd: one coloured shape on a plain background of another colour
+COLOURS = ["red", "green", "blue", "yellow", "white", "black"]
+SHAPES = ["circle", "square", "triangle"]
 
 PROMPT_SETS = {
     "simple_animals": SIMPLE_ANIMALS,
@@ -20,6 +23,13 @@ PROMPT_SETS = {
         f"{'an' if animal[0] in 'aeiou' else 'a'} {animal} {activity}"
         for animal in SIMPLE_ANIMALS
         for activity in ACTIVITIES
+    ],
+    "shapes": [
+        f"a {colour} {shape} on a {background} background"
+        for shape in SHAPES
+        for colour in COLOURS
+        for background in COLOURS
+        if background != colour
     ],
 }
 

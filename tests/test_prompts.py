@@ -10,6 +10,10 @@ def test_prompt_sets():
     activities = load_prompts("nouns_activities")
     assert len(activities) == 45 * 3
     assert "an ant washing the dishes" in activities and "a cat playing chess" in activities
+    shapes = load_prompts("shapes")
+    assert len(shapes) == len(set(shapes)) == 3 * 6 * 5  # shapes x shape colours x other background colours
+    assert "a red circle on a white background" in shapes and "a blue triangle on a yellow background" in shapes
+    assert "a red square on a red background" not in shapes
 
 
 def test_prompt_file_skips_blank_lines(tmp_path):
