@@ -8,36 +8,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPTextModel
 
+from assets.train_tiny_sd import make_tokenizer  # the shipped tiny model's tokenizer is built the same way
 from common.prompts import SIMPLE_ANIMALS
 
 WORDS = SIMPLE_ANIMALS + ["a", "an", "photo", "of", "the", "on", "red", "green", "blue", "white", "background"]
-
-
-def byte_alphabet() -> list[str]:
-    """The 256 printable characters that byte-level BPE (GPT-2, CLIP) uses for the 256 byte values."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    extra = [b for b in range(256) if b not in printable]
-    return [chr(c) for c in printable] + [chr(256 + i) for i in range(len(extra))]
-
-
-def make_tokenizer(words=WORDS) -> CLIPTokenizer:
-    """A CLIP tokenizer whose vocabulary is the byte alphabet plus `words`, merged left to right."""
-    alphabet = byte_alphabet()
-    vocab = {}
-    for token in ["<|startoftext|>", "<|endoftext|>", *alphabet, *(c + "</w>" for c in alphabet)]:
-        vocab.setdefault(token, len(vocab))
-    merges = []
-    for word in words:
-        parts = [*word[:-1], word[-1] + "</w>"]
-        while len(parts) > 1:
-            merged = parts[0] + parts[1]
-            if merged not in vocab:
-                vocab[merged] = len(vocab)
-                merges.append((parts[0], parts[1]))
-            parts = [merged, *parts[2:]]
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
 def text_config(tokenizer, **kwargs) -> CLIPTextConfig:
@@ -52,7 +28,7 @@ def build_tiny_sd(path) -> str:
     """A random SD-shaped pipeline: CLIP text encoder, UNet with cross-attention, KL VAE (scale factor 2), and SD's
     own scheduler config (PNDM, as the SD 1.4 repo ships it)."""
     torch.manual_seed(0)
-    tokenizer = make_tokenizer()
+    tokenizer = make_tokenizer(WORDS)
     text_encoder = CLIPTextModel(text_config(tokenizer))
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
@@ -80,7 +56,7 @@ def build_tiny_clip(path) -> str:
     """A random CLIPModel (ViT vision tower at 224 px, patch 32) with its tokenizer and OpenAI-style image
     processor, in one folder: stands in for both openai/clip-vit-large-patch14 and PickScore."""
     torch.manual_seed(1)
-    tokenizer = make_tokenizer()
+    tokenizer = make_tokenizer(WORDS)
     config = CLIPConfig(
         text_config=text_config(tokenizer).to_dict(),
         vision_config=dict(image_size=224, patch_size=32, hidden_size=32, intermediate_size=64,
