@@ -189,7 +189,7 @@ if __name__ == "__main__":
                 x0, _ = sample(sd, latents, prompt_embeds, negative_embeds, args.num_steps, args.guidance_scale,
                                args.eta, generator=rng)  # fmt: skip
             t1 = sd.scheduler.timesteps[-1]
-            abar_1 = sd.scheduler.alphas_cumprod[t1]
+            abar_1 = sd.scheduler.alphas_cumprod.to(device)[t1]  # t1 lives on the device
             rewards = []
             for _ in range(args.n):
                 noise = torch.randn(x0.shape, generator=rng).to(device)  # a distinct eps_i for each copy
