@@ -20,6 +20,7 @@ Offline data (--offline-data): a folder of images with a scores.csv of `file,sco
 """
 import csv
 import json
+import math
 import os
 import random
 import time
@@ -37,6 +38,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPImageProcessor, CLIPModel
 
 from common import fail, load_or_fail
+from common.distributed import average_gradients, cleanup, gather, sample_generators, setup, shard
 from common.prompts import load_prompts, sample_prompts
 from common.rewards import REWARDS, make_reward, processor_preprocess
 from common.sampling import ddim_step, decode, initial_latents, predict_noise, sample, save_grid
@@ -272,7 +274,8 @@ if __name__ == "__main__":
     eval_prompts = [prompts[i] for i in held_out] or prompts[:4]
     train_prompts = [p for i, p in enumerate(prompts) if i not in held_out]
 
-    # TRY NOT TO MODIFY: run folder, resuming, tracking, seeding
+    # TRY NOT TO MODIFY: processes, run folder, resuming, tracking, seeding
+    rank, world_size, device = setup(args.cuda)  # under torchrun one process per device, otherwise rank 0 of 1
     state = None
     if args.resume:
         path = args.resume
@@ -284,8 +287,9 @@ if __name__ == "__main__":
         state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
     run_name = state["run_name"] if state else f"{args.reward}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.dirname(os.path.dirname(path)) if state else os.path.join(args.output_dir, run_name)
-    os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
-    if args.track:
+    if rank == 0:  # rank 0 writes the run folder, logs and checkpoints for all ranks
+        os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
+    if args.track and rank == 0:
         try:
             import wandb
         except ImportError:
@@ -295,8 +299,9 @@ if __name__ == "__main__":
     try:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(run_dir)
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+        writer = SummaryWriter(run_dir) if rank == 0 else None
+        if writer:
+            writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     except ImportError:  # tensorboard is optional: metrics.jsonl has everything
         writer = None
 
@@ -304,11 +309,11 @@ if __name__ == "__main__":
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    if device.type == "cpu":
+    if device.type == "cpu" and rank == 0:
         print("note: no CUDA device, running on the CPU: SD 1.4 will be very slow there (try --pretrained-model assets/tiny-sd)")
     dtype = torch.bfloat16 if device.type == "cuda" and args.mixed_precision == "bf16" else torch.float32
-    rng = torch.Generator().manual_seed(args.seed)  # prompts and noise, on the CPU: the same draws on every device
+    # prompts and per-sample seeds, on the CPU: the same draws on every device and rank (each rank keeps its slice)
+    rng = torch.Generator().manual_seed(args.seed)
 
     sd = load_sd(args.pretrained_model, args.revision, device, dtype)
     negative_embeds = encode_prompts(sd, [""])  # (1, 77, D), the unconditional embedding, computed once
@@ -319,22 +324,28 @@ if __name__ == "__main__":
     if args.offline_data is None and not os.path.isfile(cache):
         data_rng = torch.Generator().manual_seed(args.seed + 1)
         images, true_rewards, data_prompts = [], [], []
+        global_batch = world_size * args.batch_size  # under torchrun each rank samples its slice of every batch
         with torch.no_grad():
-            for start in tqdm(range(0, args.offline_size, args.batch_size), desc="synthesising offline data"):
-                batch_prompts = sample_prompts(train_prompts, min(args.batch_size, args.offline_size - start), data_rng)
-                latents = initial_latents(sd, len(batch_prompts), args.resolution, data_rng, device)
-                x0, _ = sample(sd, latents, encode_prompts(sd, batch_prompts), negative_embeds, args.num_steps,
-                               args.guidance_scale, args.eta, generator=data_rng)  # fmt: skip
+            for _ in tqdm(range(math.ceil(args.offline_size / global_batch)), desc="synthesising offline data",
+                          disable=rank != 0):  # fmt: skip
+                batch_prompts = sample_prompts(train_prompts, global_batch, data_rng)
+                generators = sample_generators(args.batch_size, data_rng)
+                latents = initial_latents(sd, args.batch_size, args.resolution, generators, device)
+                x0, _ = sample(sd, latents, encode_prompts(sd, shard(batch_prompts, args.batch_size)), negative_embeds,
+                               args.num_steps, args.guidance_scale, args.eta, generator=generators)  # fmt: skip
                 batch_images = decode(sd, x0)
-                true_rewards.append(labeler(batch_images, batch_prompts).cpu())
-                images.append((batch_images * 255).round().byte().cpu())
+                true_rewards.append(gather(labeler(batch_images, shard(batch_prompts, args.batch_size))).cpu())
+                images.append(gather((batch_images * 255).round().byte()).cpu())
                 data_prompts += batch_prompts
-        true_rewards = torch.cat(true_rewards)
+        true_rewards = torch.cat(true_rewards)[: args.offline_size].float()
         scores = true_rewards + args.label_noise * torch.randn(len(true_rewards), generator=data_rng)
         keep = scores <= torch.quantile(scores, args.offline_quantile)  # only the low part: extrapolation matters
-        torch.save({"images": torch.cat(images)[keep], "scores": scores[keep], "true_rewards": true_rewards[keep],
-                    "prompts": [p for p, kept in zip(data_prompts, keep) if kept]}, cache)  # fmt: skip
-    data = load_offline_data(cache if args.offline_data is None else args.offline_data, args.resolution)
+        data = {"images": torch.cat(images)[: args.offline_size][keep], "scores": scores[keep],
+                "true_rewards": true_rewards[keep], "prompts": [p for p, kept in zip(data_prompts, keep) if kept]}  # fmt: skip
+        if rank == 0:
+            torch.save(data, cache)  # a resumed run reads the same data
+    else:
+        data = load_offline_data(cache if args.offline_data is None else args.offline_data, args.resolution)
 
     # ALGO LOGIC: the conservative reward model on frozen features, with a held-out split for its error
     featurize = ImageFeatures(args.feature_model, sd.vae).to(device)
@@ -392,18 +403,21 @@ if __name__ == "__main__":
             save_grid(images, os.path.join(run_dir, "samples", f"step_{step:06d}.png"), columns=len(eval_prompts))
             return reward_fn(images, eval_prompts * 2).mean().item()
 
-    eval_reward = evaluate(start_step) if start_step == 0 else None
-    for step in tqdm(range(start_step + 1, args.train_steps + 1), initial=start_step, total=args.train_steps):
+    eval_reward = evaluate(start_step) if start_step == 0 and rank == 0 else None
+    for step in tqdm(range(start_step + 1, args.train_steps + 1), initial=start_step, total=args.train_steps,
+                     disable=rank != 0):  # fmt: skip
         step_start = time.time()
         rewards_seen, proxies_seen, true_seen, kls_seen, loss_total = [], [], [], [], 0.0
         for _ in range(args.grad_accum_steps):
-            batch_prompts = sample_prompts(train_prompts, args.batch_size, rng)
+            # this rank's slice of the global batch: its prompts, and one generator per sample for all its noise
+            batch_prompts = shard(sample_prompts(train_prompts, world_size * args.batch_size, rng), args.batch_size)
+            generators = sample_generators(args.batch_size, rng)
             prompt_embeds = encode_prompts(sd, batch_prompts)  # (B, 77, D)
-            latents = initial_latents(sd, args.batch_size, args.resolution, rng, device)  # x_T, (B, 4, h, w)
+            latents = initial_latents(sd, args.batch_size, args.resolution, generators, device)  # x_T, (B, 4, h, w)
             # ALGO LOGIC: DRaFT-style backpropagation through the last K steps (all by default) at eta = 1, keeping
             # each step's mean for the KL; the UNet calls that carry gradient and the decoder are checkpointed
             x0, trajectory = sample(sd, latents, prompt_embeds, negative_embeds, args.num_steps, args.guidance_scale,
-                                    args.eta, grad_steps=args.k, checkpoint_unet=True, generator=rng,
+                                    args.eta, grad_steps=args.k, checkpoint_unet=True, generator=generators,
                                     trajectory=True)  # fmt: skip
             images = decode(sd, x0, checkpoint_vae=True)
             rewards, proxy_rewards = conservative(featurize(images))  # (B,) each
@@ -419,6 +433,7 @@ if __name__ == "__main__":
                 with torch.no_grad():
                     true_seen.append(labeler(images.detach(), batch_prompts))
             loss_total += loss.item()
+        average_gradients(lora_params)  # the mean over ranks: every rank takes the same step
         grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, args.max_grad_norm)
         if not (np.isfinite(loss_total) and torch.isfinite(grad_norm)):
             fail(f"the loss or its gradient became {loss_total} / {grad_norm.item()} at step {step}; stopped before the "
@@ -426,17 +441,21 @@ if __name__ == "__main__":
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        # TRY NOT TO MODIFY: logging, samples and checkpoints
-        rewards_seen = torch.cat(rewards_seen)
+        # TRY NOT TO MODIFY: logging, samples and checkpoints (rank 0's, with the global batch's numbers)
+        rewards_seen, proxies_seen, kls_seen = (gather(torch.cat(x)) for x in (rewards_seen, proxies_seen, kls_seen))
+        true_seen = gather(torch.cat(true_seen)) if true_seen else None
+        loss_total = gather(torch.tensor([loss_total], device=device)).mean().item()
+        if rank != 0:
+            continue
         if step % args.sample_every == 0 or step == args.train_steps:
             eval_reward = evaluate(step)
         metrics = {
             "step": step,
             "reward_mean": rewards_seen.mean().item(),
             "reward_std": rewards_seen.std().item() if len(rewards_seen) > 1 else 0.0,
-            "proxy_reward_mean": torch.cat(proxies_seen).mean().item(),
-            "kl": torch.cat(kls_seen).mean().item(),
-            "true_reward_mean": torch.cat(true_seen).mean().item() if true_seen else None,
+            "proxy_reward_mean": proxies_seen.mean().item(),
+            "kl": kls_seen.mean().item(),
+            "true_reward_mean": true_seen.mean().item() if true_seen is not None else None,
             "offline_best": best,
             "offline_median": median,
             "reward_model_val_mse": val_mse,
@@ -459,7 +478,9 @@ if __name__ == "__main__":
             torch.save({"run_name": run_name, "step": step, "optimizer": optimizer.state_dict(), "rng": rng.get_state(),
                         "args": asdict(args)}, os.path.join(checkpoint_dir, "state.pt"))  # fmt: skip
 
-    save_lora(sd.unet, run_dir)  # loads with StableDiffusionPipeline.from_pretrained(base).load_lora_weights(run_dir)
-    print(f"done: {run_dir}, eval reward {eval_reward}")
+    if rank == 0:  # loads with StableDiffusionPipeline.from_pretrained(base).load_lora_weights(run_dir)
+        save_lora(sd.unet, run_dir)
+        print(f"done: {run_dir}, eval reward {eval_reward}")
     if writer:
         writer.close()
+    cleanup()

@@ -23,6 +23,7 @@ import tyro
 from tqdm.auto import tqdm
 
 from common import fail
+from common.distributed import average_gradients, cleanup, gather, sample_generators, setup, shard
 from common.prompts import load_prompts, sample_prompts
 from common.rewards import DIFFERENTIABLE_REWARDS, REWARDS, make_reward
 from common.sampling import decode, initial_latents, sample, save_grid
@@ -109,7 +110,8 @@ if __name__ == "__main__":
     eval_prompts = [prompts[i] for i in held_out] or prompts[:4]
     train_prompts = [p for i, p in enumerate(prompts) if i not in held_out]
 
-    # TRY NOT TO MODIFY: run folder, resuming, tracking, seeding
+    # TRY NOT TO MODIFY: processes, run folder, resuming, tracking, seeding
+    rank, world_size, device = setup(args.cuda)  # under torchrun one process per device, otherwise rank 0 of 1
     state = None
     if args.resume:
         path = args.resume
@@ -121,8 +123,9 @@ if __name__ == "__main__":
         state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
     run_name = state["run_name"] if state else f"{args.reward}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.dirname(os.path.dirname(path)) if state else os.path.join(args.output_dir, run_name)
-    os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
-    if args.track:
+    if rank == 0:  # rank 0 writes the run folder, logs and checkpoints for all ranks
+        os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
+    if args.track and rank == 0:
         try:
             import wandb
         except ImportError:
@@ -132,8 +135,9 @@ if __name__ == "__main__":
     try:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(run_dir)
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+        writer = SummaryWriter(run_dir) if rank == 0 else None
+        if writer:
+            writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     except ImportError:  # tensorboard is optional: metrics.jsonl has everything
         writer = None
 
@@ -141,11 +145,11 @@ if __name__ == "__main__":
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    if device.type == "cpu":
+    if device.type == "cpu" and rank == 0:
         print("note: no CUDA device, running on the CPU: SD 1.4 will be very slow there (try --pretrained-model assets/tiny-sd)")
     dtype = torch.bfloat16 if device.type == "cuda" and args.mixed_precision == "bf16" else torch.float32
-    rng = torch.Generator().manual_seed(args.seed)  # prompts and noise, on the CPU: the same draws on every device
+    # prompts and per-sample seeds, on the CPU: the same draws on every device and rank (each rank keeps its slice)
+    rng = torch.Generator().manual_seed(args.seed)
 
     sd = load_sd(args.pretrained_model, args.revision, device, dtype)
     reward_fn = make_reward(args.reward, device, dtype)
@@ -173,23 +177,27 @@ if __name__ == "__main__":
             save_grid(images, os.path.join(run_dir, "samples", f"step_{step:06d}.png"), columns=len(eval_prompts))
             return reward_fn(images, eval_prompts * 2).mean().item()
 
-    eval_reward = evaluate(start_step) if start_step == 0 else None
-    for step in tqdm(range(start_step + 1, args.train_steps + 1), initial=start_step, total=args.train_steps):
+    eval_reward = evaluate(start_step) if start_step == 0 and rank == 0 else None
+    for step in tqdm(range(start_step + 1, args.train_steps + 1), initial=start_step, total=args.train_steps,
+                     disable=rank != 0):  # fmt: skip
         step_start = time.time()
         rewards_seen, loss_total = [], 0.0
         for _ in range(args.grad_accum_steps):
-            batch_prompts = sample_prompts(train_prompts, args.batch_size, rng)
+            # this rank's slice of the global batch: its prompts, and one generator per sample for all its noise
+            batch_prompts = shard(sample_prompts(train_prompts, world_size * args.batch_size, rng), args.batch_size)
+            generators = sample_generators(args.batch_size, rng)
             prompt_embeds = encode_prompts(sd, batch_prompts)  # (B, 77, D)
-            latents = initial_latents(sd, args.batch_size, args.resolution, rng, device)  # x_T, (B, 4, h, w)
+            latents = initial_latents(sd, args.batch_size, args.resolution, generators, device)  # x_T, (B, 4, h, w)
             # ALGO LOGIC: the first T - K steps run without gradient, so x_{t_K} enters the last K as a constant;
             # the UNet calls that carry gradient and the decoder are checkpointed to save memory
             x0, _ = sample(sd, latents, prompt_embeds, negative_embeds, args.num_steps, args.guidance_scale,
-                           args.eta, grad_steps=args.k, checkpoint_unet=True, generator=rng)  # fmt: skip
+                           args.eta, grad_steps=args.k, checkpoint_unet=True, generator=generators)  # fmt: skip
             rewards = reward_fn(decode(sd, x0, checkpoint_vae=True), batch_prompts)  # (B,)
             loss = -rewards.mean() / args.grad_accum_steps  # gradient ascent on the reward
             loss.backward()
             rewards_seen.append(rewards.detach())
             loss_total += loss.item()
+        average_gradients(lora_params)  # the mean over ranks: every rank takes the same step
         grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, args.max_grad_norm)
         if not (np.isfinite(loss_total) and torch.isfinite(grad_norm)):
             fail(f"the loss or its gradient became {loss_total} / {grad_norm.item()} at step {step}; stopped before the "
@@ -197,8 +205,11 @@ if __name__ == "__main__":
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        # TRY NOT TO MODIFY: logging, samples and checkpoints
-        rewards_seen = torch.cat(rewards_seen)
+        # TRY NOT TO MODIFY: logging, samples and checkpoints (rank 0's, with the global batch's numbers)
+        rewards_seen = gather(torch.cat(rewards_seen))
+        loss_total = gather(torch.tensor([loss_total], device=device)).mean().item()
+        if rank != 0:
+            continue
         if step % args.sample_every == 0 or step == args.train_steps:
             eval_reward = evaluate(step)
         metrics = {
@@ -224,7 +235,9 @@ if __name__ == "__main__":
             torch.save({"run_name": run_name, "step": step, "optimizer": optimizer.state_dict(), "rng": rng.get_state(),
                         "args": asdict(args)}, os.path.join(checkpoint_dir, "state.pt"))  # fmt: skip
 
-    save_lora(sd.unet, run_dir)  # loads with StableDiffusionPipeline.from_pretrained(base).load_lora_weights(run_dir)
-    print(f"done: {run_dir}, eval reward {eval_reward}")
+    if rank == 0:  # loads with StableDiffusionPipeline.from_pretrained(base).load_lora_weights(run_dir)
+        save_lora(sd.unet, run_dir)
+        print(f"done: {run_dir}, eval reward {eval_reward}")
     if writer:
         writer.close()
+    cleanup()

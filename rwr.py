@@ -25,9 +25,10 @@ import tyro
 from tqdm.auto import tqdm
 
 from common import fail
+from common.distributed import average_gradients, cleanup, gather, sample_generators, setup, shard, shuffle
 from common.prompts import load_prompts, sample_prompts
 from common.rewards import REWARDS, make_reward
-from common.sampling import decode, initial_latents, sample, save_grid
+from common.sampling import decode, initial_latents, randn, sample, save_grid
 from common.sd import SD14, add_lora, encode_prompts, load_lora, load_sd, save_lora
 
 
@@ -81,7 +82,7 @@ class Args:
     revision: Optional[str] = None
     """the model's revision on the hub"""
     reward: str = "aesthetic"
-    """the reward to maximise; it must be differentiable"""
+    """the reward to maximise; any of them (RWR needs no gradient of it)"""
     prompts: str = "simple_animals"
     """the prompt set (simple_animals, nouns_activities, shapes)"""
     prompt_file: Optional[str] = None
@@ -140,7 +141,8 @@ if __name__ == "__main__":
     eval_prompts = [prompts[i] for i in held_out] or prompts[:4]
     train_prompts = [p for i, p in enumerate(prompts) if i not in held_out]
 
-    # TRY NOT TO MODIFY: run folder, resuming, tracking, seeding
+    # TRY NOT TO MODIFY: processes, run folder, resuming, tracking, seeding
+    rank, world_size, device = setup(args.cuda)  # under torchrun one process per device, otherwise rank 0 of 1
     state = None
     if args.resume:
         path = args.resume
@@ -152,8 +154,9 @@ if __name__ == "__main__":
         state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
     run_name = state["run_name"] if state else f"{args.reward}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.dirname(os.path.dirname(path)) if state else os.path.join(args.output_dir, run_name)
-    os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
-    if args.track:
+    if rank == 0:  # rank 0 writes the run folder, logs and checkpoints for all ranks
+        os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
+    if args.track and rank == 0:
         try:
             import wandb
         except ImportError:
@@ -163,8 +166,9 @@ if __name__ == "__main__":
     try:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(run_dir)
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+        writer = SummaryWriter(run_dir) if rank == 0 else None
+        if writer:
+            writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     except ImportError:  # tensorboard is optional: metrics.jsonl has everything
         writer = None
 
@@ -172,11 +176,11 @@ if __name__ == "__main__":
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    if device.type == "cpu":
+    if device.type == "cpu" and rank == 0:
         print("note: no CUDA device, running on the CPU: SD 1.4 will be very slow there (try --pretrained-model assets/tiny-sd)")
     dtype = torch.bfloat16 if device.type == "cuda" and args.mixed_precision == "bf16" else torch.float32
-    rng = torch.Generator().manual_seed(args.seed)  # prompts and noise, on the CPU: the same draws on every device
+    # prompts and per-sample seeds, on the CPU: the same draws on every device and rank (each rank keeps its slice)
+    rng = torch.Generator().manual_seed(args.seed)
 
     sd = load_sd(args.pretrained_model, args.revision, device, dtype)
     reward_fn = make_reward(args.reward, device, dtype)
@@ -204,40 +208,49 @@ if __name__ == "__main__":
             save_grid(images, os.path.join(run_dir, "samples", f"step_{epoch:06d}.png"), columns=len(eval_prompts))
             return reward_fn(images, eval_prompts * 2).mean().item()
 
-    eval_reward = evaluate(start_epoch) if start_epoch == 0 else None
-    for epoch in tqdm(range(start_epoch + 1, args.num_epochs + 1), initial=start_epoch, total=args.num_epochs):
+    eval_reward = evaluate(start_epoch) if start_epoch == 0 and rank == 0 else None
+    for epoch in tqdm(range(start_epoch + 1, args.num_epochs + 1), initial=start_epoch, total=args.num_epochs,
+                      disable=rank != 0):  # fmt: skip
         epoch_start = time.time()
         # ALGO LOGIC: sampling round with the current model; only x_0's latents are kept
         batches = []
         with torch.no_grad():
             for _ in range(args.samples_per_epoch // args.sample_batch_size):
-                batch_prompts = sample_prompts(train_prompts, args.sample_batch_size, rng)
+                # this rank's slice of the global batch: its prompts, and one generator per sample for all its noise
+                batch_prompts = shard(sample_prompts(train_prompts, world_size * args.sample_batch_size, rng),
+                                      args.sample_batch_size)  # fmt: skip
+                generators = sample_generators(args.sample_batch_size, rng)
                 prompt_embeds = encode_prompts(sd, batch_prompts)  # (B, 77, D)
-                latents = initial_latents(sd, args.sample_batch_size, args.resolution, rng, device)  # x_T
+                latents = initial_latents(sd, args.sample_batch_size, args.resolution, generators, device)  # x_T
                 x0, _ = sample(sd, latents, prompt_embeds, negative_embeds, args.num_steps, args.guidance_scale,
-                               args.eta, generator=rng)  # fmt: skip
+                               args.eta, generator=generators)  # fmt: skip
                 rewards = reward_fn(decode(sd, x0), batch_prompts)  # (B,)
-                batches.append((prompt_embeds, x0, rewards))
+                batches.append((prompt_embeds, x0, rewards, generators))
         prompt_embeds, latents, rewards = (torch.cat([b[i] for b in batches]) for i in range(3))
+        generators = [g for b in batches for g in b[3]]  # the training noise also comes from each sample's generator
         # latents: (N, 4, h, w), the generated z_0; rewards: (N,)
 
-        # ALGO LOGIC: per-sample weights from the rewards
-        weights = rwr_weights(rewards.float(), args.beta, args.sparse, args.percentile, args.sample_batch_size)
+        # ALGO LOGIC: per-sample weights from the rewards of the whole round (of all ranks)
+        rewards = gather(rewards.float())  # (world_size * N,)
+        weights = rwr_weights(rewards, args.beta, args.sparse, args.percentile, args.sample_batch_size)
+        local_weights = shard(weights, args.samples_per_epoch)
 
         # ALGO LOGIC: weighted denoising regression on the generated latents
         num_batches = args.samples_per_epoch // args.train_batch_size
         losses, grad_norms = [], []
         for inner_epoch in range(args.num_inner_epochs):
-            order = torch.randperm(args.samples_per_epoch, generator=rng)
+            order = shuffle(args.samples_per_epoch, rng)  # (N,), a permutation of this rank's samples
             for b in range(num_batches):
                 index = order[b * args.train_batch_size : (b + 1) * args.train_batch_size]
-                timesteps = torch.randint(0, sd.scheduler.config.num_train_timesteps, (len(index),), generator=rng)
-                noise = torch.randn(latents[index].shape, generator=rng).to(device)
+                timesteps = torch.cat([torch.randint(sd.scheduler.config.num_train_timesteps, (1,), generator=generators[i])
+                                       for i in index])  # fmt: skip
+                noise = randn(latents[index].shape, [generators[i] for i in index], device)
                 loss = denoising_loss(sd.unet, sd.scheduler, latents[index], prompt_embeds[index],
-                                      timesteps.to(device), noise, weights[index])  # fmt: skip
+                                      timesteps.to(device), noise, local_weights[index])  # fmt: skip
                 (loss / args.grad_accum_steps).backward()
                 losses.append(loss.item())
                 if (b + 1) % args.grad_accum_steps == 0 or b == num_batches - 1:
+                    average_gradients(lora_params)  # the mean over ranks: every rank takes the same step
                     grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, args.max_grad_norm)
                     if not (np.isfinite(losses[-1]) and torch.isfinite(grad_norm)):
                         fail(f"the loss or its gradient became {losses[-1]} / {grad_norm.item()} at epoch {epoch}; "
@@ -247,7 +260,10 @@ if __name__ == "__main__":
                     optimizer.zero_grad(set_to_none=True)
                     grad_norms.append(grad_norm.item())
 
-        # TRY NOT TO MODIFY: logging, samples and checkpoints
+        # TRY NOT TO MODIFY: logging, samples and checkpoints (rank 0's, with the global batch's numbers)
+        losses = gather(torch.tensor(losses, device=device)).tolist()
+        if rank != 0:
+            continue
         if epoch % args.sample_every == 0 or epoch == args.num_epochs:
             eval_reward = evaluate(epoch)
         metrics = {
@@ -257,7 +273,7 @@ if __name__ == "__main__":
             "loss": float(np.mean(losses)),
             "effective_sample_size": (weights.sum() ** 2 / (weights**2).sum()).item(),
             "grad_norm": float(np.mean(grad_norms)),
-            "images_per_sec": args.samples_per_epoch / (time.time() - epoch_start),
+            "images_per_sec": len(rewards) / (time.time() - epoch_start),
             "eval_reward_mean": eval_reward,
         }
         if device.type == "cuda":
@@ -274,7 +290,9 @@ if __name__ == "__main__":
             torch.save({"run_name": run_name, "epoch": epoch, "optimizer": optimizer.state_dict(), "rng": rng.get_state(),
                         "args": asdict(args)}, os.path.join(checkpoint_dir, "state.pt"))  # fmt: skip
 
-    save_lora(sd.unet, run_dir)  # loads with StableDiffusionPipeline.from_pretrained(base).load_lora_weights(run_dir)
-    print(f"done: {run_dir}, eval reward {eval_reward}")
+    if rank == 0:  # loads with StableDiffusionPipeline.from_pretrained(base).load_lora_weights(run_dir)
+        save_lora(sd.unet, run_dir)
+        print(f"done: {run_dir}, eval reward {eval_reward}")
     if writer:
         writer.close()
+    cleanup()

@@ -10,11 +10,19 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 
+def randn(shape, generator=None, device="cpu") -> torch.Tensor:
+    """N(0, I) noise drawn on the generator's device (the same numbers whatever `device` is) and moved to `device`.
+    `generator` may be a list of one generator per sample, as in diffusers' pipelines: then each sample's noise
+    comes from its own stream, whatever batch it is in (how torchrun ranks reproduce one process's batch)."""
+    if isinstance(generator, list):
+        return torch.cat([randn((1, *shape[1:]), g, device) for g in generator])
+    return torch.randn(shape, generator=generator, device=generator.device if generator else device).to(device)
+
+
 def initial_latents(sd, batch_size: int, resolution: int, generator=None, device="cpu") -> torch.Tensor:
     """x_T ~ N(0, I), (B, 4, resolution / 8, resolution / 8) for SD (DDIM's init_noise_sigma is 1)."""
     size = resolution // sd.vae_scale_factor
-    shape = (batch_size, sd.unet.config.in_channels, size, size)
-    return torch.randn(shape, generator=generator, device=generator.device if generator else device).to(device)
+    return randn((batch_size, sd.unet.config.in_channels, size, size), generator, device)
 
 
 def predict_noise(unet, latents, t, prompt_embeds, negative_embeds, guidance_scale: float) -> torch.Tensor:
@@ -57,8 +65,7 @@ def ddim_step(scheduler, eps, t, latents, eta: float = 0.0, prev_latents=None, g
     if prev_latents is None and eta == 0:
         prev_latents = mean
     elif prev_latents is None:
-        noise = torch.randn(mean.shape, generator=generator, device=generator.device if generator else mean.device)
-        prev_latents = mean + std * noise.to(mean.device)
+        prev_latents = mean + std * randn(mean.shape, generator, mean.device)
     log_prob = None
     if eta > 0:
         log_density = -((prev_latents.detach() - mean) ** 2) / (2 * std**2) - std.log() - math.log(math.sqrt(2 * math.pi))

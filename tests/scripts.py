@@ -13,10 +13,11 @@ def definitions(script: str) -> dict:
     return runpy.run_path(os.path.join(ROOT, script))
 
 
-def run_script(script: str, args: list[str], monkeypatch) -> None:
-    """Runs a script in this process, as `python script ...` would, without the interpreter's start-up cost."""
+def run_script(script: str, args: list[str], monkeypatch) -> dict:
+    """Runs a script in this process, as `python script ...` would, without the interpreter's start-up cost;
+    returns the script's globals at its end."""
     monkeypatch.setattr(sys, "argv", [script, *args])
-    runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    return runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
 
 
 def run_subprocess(script: str, args: list[str]) -> None:
