@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 from diffusers import DDPMScheduler
-from scripts import check_resume, definitions, read_metrics, run_script, run_subprocess
+from scripts import ROOT, check_resume, definitions, read_metrics, run_script, run_subprocess
 
 from common.sd import load_sd
 
@@ -116,3 +116,23 @@ def test_bad_input_ends_with_one_sentence_and_status_2(script, bad, message, tin
     with pytest.raises(SystemExit) as exit_info:
         run_script(script, ["--pretrained-model", tiny_sd_path, *TINY, *bad], monkeypatch)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("estimator, learning_rate", [("is", "3e-2"), ("sf", "1e-2")])
+def test_ddpo_raises_jpeg_compressibility_on_tiny_sd(estimator, learning_rate, tmp_path, monkeypatch):
+    """On assets/tiny-sd (coloured shapes, 32 px), six epochs of 64 samples raise the JPEG compressibility well
+    beyond the sampling noise of an epoch's mean (measured: +0.08 to +0.2 kB from about -1.38; the first epoch's
+    samples are the pretrained model's). The model learns to shrink the shape and flatten the background."""
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("a red circle on a white background\na blue square on a yellow background\n")
+    args = ["--pretrained-model", os.path.join(ROOT, "assets", "tiny-sd"), "--prompt-file", str(prompt_file),
+            "--reward", "jpeg_compressibility", "--resolution", "32", "--num-steps", "10", "--guidance-scale", "5",
+            "--num-epochs", "6", "--samples-per-epoch", "64", "--sample-batch-size", "32", "--train-batch-size", "16",
+            "--estimator", estimator, "--learning-rate", learning_rate, "--sample-every", "100",
+            "--output-dir", str(tmp_path / "runs")]  # fmt: skip
+    run_script("ddpo.py", args, monkeypatch)
+    _, metrics = read_metrics(tmp_path / "runs")
+    first, last = metrics[0], metrics[-2:]
+    gain = sum(m["reward_mean"] for m in last) / 2 - first["reward_mean"]
+    standard_error = first["reward_std"] * math.sqrt(1 / 64 + 1 / 128)  # of that difference, without learning
+    assert gain > 5 * standard_error, (gain, standard_error, [m["reward_mean"] for m in metrics])
