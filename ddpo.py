@@ -263,8 +263,8 @@ if __name__ == "__main__":
         losses, approx_kls, clipfracs, grad_norms = [], [], [], []
         for inner_epoch in range(args.num_inner_epochs):
             order = shuffle(args.samples_per_epoch, rng)  # (N,), a permutation of this rank's samples
-            step_order = shard(torch.stack([torch.randperm(args.num_steps, generator=rng)
-                                            for _ in range(world_size * len(order))]), len(order))  # (N, T)  # fmt: skip
+            step_order = [torch.randperm(args.num_steps, generator=rng) for _ in range(world_size * len(order))]
+            step_order = shard(torch.stack(step_order), len(order))  # (N, T): for each of this rank's samples, its order of steps
             for b in range(num_batches):
                 index = order[b * args.train_batch_size : (b + 1) * args.train_batch_size]
                 for j in range(num_train_timesteps):
@@ -291,7 +291,8 @@ if __name__ == "__main__":
                     grad_norms.append(grad_norm.item())
 
         # TRY NOT TO MODIFY: logging, samples and checkpoints (rank 0's, with the global batch's numbers)
-        losses, approx_kls, clipfracs = (gather(torch.tensor(x, device=device)).tolist() for x in (losses, approx_kls, clipfracs))
+        losses, approx_kls, clipfracs = (gather(torch.tensor(x, device=device)).tolist()
+                                         for x in (losses, approx_kls, clipfracs))  # fmt: skip
         if rank != 0:
             continue
         if epoch % args.sample_every == 0 or epoch == args.num_epochs:

@@ -237,14 +237,15 @@ if __name__ == "__main__":
 
         # ALGO LOGIC: weighted denoising regression on the generated latents
         num_batches = args.samples_per_epoch // args.train_batch_size
+        num_timesteps = sd.scheduler.config.num_train_timesteps
         losses, grad_norms = [], []
         for inner_epoch in range(args.num_inner_epochs):
             order = shuffle(args.samples_per_epoch, rng)  # (N,), a permutation of this rank's samples
             for b in range(num_batches):
                 index = order[b * args.train_batch_size : (b + 1) * args.train_batch_size]
-                timesteps = torch.cat([torch.randint(sd.scheduler.config.num_train_timesteps, (1,), generator=generators[i])
-                                       for i in index])  # fmt: skip
-                noise = randn(latents[index].shape, [generators[i] for i in index], device)
+                sample_rngs = [generators[i] for i in index]  # t ~ U{0..999} and eps from each sample's generator
+                timesteps = torch.cat([torch.randint(num_timesteps, (1,), generator=g) for g in sample_rngs])
+                noise = randn(latents[index].shape, sample_rngs, device)
                 loss = denoising_loss(sd.unet, sd.scheduler, latents[index], prompt_embeds[index],
                                       timesteps.to(device), noise, local_weights[index])  # fmt: skip
                 (loss / args.grad_accum_steps).backward()
