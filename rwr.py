@@ -3,8 +3,9 @@ Black, Janner, Du, Kostrikov and Levine, 2023, arXiv 2305.13301 (RWR after Peter
 
     python rwr.py                                              # RWR, SD 1.4, aesthetic, simple animals (GPU)
     python rwr.py --sparse --reward jpeg_compressibility       # keep the top 10% of each sampling batch
-    python rwr.py --pretrained-model assets/tiny-sd --reward jpeg_incompressibility --prompts shapes \
-        --resolution 32 --num-steps 20 --num-epochs 20 --samples-per-epoch 32   # a CPU run in minutes
+    python rwr.py --pretrained-model assets/tiny-sd --reward jpeg_incompressibility --prompts shapes --sparse \
+        --resolution 32 --num-steps 10 --guidance-scale 1 --learning-rate 3e-3 --num-inner-epochs 2 \
+        --samples-per-epoch 64 --sample-batch-size 32 --train-batch-size 32 --num-epochs 6   # a CPU run, seconds
 
 Rounds alternate: sample N images with the current model (DDIM, eta = 0) and score them; then train on the
 generated latents z_0 with the ordinary denoising loss, weighted per sample: w = N softmax(beta r) over the round
@@ -102,7 +103,7 @@ class Args:
     sparse: bool = False
     """sparse RWR: weight 1 for the samples at or above --percentile of their sampling batch, 0 for the rest"""
     beta: float = 0.2
-    """inverse temperature of the weights N softmax(beta r)"""
+    """inverse temperature of the weights N softmax(beta r), in the reward's inverse units (0: uniform weights)"""
     percentile: float = 90.0
     """sparse RWR's percentile"""
     lora_rank: int = 4

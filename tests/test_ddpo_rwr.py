@@ -136,3 +136,49 @@ def test_ddpo_raises_jpeg_compressibility_on_tiny_sd(estimator, learning_rate, t
     gain = sum(m["reward_mean"] for m in last) / 2 - first["reward_mean"]
     standard_error = first["reward_std"] * math.sqrt(1 / 64 + 1 / 128)  # of that difference, without learning
     assert gain > 5 * standard_error, (gain, standard_error, [m["reward_mean"] for m in metrics])
+
+
+def rwr_learning_run(variant: list[str], output_dir, monkeypatch) -> list[dict]:
+    """Six epochs of 64 samples of two shape prompts on assets/tiny-sd, rewarded by JPEG size. Guidance 1: at
+    guidance 5 the tiny model's self-training drifts faster (see the README's RWR notes)."""
+    prompt_file = output_dir / "prompts.txt"
+    output_dir.mkdir(parents=True, exist_ok=True)
+    prompt_file.write_text("a red circle on a white background\na blue square on a yellow background\n")
+    args = ["--pretrained-model", os.path.join(ROOT, "assets", "tiny-sd"), "--prompt-file", str(prompt_file),
+            "--reward", "jpeg_incompressibility", "--resolution", "32", "--num-steps", "10", "--guidance-scale", "1",
+            "--num-epochs", "6", "--samples-per-epoch", "64", "--sample-batch-size", "32", "--train-batch-size", "32",
+            "--num-inner-epochs", "2", "--learning-rate", "3e-3", "--sample-every", "100",
+            "--output-dir", str(output_dir / "runs"), *variant]  # fmt: skip
+    run_script("rwr.py", args, monkeypatch)
+    return read_metrics(output_dir / "runs")[1]
+
+
+def last_two_epochs(metrics: list[dict]) -> tuple[float, float]:
+    """The mean reward of the last two epochs (128 samples) and the samples' standard deviation."""
+    mean = sum(m["reward_mean"] for m in metrics[-2:]) / 2
+    return mean, math.sqrt(sum(m["reward_std"] ** 2 for m in metrics[-2:]) / 2)
+
+
+@pytest.fixture(scope="module")
+def uniform_weights_run(tmp_path_factory):
+    """The control: the same training with every weight 1 (--beta 0). Self-training alone moves the tiny model
+    (its own samples are not quite on its data manifold), so RWR's gain is also measured against this."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        return rwr_learning_run(["--beta", "0"], tmp_path_factory.mktemp("uniform"), monkeypatch)
+
+
+@pytest.mark.parametrize("variant", [["--sparse"], ["--beta", "30"]], ids=["sparse", "softmax"])
+def test_rwr_raises_jpeg_incompressibility_on_tiny_sd(variant, uniform_weights_run, tmp_path, monkeypatch):
+    """Both variants raise the JPEG incompressibility well beyond the sampling noise, and well beyond what the
+    uniform-weight control reaches from the same start (measured, seeds 1-3: +0.12 to +0.18 kB from about 1.25,
+    9 to 15 standard errors; +0.07 to +0.10 kB over the control, 10 to 15 standard errors). beta 30 because the
+    reward is in kB with a spread of about 0.07: DDPO's beta 0.2 would give nearly uniform weights here."""
+    metrics = rwr_learning_run(variant, tmp_path, monkeypatch)
+    first = metrics[0]
+    assert first["reward_mean"] == uniform_weights_run[0]["reward_mean"]  # the same pretrained samples
+    mean, std = last_two_epochs(metrics)
+    gain, standard_error = mean - first["reward_mean"], first["reward_std"] * math.sqrt(1 / 64 + 1 / 128)
+    assert gain > 5 * standard_error, (gain, standard_error, [m["reward_mean"] for m in metrics])
+    control_mean, control_std = last_two_epochs(uniform_weights_run)
+    beyond, standard_error = mean - control_mean, math.sqrt((std**2 + control_std**2) / 128)
+    assert beyond > 5 * standard_error, (beyond, standard_error, [m["reward_mean"] for m in uniform_weights_run])
