@@ -2,6 +2,7 @@
 
     python benchmarks/sd14_scale.py                        # on a GPU: builds the models once, then times each script
     python benchmarks/sd14_scale.py --scripts draft_k.py --extra-args "--mixed-precision no"   # one lever at a time
+    python benchmarks/sd14_scale.py --levers channels_last      # a lever from outside the scripts (benchmarks/levers.py)
     python benchmarks/sd14_scale.py --tiny --steps 2       # a smoke run of this file on the CPU (tests use it)
 
 1. Builds, in --models-dir, SD-1.4-shaped random models (ALGORITHMS.md's shapes): a pipeline folder (UNet 860M,
@@ -12,7 +13,8 @@
    the first (the warm-up), and the peak GPU memory.
 3. Counts the FLOPs of one step with torch's FlopCounterMode: the script runs in-process under the counter for 1 and
    for 2 steps, and the difference is one step (loading, the offline data and the sample grids cancel out). The
-   model-FLOP utilisation is that count per second of a step over the device's dense bf16 peak.
+   model-FLOP utilisation is that count per second of a step over the device's dense bf16 peak. The count is taken
+   without --levers: they change how fast the same work runs, not the work.
 Prints a markdown table for docs/BENCHMARKS.md and writes the numbers to --out as JSON.
 """
 import json
@@ -34,6 +36,7 @@ import tyro
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from assets.train_tiny_sd import make_tokenizer  # noqa: E402
+from benchmarks.levers import LEVERS  # noqa: E402
 from common.prompts import SIMPLE_ANIMALS  # noqa: E402
 
 CLIP_ID, HEAD_ID = "openai/clip-vit-large-patch14", "trl-lib/ddpo-aesthetic-predictor"  # common/rewards.py's ids
@@ -53,6 +56,8 @@ class Args:
     """DDPO's and RWR's images per epoch here (their default 256 makes an epoch minutes long)"""
     extra_args: str = ""
     """passed to every script, one lever at a time, e.g. --extra-args '--mixed-precision no'"""
+    levers: list[str] = field(default_factory=list)
+    """levers switched on from outside the scripts (benchmarks/levers.py): tf32 channels_last fused_adamw compile"""
     count_flops: bool = True
     """count each step's FLOPs (two more short runs per script)"""
     peak_tflops: Optional[float] = None
@@ -171,6 +176,8 @@ if __name__ == "__main__":
         print("FLOPS", count_flops(sys.argv[2], sys.argv[3:]))
         raise SystemExit(0)
     args = tyro.cli(Args)
+    if set(args.levers) - set(LEVERS):
+        raise SystemExit(f"unknown lever(s) {sorted(set(args.levers) - set(LEVERS))}; choose from: {', '.join(LEVERS)}")
     cuda = torch.cuda.is_available()
     model = build_models(args.models_dir, args.tiny)
     env = dict(os.environ, HF_HUB_CACHE=os.path.abspath(os.path.join(args.models_dir, "hub")), HF_HUB_OFFLINE="1")
@@ -179,7 +186,8 @@ if __name__ == "__main__":
     results = []
     for script in args.scripts:
         with tempfile.TemporaryDirectory() as out:
-            command = [sys.executable, script, *script_args(script, model, args.steps, args), "--output-dir", out]
+            launcher = [os.path.join("benchmarks", "levers.py"), ",".join(args.levers)] if args.levers else []
+            command = [sys.executable, *launcher, script, *script_args(script, model, args.steps, args), "--output-dir", out]
             start = time.time()
             run(command, env)
             (run_dir,) = os.listdir(out)
@@ -188,6 +196,7 @@ if __name__ == "__main__":
         timed = metrics[1:-1] or metrics  # the first step warms up; the last one draws the final sample grid
         result = {
             "script": script,
+            "levers": args.levers,
             "images_per_sec": statistics.median(m["images_per_sec"] for m in timed),
             "peak_mem_gb": max((m.get("peak_mem_gb") or 0.0) for m in metrics) if cuda else None,
             "wall_s": time.time() - start,
@@ -209,12 +218,13 @@ if __name__ == "__main__":
     versions = {"torch": torch.__version__, "python": platform.python_version()}
     for package in ("diffusers", "transformers", "peft"):
         versions[package] = __import__(package).__version__
-    report = {"device": name, "peak_bf16_tflops": peak, "date": time.strftime("%Y-%m-%d"), "versions": versions,
+    report = {"device": name, "levers": args.levers, "peak_bf16_tflops": peak, "date": time.strftime("%Y-%m-%d"), "versions": versions,
               "command": " ".join(sys.argv), "results": results}  # fmt: skip
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
-    print(f"\n{name}, {report['date']}, " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    print(f"\n{name}, {report['date']}, " + ", ".join(f"{k} {v}" for k, v in versions.items())
+          + f"; levers: {', '.join(args.levers) or 'none'}")
     print("| script | images/s | TFLOP per step | MFU (bf16 peak) | peak memory (GB) |\n|-|-|-|-|-|")
     for r in results:
         mfu = f"{100 * r['mfu']:.0f}%" if r.get("mfu") is not None else "n/a"
