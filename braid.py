@@ -37,7 +37,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 from transformers import CLIPImageProcessor, CLIPModel
 
-from common import fail, load_or_fail
+from common import check_positive, fail, load_or_fail
 from common.distributed import average_gradients, cleanup, gather, sample_generators, setup, shard
 from common.prompts import load_prompts, sample_prompts
 from common.rewards import REWARDS, make_reward, processor_preprocess
@@ -259,6 +259,7 @@ class Args:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    check_positive(args, "resolution", "num_steps", "offline_size", "batch_size", "grad_accum_steps")
     args.k = args.k or args.num_steps
     if not 1 <= args.k <= args.num_steps:
         fail(f"--k must be between 1 and --num-steps ({args.num_steps}), got {args.k}")

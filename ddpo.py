@@ -24,7 +24,7 @@ import torch
 import tyro
 from tqdm.auto import tqdm
 
-from common import fail
+from common import check_positive, fail
 from common.distributed import average_gradients, cleanup, gather, sample_generators, setup, shard, shuffle
 from common.prompts import load_prompts, sample_prompts
 from common.rewards import REWARDS, make_reward
@@ -144,6 +144,8 @@ class Args:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    check_positive(args, "resolution", "num_steps", "samples_per_epoch", "sample_batch_size", "train_batch_size",
+                   "grad_accum_steps", "num_inner_epochs")  # fmt: skip
     if args.eta <= 0:
         fail(f"DDPO needs --eta > 0 so that each denoising step has a log-probability, got {args.eta}")
     if args.estimator == "sf" and args.num_inner_epochs != 1:

@@ -22,7 +22,7 @@ import torch
 import tyro
 from tqdm.auto import tqdm
 
-from common import fail
+from common import check_positive, fail
 from common.distributed import average_gradients, cleanup, gather, sample_generators, setup, shard
 from common.prompts import load_prompts, sample_prompts
 from common.rewards import DIFFERENTIABLE_REWARDS, REWARDS, make_reward
@@ -98,6 +98,7 @@ class Args:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    check_positive(args, "resolution", "num_steps", "batch_size", "grad_accum_steps")
     if not 1 <= args.k <= args.num_steps:
         fail(f"--k must be between 1 and --num-steps ({args.num_steps}), got {args.k}")
     if args.reward not in REWARDS:

@@ -24,7 +24,7 @@ import tyro
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from common import fail
+from common import check_positive, fail
 from common.distributed import average_gradients, cleanup, gather, sample_generators, setup, shard
 from common.prompts import load_prompts, sample_prompts
 from common.rewards import DIFFERENTIABLE_REWARDS, REWARDS, make_reward
@@ -100,8 +100,7 @@ class Args:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    if args.n < 1:
-        fail(f"--n must be at least 1, got {args.n}")
+    check_positive(args, "resolution", "num_steps", "n", "batch_size", "grad_accum_steps")
     if args.reward not in REWARDS:
         fail(f"unknown reward '{args.reward}'; choose one of: {', '.join(REWARDS)}")
     if not REWARDS[args.reward].differentiable:

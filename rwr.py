@@ -25,7 +25,7 @@ import torch
 import tyro
 from tqdm.auto import tqdm
 
-from common import fail
+from common import check_positive, fail
 from common.distributed import average_gradients, cleanup, gather, sample_generators, setup, shard, shuffle
 from common.prompts import load_prompts, sample_prompts
 from common.rewards import REWARDS, make_reward
@@ -130,6 +130,8 @@ class Args:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    check_positive(args, "resolution", "num_steps", "samples_per_epoch", "sample_batch_size", "train_batch_size",
+                   "grad_accum_steps", "num_inner_epochs")  # fmt: skip
     if not 0 <= args.percentile <= 100:
         fail(f"--percentile must be between 0 and 100, got {args.percentile}")
     if args.samples_per_epoch % args.sample_batch_size or args.samples_per_epoch % args.train_batch_size:

@@ -14,6 +14,13 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
+def check_positive(args, *names: str) -> None:
+    """End the program with one sentence if any of the named arguments (sizes, counts) is below 1."""
+    for name in names:
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+
+
 def load_or_fail(load, model_id: str, **kwargs):
     """`load(model_id, **kwargs)` (a `from_pretrained` or `hf_hub_download`); a model that cannot be found or
     downloaded ends the run with one sentence saying which id failed and what to do."""

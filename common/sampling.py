@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from common import fail
+
 
 def randn(shape, generator=None, device="cpu") -> torch.Tensor:
     """N(0, I) noise drawn on the generator's device (the same numbers whatever `device` is) and moved to `device`.
@@ -21,6 +23,8 @@ def randn(shape, generator=None, device="cpu") -> torch.Tensor:
 
 def initial_latents(sd, batch_size: int, resolution: int, generator=None, device="cpu") -> torch.Tensor:
     """x_T ~ N(0, I), (B, 4, resolution / 8, resolution / 8) for SD (DDIM's init_noise_sigma is 1)."""
+    if resolution % sd.vae_scale_factor:
+        fail(f"--resolution must be a multiple of {sd.vae_scale_factor} (the VAE's downsampling), got {resolution}")
     size = resolution // sd.vae_scale_factor
     return randn((batch_size, sd.unet.config.in_channels, size, size), generator, device)
 

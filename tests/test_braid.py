@@ -154,6 +154,7 @@ def test_conservative_reward_rises_on_the_tiny_pretrained_model(tmp_path, monkey
     (["--conservatism", "boot", "--ensemble-size", "1"], "needs --ensemble-size of at least 2"),
     (["--offline-data", "/no/such/data"], "is neither a .pt file nor a folder with a scores.csv"),
     (["--k", "9"], "--k must be between 1 and --num-steps (4), got 9"),
+    (["--offline-size", "0"], "--offline-size must be at least 1, got 0"),
 ])  # fmt: skip
 def test_bad_input_ends_with_one_sentence_and_status_2(bad, message, tiny_sd_path, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:

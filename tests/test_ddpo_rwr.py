@@ -110,6 +110,8 @@ def test_ddpo_ratio_is_one_before_the_first_update(tiny_sd_path, tmp_path, monke
     ("ddpo.py", ["--estimator", "sf", "--num-inner-epochs", "2"], "DDPO-SF is on-policy"),
     ("rwr.py", ["--samples-per-epoch", "5"], "--samples-per-epoch must be a multiple of --sample-batch-size"),
     ("rwr.py", ["--percentile", "120"], "--percentile must be between 0 and 100"),
+    ("rwr.py", ["--sample-batch-size", "0"], "--sample-batch-size must be at least 1, got 0"),
+    ("ddpo.py", ["--num-steps", "0"], "--num-steps must be at least 1, got 0"),
     ("ddpo.py", ["--reward", "beauty"], "unknown reward 'beauty'"),
 ])  # fmt: skip
 def test_bad_input_ends_with_one_sentence_and_status_2(script, bad, message, tiny_sd_path, monkeypatch, capsys):

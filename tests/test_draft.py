@@ -80,6 +80,8 @@ BAD_INPUTS = [
     ("draft_k.py", ["--k", "0"], "--k must be between 1 and --num-steps (4), got 0"),
     ("draft_k.py", ["--k", "5"], "--k must be between 1 and --num-steps (4), got 5"),
     ("draft_lv.py", ["--n", "0"], "--n must be at least 1"),
+    ("draft_full.py", ["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    ("draft_k.py", ["--resolution", "17"], "--resolution must be a multiple of"),
     ("draft_k.py", ["--reward", "jpeg_compressibility"], "DRaFT needs a differentiable reward and 'jpeg_compressibility' is not; use one of: aesthetic, pickscore, hpsv2, colorfulness"),
     ("draft_full.py", ["--reward", "beauty"], "unknown reward 'beauty'"),
     ("draft_lv.py", ["--prompts", "birds"], "unknown prompt set 'birds'"),
