@@ -2,7 +2,7 @@
 
     python benchmarks/sd14_scale.py                        # on a GPU: builds the models once, then times each script
     python benchmarks/sd14_scale.py --scripts draft_k.py --extra-args "--mixed-precision no"   # one lever at a time
-    python benchmarks/sd14_scale.py --levers channels_last      # a lever from outside the scripts (benchmarks/levers.py)
+    python benchmarks/sd14_scale.py --levers channels_last  # a lever from outside the scripts (benchmarks/levers.py)
     python benchmarks/sd14_scale.py --tiny --steps 2       # a smoke run of this file on the CPU (tests use it)
 
 1. Builds, in --models-dir, SD-1.4-shaped random models (ALGORITHMS.md's shapes): a pipeline folder (UNet 860M,
@@ -187,7 +187,8 @@ if __name__ == "__main__":
     for script in args.scripts:
         with tempfile.TemporaryDirectory() as out:
             launcher = [os.path.join("benchmarks", "levers.py"), ",".join(args.levers)] if args.levers else []
-            command = [sys.executable, *launcher, script, *script_args(script, model, args.steps, args), "--output-dir", out]
+            command = [sys.executable, *launcher, script, *script_args(script, model, args.steps, args),
+                       "--output-dir", out]  # fmt: skip
             start = time.time()
             run(command, env)
             (run_dir,) = os.listdir(out)
@@ -218,8 +219,8 @@ if __name__ == "__main__":
     versions = {"torch": torch.__version__, "python": platform.python_version()}
     for package in ("diffusers", "transformers", "peft"):
         versions[package] = __import__(package).__version__
-    report = {"device": name, "levers": args.levers, "peak_bf16_tflops": peak, "date": time.strftime("%Y-%m-%d"), "versions": versions,
-              "command": " ".join(sys.argv), "results": results}  # fmt: skip
+    report = {"device": name, "peak_bf16_tflops": peak, "date": time.strftime("%Y-%m-%d"), "versions": versions,
+              "levers": args.levers, "command": " ".join(sys.argv), "results": results}  # fmt: skip
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
