@@ -174,7 +174,7 @@ def test_rwr_raises_jpeg_incompressibility_on_tiny_sd(variant, uniform_weights_r
     """Both variants raise the JPEG incompressibility well beyond the sampling noise, and well beyond what the
     uniform-weight control reaches from the same start (measured, seeds 1-3: +0.12 to +0.18 kB from about 1.25,
     9 to 15 standard errors; +0.07 to +0.10 kB over the control, 10 to 15 standard errors). beta 30 because the
-    reward is in kB with a spread of about 0.07: DDPO's beta 0.2 would give nearly uniform weights here."""
+    reward is in kB with a spread of about 0.07: the default 0.2 would give nearly uniform weights here."""
     metrics = rwr_learning_run(variant, tmp_path, monkeypatch)
     first = metrics[0]
     assert first["reward_mean"] == uniform_weights_run[0]["reward_mean"]  # the same pretrained samples
