@@ -1,10 +1,9 @@
-"""BRAID: Bridging Model-Based Optimization and Generative Modeling via Conservative Fine-Tuning of Diffusion Models.
+"""BRAID: Bridging Model-Based Optimization and Generative Modeling via Conservative Fine-Tuning (docs/braid.md).
 Uehara, Zhao, Hajiramezanali, Scalia, Eraslan, Lal, Levine and Biancalani, 2024, arXiv 2405.19673.
 
     python braid.py --labeler aesthetic --offline-size 1024 --offline-quantile 0.5     # synthesised data (GPU)
     python braid.py --offline-data my_images/ --conservatism bonus     # a folder of images with scores.csv
-    python braid.py --pretrained-model assets/tiny-sd --labeler colorfulness --prompts shapes --feature-model vae \
-        --resolution 32 --num-steps 20 --offline-size 256 --train-steps 40 --batch-size 4   # a CPU run in minutes
+    python braid.py --preset tiny               # the shipped tiny model: a CPU run in minutes
 
 Offline: no reward function, only a static dataset of (image, score). "Doubly conservative": (1) a reward model on
 frozen image features, penalised away from the data (a bootstrap ensemble's mean minus c times its spread, or
@@ -29,18 +28,19 @@ from typing import Literal, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-import tyro
 from PIL import Image
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
-from transformers import CLIPImageProcessor, CLIPModel
 
-from common import check_positive, fail, load_or_fail
+from common import check_positive, cli, fail
+from common.checkpoint import find_checkpoint, run_dir_of, save_checkpoint, truncate_metrics
 from common.distributed import average_gradients, cleanup, gather, sample_generators, setup, shard
 from common.prompts import load_prompts, sample_prompts
-from common.rewards import REWARDS, make_reward, processor_preprocess
+from common.rewards import REWARDS, ClipImageFeatures, make_reward
 from common.sampling import ddim_step, decode, initial_latents, predict_noise, sample, save_grid
 from common.sd import SD14, add_lora, encode_prompts, load_lora, load_sd, save_lora
 
@@ -52,17 +52,13 @@ class ImageFeatures(nn.Module):
     def __init__(self, feature_model: str, vae):
         super().__init__()
         self.vae = vae if feature_model == "vae" else None
-        if self.vae is None:
-            self.clip = load_or_fail(CLIPModel.from_pretrained, feature_model).requires_grad_(False).eval()
-            self.processor = load_or_fail(CLIPImageProcessor.from_pretrained, feature_model)
+        self.clip = ClipImageFeatures(feature_model).requires_grad_(False).eval() if self.vae is None else None
 
     def forward(self, images):  # (B, 3, H, W) in [0, 1] -> (B, D)
-        if self.vae is not None:
-            latents = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist.mean.float()
-            return F.adaptive_avg_pool2d(latents * self.vae.config.scaling_factor, 4).flatten(1)  # (B, 4 * 16)
-        pixels = processor_preprocess(self.processor, images).to(self.clip.dtype)
-        embeds = self.clip.get_image_features(pixel_values=pixels).pooler_output.float()
-        return embeds / embeds.norm(dim=-1, keepdim=True)
+        if self.clip is not None:
+            return self.clip(images).float()
+        latents = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist.mean.float()
+        return F.adaptive_avg_pool2d(latents * self.vae.config.scaling_factor, 4).flatten(1)  # (B, 4 * 16)
 
 
 class RewardHead(nn.Module):
@@ -121,26 +117,63 @@ class ConservativeReward(nn.Module):
         return proxy - self.c * bonus, proxy
 
 
-def path_kl(sd, trajectory, steps, prompt_embeds, negative_embeds, guidance_scale: float, eta: float):
-    """sum over `steps` of ||mean_theta(x_t) - mean_pre(x_t)||^2 / (2 sigma_t^2), the mean over latent dims, (B,).
-    mean_theta comes from the trajectory; mean_pre from the same UNet with its LoRA switched off, on the same x_t
-    (which carries the gradient of the earlier steps) and with the same guidance. Its UNet calls are checkpointed."""
+def predict_noise_pretrained(unet, *args):
+    """predict_noise with the LoRA switched off: the pretrained model's guided noise. Checkpointed, with the switch
+    inside the checkpointed function, so that the recomputation in the backward pass is pretrained too."""
 
-    def predict_noise_pretrained(*args):
-        sd.unet.disable_adapters()  # inside the checkpointed function, so the recomputation is pretrained too
+    def pretrained(*args):
+        unet.disable_adapters()
         try:
-            return predict_noise(*args)
+            return predict_noise(unet, *args)
         finally:
-            sd.unet.enable_adapters()
+            unet.enable_adapters()
 
-    kl = 0.0
-    for i in steps:
-        t, x_t = trajectory.timesteps[i], trajectory.latents[i]
-        eps_pre = checkpoint(predict_noise_pretrained, sd.unet, x_t, t, prompt_embeds, negative_embeds, guidance_scale,
-                             use_reentrant=False)  # fmt: skip
-        mean_pre = ddim_step(sd.scheduler, eps_pre, t, x_t, eta).mean
-        kl = kl + ((trajectory.means[i] - mean_pre) ** 2).mean(dim=(1, 2, 3)) / (2 * trajectory.stds[i] ** 2)
-    return kl
+    return checkpoint(pretrained, *args, use_reentrant=False)
+
+
+def sample_with_kl(sd, latents, prompt_embeds, negative_embeds, num_steps, guidance_scale, eta, k, generator):
+    """DDIM at eta > 0 from x_T = `latents`, the last k steps with gradient (as DRaFT-K), and over those steps the
+    path KL to the pretrained model: sum_t ||mean_theta(x_t) - mean_pre(x_t)||^2 / (2 sigma_t^2), the mean over
+    latent dims; mean_pre from the same UNet with its LoRA off, on the same x_t (which carries the gradient of the
+    earlier steps) and with the same guidance. Returns x_0 and the KL, (B,)."""
+    sd.scheduler.set_timesteps(num_steps, device=latents.device)
+    kl = torch.zeros(len(latents), device=latents.device)
+    for i, t in enumerate(sd.scheduler.timesteps):
+        with torch.set_grad_enabled(i >= num_steps - k):
+            eps = predict_noise(sd.unet, latents, t, prompt_embeds, negative_embeds, guidance_scale, checkpointed=True)
+            step = ddim_step(sd.scheduler, eps, t, latents, eta, generator=generator)
+            if torch.is_grad_enabled():
+                eps_pre = predict_noise_pretrained(sd.unet, latents, t, prompt_embeds, negative_embeds, guidance_scale)
+                mean_pre = ddim_step(sd.scheduler, eps_pre, t, latents, eta, prev_latents=step.latents).mean
+                kl = kl + ((step.mean - mean_pre) ** 2).mean(dim=(1, 2, 3)) / (2 * step.std**2)
+        latents = step.latents
+    return latents, kl
+
+
+@torch.no_grad()
+def synthesise_offline_data(sd, labeler, prompts, negative_embeds, args, generator) -> dict:
+    """The offline dataset when no file is given: `args.offline_size` images of the pretrained model on the training
+    prompts, scored y = labeler(x) + label_noise N(0, 1); only the scores below `args.offline_quantile` are kept, so
+    that extrapolation matters. Under torchrun each rank samples its slice of every batch."""
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    images, true_rewards, data_prompts = [], [], []
+    global_batch = world_size * args.batch_size
+    for _ in tqdm(range(math.ceil(args.offline_size / global_batch)), desc="synthesising offline data",
+                  disable=os.environ.get("RANK", "0") != "0"):  # fmt: skip
+        batch_prompts = sample_prompts(prompts, global_batch, generator)
+        generators = sample_generators(args.batch_size, generator)
+        latents = initial_latents(sd, args.batch_size, args.resolution, generators, sd.unet.device)
+        x0, _ = sample(sd, latents, encode_prompts(sd, shard(batch_prompts, args.batch_size)), negative_embeds,
+                       args.num_steps, args.guidance_scale, args.eta, generator=generators)  # fmt: skip
+        batch_images = decode(sd, x0)
+        true_rewards.append(gather(labeler(batch_images, shard(batch_prompts, args.batch_size))).cpu())
+        images.append(gather((batch_images * 255).round().byte()).cpu())
+        data_prompts += batch_prompts
+    true_rewards = torch.cat(true_rewards)[: args.offline_size].float()
+    scores = true_rewards + args.label_noise * torch.randn(len(true_rewards), generator=generator)
+    keep = scores <= torch.quantile(scores, args.offline_quantile)
+    return {"images": torch.cat(images)[: args.offline_size][keep], "scores": scores[keep],
+            "true_rewards": true_rewards[keep], "prompts": [p for p, kept in zip(data_prompts, keep) if kept]}  # fmt: skip
 
 
 def load_offline_data(path: str, resolution: int) -> dict:
@@ -165,6 +198,8 @@ def load_offline_data(path: str, resolution: int) -> dict:
 
 @dataclass
 class Args:
+    preset: Literal["sd14", "tiny"] = "sd14"
+    """sd14: SD 1.4 (a GPU); tiny: the shipped tiny model, a CPU run in minutes (other flags still apply)"""
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1
@@ -193,8 +228,6 @@ class Args:
     """hub id or local folder of a Stable Diffusion 1.x pipeline"""
     revision: Optional[str] = None
     """the model's revision on the hub"""
-    reward: str = "conservative"
-    """BRAID maximises its own learned, conservative reward: use --labeler for the synthesised data's labels"""
     prompts: str = "simple_animals"
     """the prompt set (simple_animals, nouns_activities, shapes)"""
     prompt_file: Optional[str] = None
@@ -207,8 +240,8 @@ class Args:
     """DDIM eta: 1 makes every step Gaussian, so that the path KL to the pretrained model is defined"""
     resolution: int = 512
     """image height and width in pixels"""
-    mixed_precision: Literal["bf16", "no"] = "bf16"
-    """dtype of the frozen weights on CUDA (the LoRA stays fp32); the CPU always uses fp32"""
+    mixed_precision: Optional[Literal["bf16", "no"]] = None
+    """bf16 or no (fp32) for the frozen weights; the LoRA stays fp32 (default: bf16 on CUDA, fp32 on the CPU)"""
 
     # Algorithm specific arguments
     offline_data: Optional[str] = None
@@ -257,8 +290,15 @@ class Args:
     """clip the LoRA gradient to this norm"""
 
 
+# --preset tiny: the shipped tiny text-to-image model (assets/tiny-sd: coloured shapes at 32 px) on the CPU, with
+# its own VAE as the feature model (no CLIP download) and the colourfulness reward as the labeler
+PRESETS = {"sd14": {}, "tiny": dict(pretrained_model="assets/tiny-sd", labeler="colorfulness", prompts="shapes",
+                                    feature_model="vae", resolution=32, num_steps=20, guidance_scale=5.0,
+                                    offline_size=256, offline_quantile=0.5, train_steps=40)}  # fmt: skip
+
+
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    args = cli(Args, PRESETS)
     check_positive(args, "resolution", "num_steps", "offline_size", "batch_size", "grad_accum_steps")
     args.k = args.k or args.num_steps
     if not 1 <= args.k <= args.num_steps:
@@ -270,24 +310,13 @@ if __name__ == "__main__":
     if args.conservatism == "boot" and args.ensemble_size < 2:
         fail("--conservatism boot needs --ensemble-size of at least 2")
     prompts = load_prompts(args.prompts, args.prompt_file)
-    # 4 prompts spread through the set are held out of training and used for the sample grids
-    held_out = [round((i + 0.5) * len(prompts) / 4) for i in range(4)] if len(prompts) > 4 else []
-    eval_prompts = [prompts[i] for i in held_out] or prompts[:4]
-    train_prompts = [p for i, p in enumerate(prompts) if i not in held_out]
+    run_name = f"{'offline' if args.offline_data else args.labeler}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
     # TRY NOT TO MODIFY: processes, run folder, resuming, tracking, seeding
     rank, world_size, device = setup(args.cuda)  # under torchrun one process per device, otherwise rank 0 of 1
-    state = None
-    if args.resume:
-        path = args.resume
-        if not os.path.isfile(os.path.join(path, "state.pt")) and os.path.isdir(os.path.join(path, "checkpoints")):
-            steps = sorted(os.listdir(os.path.join(path, "checkpoints")))
-            path = os.path.join(path, "checkpoints", steps[-1]) if steps else path
-        if not os.path.isfile(os.path.join(path, "state.pt")):
-            fail(f"--resume {args.resume} is neither a checkpoint folder nor a run folder with checkpoints")
-        state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
-    run_name = state["run_name"] if state else f"{args.reward}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.dirname(os.path.dirname(path)) if state else os.path.join(args.output_dir, run_name)
+    resume_dir, state = find_checkpoint(args.resume) if args.resume else (None, None)
+    run_name = state["run_name"] if state else run_name
+    run_dir = run_dir_of(resume_dir) if state else os.path.join(args.output_dir, run_name)
     if rank == 0:  # rank 0 writes the run folder, logs and checkpoints for all ranks
         os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
     if args.track and rank == 0:
@@ -296,25 +325,21 @@ if __name__ == "__main__":
         except ImportError:
             fail("--track logs to Weights and Biases, which is not installed: pip install wandb")
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args), name=run_name,
-                   id=run_name, resume="allow", sync_tensorboard=True)  # fmt: skip
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(run_dir) if rank == 0 else None
-        if writer:
-            writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    except ImportError:  # tensorboard is optional: metrics.jsonl has everything
-        writer = None
-
+                   id=run_name, resume="allow", sync_tensorboard=True, save_code=True)  # fmt: skip
+    writer = SummaryWriter(run_dir) if rank == 0 else None
+    if writer:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    if device.type == "cpu" and rank == 0:
-        print("note: no CUDA device, running on the CPU: SD 1.4 will be very slow there (try --pretrained-model assets/tiny-sd)")
-    dtype = torch.bfloat16 if device.type == "cuda" and args.mixed_precision == "bf16" else torch.float32
+    dtype = torch.bfloat16 if args.mixed_precision == "bf16" or (args.mixed_precision is None and device.type == "cuda") else torch.float32
     # prompts and per-sample seeds, on the CPU: the same draws on every device and rank (each rank keeps its slice)
     rng = torch.Generator().manual_seed(args.seed)
+    # 4 prompts spread through the set are held out of training and used for the sample grids
+    held_out = [round((i + 0.5) * len(prompts) / 4) for i in range(4)] if len(prompts) > 4 else []
+    eval_prompts = [prompts[i] for i in held_out] or prompts[:4]
+    train_prompts = [p for i, p in enumerate(prompts) if i not in held_out]
 
     sd = load_sd(args.pretrained_model, args.revision, device, dtype)
     negative_embeds = encode_prompts(sd, [""])  # (1, 77, D), the unconditional embedding, computed once
@@ -323,26 +348,7 @@ if __name__ == "__main__":
     cache = os.path.join(run_dir, "offline_data.pt")
     labeler = make_reward(args.labeler, device, dtype) if args.offline_data is None else None
     if args.offline_data is None and not os.path.isfile(cache):
-        data_rng = torch.Generator().manual_seed(args.seed + 1)
-        images, true_rewards, data_prompts = [], [], []
-        global_batch = world_size * args.batch_size  # under torchrun each rank samples its slice of every batch
-        with torch.no_grad():
-            for _ in tqdm(range(math.ceil(args.offline_size / global_batch)), desc="synthesising offline data",
-                          disable=rank != 0):  # fmt: skip
-                batch_prompts = sample_prompts(train_prompts, global_batch, data_rng)
-                generators = sample_generators(args.batch_size, data_rng)
-                latents = initial_latents(sd, args.batch_size, args.resolution, generators, device)
-                x0, _ = sample(sd, latents, encode_prompts(sd, shard(batch_prompts, args.batch_size)), negative_embeds,
-                               args.num_steps, args.guidance_scale, args.eta, generator=generators)  # fmt: skip
-                batch_images = decode(sd, x0)
-                true_rewards.append(gather(labeler(batch_images, shard(batch_prompts, args.batch_size))).cpu())
-                images.append(gather((batch_images * 255).round().byte()).cpu())
-                data_prompts += batch_prompts
-        true_rewards = torch.cat(true_rewards)[: args.offline_size].float()
-        scores = true_rewards + args.label_noise * torch.randn(len(true_rewards), generator=data_rng)
-        keep = scores <= torch.quantile(scores, args.offline_quantile)  # only the low part: extrapolation matters
-        data = {"images": torch.cat(images)[: args.offline_size][keep], "scores": scores[keep],
-                "true_rewards": true_rewards[keep], "prompts": [p for p, kept in zip(data_prompts, keep) if kept]}  # fmt: skip
+        data = synthesise_offline_data(sd, labeler, train_prompts, negative_embeds, args, torch.Generator().manual_seed(args.seed + 1))
         if rank == 0:
             torch.save(data, cache)  # a resumed run reads the same data
     else:
@@ -384,24 +390,24 @@ if __name__ == "__main__":
     optimizer = torch.optim.AdamW(lora_params, lr=args.learning_rate, weight_decay=args.weight_decay)
     eval_embeds = encode_prompts(sd, eval_prompts * 2)
     eval_latents = initial_latents(sd, len(eval_embeds), args.resolution, torch.Generator().manual_seed(args.seed), device)
+
+    # TRY NOT TO MODIFY: resuming
     start_step = 0
     if state:
-        load_lora(sd.unet, path)
+        load_lora(sd.unet, resume_dir)
         optimizer.load_state_dict(state["optimizer"])
         rng.set_state(state["rng"])
         start_step = state["step"]
-        with open(os.path.join(run_dir, "metrics.jsonl")) as f:  # drop what was logged after the checkpoint
-            kept = [line for line in f if json.loads(line)["step"] <= start_step]
-        with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
-            f.writelines(kept)
+        truncate_metrics(run_dir, "step", start_step)
 
     def evaluate(step: int) -> float:
-        """Fixed-seed samples on the held-out prompts: a grid, and their mean reward."""
+        """Fixed-seed samples on the held-out prompts: a grid (on disk and in TensorBoard), and their mean reward."""
+        x0, _ = sample(sd, eval_latents, eval_embeds, negative_embeds, args.num_steps, args.guidance_scale, args.eta,
+                       generator=torch.Generator().manual_seed(args.seed))  # fmt: skip
         with torch.no_grad():
-            x0, _ = sample(sd, eval_latents, eval_embeds, negative_embeds, args.num_steps, args.guidance_scale,
-                           args.eta, generator=torch.Generator().manual_seed(args.seed))  # fmt: skip
             images = decode(sd, x0)
-            save_grid(images, os.path.join(run_dir, "samples", f"step_{step:06d}.png"), columns=len(eval_prompts))
+            grid = save_grid(images, os.path.join(run_dir, "samples", f"step_{step:06d}.png"), columns=len(eval_prompts))
+            writer.add_image("samples", grid, step, dataformats="HWC")
             return reward_fn(images, eval_prompts * 2).mean().item()
 
     eval_reward = evaluate(start_step) if start_step == 0 and rank == 0 else None
@@ -415,16 +421,12 @@ if __name__ == "__main__":
             generators = sample_generators(args.batch_size, rng)
             prompt_embeds = encode_prompts(sd, batch_prompts)  # (B, 77, D)
             latents = initial_latents(sd, args.batch_size, args.resolution, generators, device)  # x_T, (B, 4, h, w)
-            # ALGO LOGIC: DRaFT-style backpropagation through the last K steps (all by default) at eta = 1, keeping
-            # each step's mean for the KL; the UNet calls that carry gradient and the decoder are checkpointed
-            x0, trajectory = sample(sd, latents, prompt_embeds, negative_embeds, args.num_steps, args.guidance_scale,
-                                    args.eta, grad_steps=args.k, checkpoint_unet=True, generator=generators,
-                                    trajectory=True)  # fmt: skip
+            # ALGO LOGIC: DRaFT-style backpropagation through the last K steps (all by default) at eta = 1, with the
+            # path KL to the pretrained model over those steps; the conservative reward of the decoded images
+            x0, kl = sample_with_kl(sd, latents, prompt_embeds, negative_embeds, args.num_steps, args.guidance_scale,
+                                    args.eta, args.k, generators)  # fmt: skip
             images = decode(sd, x0, checkpoint_vae=True)
             rewards, proxy_rewards = conservative(featurize(images))  # (B,) each
-            # ALGO LOGIC: the path KL to the pretrained model over the steps that carry gradient
-            kl = path_kl(sd, trajectory, range(args.num_steps - args.k, args.num_steps), prompt_embeds,
-                         negative_embeds, args.guidance_scale, args.eta)  # fmt: skip
             loss = (-rewards + args.kl_weight * kl).mean() / args.grad_accum_steps
             loss.backward()
             rewards_seen.append(rewards.detach())
@@ -433,25 +435,17 @@ if __name__ == "__main__":
             if labeler is not None:
                 with torch.no_grad():
                     true_seen.append(labeler(images.detach(), batch_prompts))
-            loss_total += loss.item()
+            loss_total += loss.detach()
         average_gradients(lora_params)  # the mean over ranks: every rank takes the same step
         grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, args.max_grad_norm)
-        if not (np.isfinite(loss_total) and torch.isfinite(grad_norm)):
-            fail(f"the loss or its gradient became {loss_total} / {grad_norm.item()} at step {step}; stopped before the "
-                 "LoRA was overwritten (the last checkpoint is intact): try a lower --learning-rate")  # fmt: skip
+        if not (torch.isfinite(loss_total) and torch.isfinite(grad_norm)):
+            fail(f"the loss or its gradient became {loss_total.item()} / {grad_norm.item()} at step {step}; stopped "
+                 "before the LoRA was overwritten (the last checkpoint is intact): try a lower --learning-rate")  # fmt: skip
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-
-        # TRY NOT TO MODIFY: logging, samples and checkpoints (rank 0's, with the global batch's numbers)
         rewards_seen, proxies_seen, kls_seen = (gather(torch.cat(x)) for x in (rewards_seen, proxies_seen, kls_seen))
         true_seen = gather(torch.cat(true_seen)) if true_seen else None
-        loss_total = gather(torch.tensor([loss_total], device=device)).mean().item()
-        if rank != 0:
-            continue
-        if step % args.sample_every == 0 or step == args.train_steps:
-            eval_reward = evaluate(step)
         metrics = {
-            "step": step,
             "reward_mean": rewards_seen.mean().item(),
             "reward_std": rewards_seen.std().item() if len(rewards_seen) > 1 else 0.0,
             "proxy_reward_mean": proxies_seen.mean().item(),
@@ -460,28 +454,31 @@ if __name__ == "__main__":
             "offline_best": best,
             "offline_median": median,
             "reward_model_val_mse": val_mse,
-            "loss": loss_total,
+            "loss": gather(loss_total.view(1)).mean().item(),
             "grad_norm": grad_norm.item(),
             "images_per_sec": len(rewards_seen) / (time.time() - step_start),
-            "eval_reward_mean": eval_reward,
         }
+
+        # TRY NOT TO MODIFY: logging, samples and checkpoints (rank 0's, with the global batch's numbers)
+        if rank != 0:
+            continue
+        if step % args.sample_every == 0 or step == args.train_steps:
+            eval_reward = evaluate(step)
+        metrics = {"step": step, **metrics, "eval_reward_mean": eval_reward}
         if device.type == "cuda":
             metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
         with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(metrics) + "\n")
-        if writer:
-            for name, value in metrics.items():
-                if name != "step" and value is not None:
-                    writer.add_scalar(("losses/" if name in ("loss", "kl") else "charts/") + name, value, step)
+        for name, value in metrics.items():
+            if name != "step" and value is not None:
+                writer.add_scalar(("losses/" if "loss" in name or "kl" in name else "charts/") + name, value, step)
         if step % args.save_every == 0 or step == args.train_steps:
-            checkpoint_dir = os.path.join(run_dir, "checkpoints", f"step_{step:06d}")
-            save_lora(sd.unet, checkpoint_dir)
-            torch.save({"run_name": run_name, "step": step, "optimizer": optimizer.state_dict(), "rng": rng.get_state(),
-                        "args": asdict(args)}, os.path.join(checkpoint_dir, "state.pt"))  # fmt: skip
+            save_checkpoint(os.path.join(run_dir, "checkpoints", f"step_{step:06d}"), sd.unet, {"run_name": run_name,
+                            "step": step, "optimizer": optimizer.state_dict(), "rng": rng.get_state(), "args": asdict(args)})  # fmt: skip
 
-    if rank == 0:  # loads with StableDiffusionPipeline.from_pretrained(base).load_lora_weights(run_dir)
+    # TRY NOT TO MODIFY: the final LoRA, which loads with StableDiffusionPipeline.from_pretrained(base).load_lora_weights(run_dir)
+    if rank == 0:
         save_lora(sd.unet, run_dir)
-        print(f"done: {run_dir}, eval reward {eval_reward}")
-    if writer:
         writer.close()
+        print(f"done: {run_dir}, eval reward {eval_reward}")
     cleanup()

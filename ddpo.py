@@ -1,10 +1,9 @@
-"""DDPO: Training Diffusion Models with Reinforcement Learning (denoising diffusion policy optimisation).
+"""DDPO: Training Diffusion Models with Reinforcement Learning, denoising as an MDP (docs/ddpo.md).
 Black, Janner, Du, Kostrikov and Levine, 2023, arXiv 2305.13301.
 
-    python ddpo.py                                             # DDPO-IS, SD 1.4, aesthetic, simple animals (GPU)
+    python ddpo.py                              # DDPO-IS, SD 1.4, aesthetic, simple animals (GPU)
     python ddpo.py --estimator sf --reward jpeg_compressibility
-    python ddpo.py --pretrained-model assets/tiny-sd --reward jpeg_incompressibility --prompts shapes \
-        --resolution 32 --num-steps 20 --num-epochs 20 --samples-per-epoch 32   # a CPU run in minutes
+    python ddpo.py --preset tiny                # the shipped tiny model: a CPU run in minutes
 
 Denoising is a T-step MDP: state (x_t, t, c), action x_{t-1}, reward r(x_0, c) at the end. Each epoch samples
 images with DDIM at eta = 1, keeping every step's (x_t, x_{t-1}, log p_old); scores them; normalises the rewards
@@ -21,10 +20,11 @@ from typing import Literal, Optional
 
 import numpy as np
 import torch
-import tyro
+from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from common import check_positive, fail
+from common import check_positive, cli, fail
+from common.checkpoint import find_checkpoint, run_dir_of, save_checkpoint, truncate_metrics
 from common.distributed import average_gradients, cleanup, gather, sample_generators, setup, shard, shuffle
 from common.prompts import load_prompts, sample_prompts
 from common.rewards import REWARDS, make_reward
@@ -62,6 +62,8 @@ def policy_loss(estimator: str, log_prob, old_log_prob, advantages, clip_range: 
 
 @dataclass
 class Args:
+    preset: Literal["sd14", "tiny"] = "sd14"
+    """sd14: the paper's setting (a GPU); tiny: the shipped tiny model, a CPU run in minutes (other flags still apply)"""
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1
@@ -83,7 +85,7 @@ class Args:
     sample_every: int = 5
     """save a grid of fixed-seed samples on held-out prompts every this many epochs"""
     resume: Optional[str] = None
-    """a checkpoint folder (runs/.../checkpoints/step_000100) or a run folder (its latest checkpoint)"""
+    """a checkpoint folder (runs/.../checkpoints/epoch_000010) or a run folder (its latest checkpoint)"""
 
     # Model, reward and prompts
     pretrained_model: str = SD14
@@ -104,8 +106,8 @@ class Args:
     """DDIM eta: 1 makes every step a Gaussian policy with a log-prob (DDPO needs eta > 0)"""
     resolution: int = 512
     """image height and width in pixels"""
-    mixed_precision: Literal["bf16", "no"] = "bf16"
-    """dtype of the frozen weights on CUDA (the LoRA stays fp32); the CPU always uses fp32"""
+    mixed_precision: Optional[Literal["bf16", "no"]] = None
+    """bf16 or no (fp32) for the frozen weights; the LoRA stays fp32 (default: bf16 on CUDA, fp32 on the CPU)"""
 
     # Algorithm specific arguments
     estimator: Literal["is", "sf"] = "is"
@@ -142,8 +144,15 @@ class Args:
     """clip the LoRA gradient to this norm"""
 
 
+# --preset tiny: the shipped tiny text-to-image model (assets/tiny-sd: coloured shapes at 32 px) on the CPU, with the
+# settings of the learning test (tests/test_ddpo_rwr.py; with --estimator sf it used --learning-rate 1e-2)
+PRESETS = {"sd14": {}, "tiny": dict(pretrained_model="assets/tiny-sd", reward="jpeg_compressibility", prompts="shapes",
+                                    resolution=32, num_steps=10, guidance_scale=5.0, num_epochs=6, samples_per_epoch=64,
+                                    sample_batch_size=32, train_batch_size=16, learning_rate=3e-2)}  # fmt: skip
+
+
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    args = cli(Args, PRESETS)
     check_positive(args, "resolution", "num_steps", "samples_per_epoch", "sample_batch_size", "train_batch_size",
                    "grad_accum_steps", "num_inner_epochs")  # fmt: skip
     if args.eta <= 0:
@@ -155,24 +164,13 @@ if __name__ == "__main__":
     if args.reward not in REWARDS:
         fail(f"unknown reward '{args.reward}'; choose one of: {', '.join(REWARDS)}")
     prompts = load_prompts(args.prompts, args.prompt_file)
-    # 4 prompts spread through the set are held out of training and used for the sample grids
-    held_out = [round((i + 0.5) * len(prompts) / 4) for i in range(4)] if len(prompts) > 4 else []
-    eval_prompts = [prompts[i] for i in held_out] or prompts[:4]
-    train_prompts = [p for i, p in enumerate(prompts) if i not in held_out]
+    run_name = f"{args.reward}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
     # TRY NOT TO MODIFY: processes, run folder, resuming, tracking, seeding
     rank, world_size, device = setup(args.cuda)  # under torchrun one process per device, otherwise rank 0 of 1
-    state = None
-    if args.resume:
-        path = args.resume
-        if not os.path.isfile(os.path.join(path, "state.pt")) and os.path.isdir(os.path.join(path, "checkpoints")):
-            steps = sorted(os.listdir(os.path.join(path, "checkpoints")))
-            path = os.path.join(path, "checkpoints", steps[-1]) if steps else path
-        if not os.path.isfile(os.path.join(path, "state.pt")):
-            fail(f"--resume {args.resume} is neither a checkpoint folder nor a run folder with checkpoints")
-        state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
-    run_name = state["run_name"] if state else f"{args.reward}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.dirname(os.path.dirname(path)) if state else os.path.join(args.output_dir, run_name)
+    resume_dir, state = find_checkpoint(args.resume) if args.resume else (None, None)
+    run_name = state["run_name"] if state else run_name
+    run_dir = run_dir_of(resume_dir) if state else os.path.join(args.output_dir, run_name)
     if rank == 0:  # rank 0 writes the run folder, logs and checkpoints for all ranks
         os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
     if args.track and rank == 0:
@@ -181,25 +179,21 @@ if __name__ == "__main__":
         except ImportError:
             fail("--track logs to Weights and Biases, which is not installed: pip install wandb")
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args), name=run_name,
-                   id=run_name, resume="allow", sync_tensorboard=True)  # fmt: skip
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(run_dir) if rank == 0 else None
-        if writer:
-            writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    except ImportError:  # tensorboard is optional: metrics.jsonl has everything
-        writer = None
-
+                   id=run_name, resume="allow", sync_tensorboard=True, save_code=True)  # fmt: skip
+    writer = SummaryWriter(run_dir) if rank == 0 else None
+    if writer:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    if device.type == "cpu" and rank == 0:
-        print("note: no CUDA device, running on the CPU: SD 1.4 will be very slow there (try --pretrained-model assets/tiny-sd)")
-    dtype = torch.bfloat16 if device.type == "cuda" and args.mixed_precision == "bf16" else torch.float32
+    dtype = torch.bfloat16 if args.mixed_precision == "bf16" or (args.mixed_precision is None and device.type == "cuda") else torch.float32
     # prompts and per-sample seeds, on the CPU: the same draws on every device and rank (each rank keeps its slice)
     rng = torch.Generator().manual_seed(args.seed)
+    # 4 prompts spread through the set are held out of training and used for the sample grids
+    held_out = [round((i + 0.5) * len(prompts) / 4) for i in range(4)] if len(prompts) > 4 else []
+    eval_prompts = [prompts[i] for i in held_out] or prompts[:4]
+    train_prompts = [p for i, p in enumerate(prompts) if i not in held_out]
 
     sd = load_sd(args.pretrained_model, args.revision, device, dtype)
     reward_fn = make_reward(args.reward, device, dtype)
@@ -209,24 +203,25 @@ if __name__ == "__main__":
     eval_embeds = encode_prompts(sd, eval_prompts * 2)
     eval_latents = initial_latents(sd, len(eval_embeds), args.resolution, torch.Generator().manual_seed(args.seed), device)
     tracker = PerPromptStatTracker(args.per_prompt_buffer, args.per_prompt_min_count)
+    if state:
+        tracker.buffers = state["per_prompt_buffers"]
+
+    # TRY NOT TO MODIFY: resuming
     start_epoch = 0
     if state:
-        load_lora(sd.unet, path)
+        load_lora(sd.unet, resume_dir)
         optimizer.load_state_dict(state["optimizer"])
         rng.set_state(state["rng"])
-        tracker.buffers = state["per_prompt_buffers"]
         start_epoch = state["epoch"]
-        with open(os.path.join(run_dir, "metrics.jsonl")) as f:  # drop what was logged after the checkpoint
-            kept = [line for line in f if json.loads(line)["epoch"] <= start_epoch]
-        with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
-            f.writelines(kept)
+        truncate_metrics(run_dir, "epoch", start_epoch)
 
     def evaluate(epoch: int) -> float:
-        """Fixed-seed samples on the held-out prompts: a grid, and their mean reward."""
+        """Fixed-seed samples on the held-out prompts: a grid (on disk and in TensorBoard), and their mean reward."""
+        x0, _ = sample(sd, eval_latents, eval_embeds, negative_embeds, args.num_steps, args.guidance_scale)
         with torch.no_grad():
-            x0, _ = sample(sd, eval_latents, eval_embeds, negative_embeds, args.num_steps, args.guidance_scale)
             images = decode(sd, x0)
-            save_grid(images, os.path.join(run_dir, "samples", f"step_{epoch:06d}.png"), columns=len(eval_prompts))
+            grid = save_grid(images, os.path.join(run_dir, "samples", f"epoch_{epoch:06d}.png"), columns=len(eval_prompts))
+            writer.add_image("samples", grid, epoch, dataformats="HWC")
             return reward_fn(images, eval_prompts * 2).mean().item()
 
     eval_reward = evaluate(start_epoch) if start_epoch == 0 and rank == 0 else None
@@ -234,7 +229,7 @@ if __name__ == "__main__":
                       disable=rank != 0):  # fmt: skip
         epoch_start = time.time()
         # ALGO LOGIC: sampling round, with eta > 0 so that every step is a Gaussian policy with a log-prob
-        batches = []
+        batches, prompts_seen = [], []
         with torch.no_grad():
             for _ in range(args.samples_per_epoch // args.sample_batch_size):
                 # this rank's slice of the global batch: its prompts, and one generator per sample for all its noise
@@ -245,16 +240,18 @@ if __name__ == "__main__":
                 latents = initial_latents(sd, args.sample_batch_size, args.resolution, generators, device)  # x_T
                 x0, trajectory = sample(sd, latents, prompt_embeds, negative_embeds, args.num_steps,
                                         args.guidance_scale, args.eta, generator=generators, trajectory=True)  # fmt: skip
-                rewards = reward_fn(decode(sd, x0), batch_prompts)  # (B,)
-                batches.append((batch_prompts, prompt_embeds, torch.stack(trajectory.latents, dim=1),
-                                torch.stack(trajectory.log_probs, dim=1), rewards))  # fmt: skip
-        prompts_seen = [p for batch in batches for p in batch[0]]
-        prompt_embeds, latents, old_log_probs, rewards = (torch.cat([b[i] for b in batches]) for i in range(1, 5))
-        # latents: (N, T + 1, 4, h, w), x_T ... x_0; old_log_probs: (N, T); rewards: (N,)
+                batches.append({
+                    "prompt_embeds": prompt_embeds,  # (B, 77, D)
+                    "latents": torch.stack(trajectory.latents, dim=1),  # (B, T + 1, 4, h, w): x_T ... x_0
+                    "log_probs": torch.stack(trajectory.log_probs, dim=1),  # (B, T): log p_old of each step
+                    "rewards": reward_fn(decode(sd, x0), batch_prompts).float(),  # (B,)
+                })  # fmt: skip
+                prompts_seen += batch_prompts
+        samples = {key: torch.cat([batch[key] for batch in batches]) for key in batches[0]}  # N = samples_per_epoch
         timesteps = sd.scheduler.timesteps  # (T,), t_T ... t_1, set by sample()
 
         # ALGO LOGIC: advantages, normalised per prompt over the whole round (of all ranks), then clipped
-        rewards = gather(rewards.float())  # (world_size * N,)
+        rewards = gather(samples["rewards"])  # (world_size * N,)
         advantages = tracker.update(gather(prompts_seen), rewards.cpu()).to(device)
         advantages = shard(advantages.clamp(-args.adv_clip_max, args.adv_clip_max), args.samples_per_epoch)
 
@@ -272,61 +269,59 @@ if __name__ == "__main__":
                 for j in range(num_train_timesteps):
                     step_index = step_order[index, j]  # (B,): one step of each trajectory
                     t = timesteps[step_index]
-                    x_t, x_prev = latents[index, step_index], latents[index, step_index + 1]
-                    eps = predict_noise(sd.unet, x_t, t, prompt_embeds[index], negative_embeds, args.guidance_scale)
+                    x_t, x_prev = samples["latents"][index, step_index], samples["latents"][index, step_index + 1]
+                    eps = predict_noise(sd.unet, x_t, t, samples["prompt_embeds"][index], negative_embeds,
+                                        args.guidance_scale)  # fmt: skip
                     log_prob = ddim_step(sd.scheduler, eps, t, x_t, args.eta, prev_latents=x_prev).log_prob  # (B,)
-                    old_log_prob = old_log_probs[index, step_index]
+                    old_log_prob = samples["log_probs"][index, step_index]
                     loss, ratio = policy_loss(args.estimator, log_prob, old_log_prob, advantages[index], args.clip_range)
                     (loss / (num_train_timesteps * batches_per_update)).backward()
-                    losses.append(loss.item())
-                    approx_kls.append(0.5 * ((log_prob - old_log_prob) ** 2).mean().item())
-                    clipfracs.append(((ratio - 1.0).abs() > args.clip_range).float().mean().item())
+                    # kept on the device and read once an epoch: no host-device sync per UNet call
+                    losses.append(loss.detach())
+                    approx_kls.append(0.5 * ((log_prob - old_log_prob) ** 2).mean().detach())
+                    clipfracs.append(((ratio - 1.0).abs() > args.clip_range).float().mean())
                 if (b + 1) % batches_per_update == 0 or b == num_batches - 1:
                     average_gradients(lora_params)  # the mean over ranks: every rank takes the same step
                     grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, args.max_grad_norm)
-                    if not (np.isfinite(losses[-1]) and torch.isfinite(grad_norm)):
-                        fail(f"the loss or its gradient became {losses[-1]} / {grad_norm.item()} at epoch {epoch}; "
+                    if not (torch.isfinite(losses[-1]) and torch.isfinite(grad_norm)):
+                        fail(f"the loss or its gradient became {losses[-1].item()} / {grad_norm.item()} at epoch {epoch}; "
                              "stopped before the LoRA was overwritten (the last checkpoint is intact): try a lower "
                              "--learning-rate")  # fmt: skip
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                    grad_norms.append(grad_norm.item())
+                    grad_norms.append(grad_norm)
+        losses, approx_kls, clipfracs = (gather(torch.stack(x)) for x in (losses, approx_kls, clipfracs))
+        metrics = {
+            "reward_mean": rewards.mean().item(),
+            "reward_std": rewards.std().item(),
+            "loss": losses.mean().item(),
+            "approx_kl": approx_kls.mean().item(),
+            "clipfrac": clipfracs.mean().item(),
+            "grad_norm": torch.stack(grad_norms).mean().item(),
+            "images_per_sec": len(rewards) / (time.time() - epoch_start),
+        }
 
         # TRY NOT TO MODIFY: logging, samples and checkpoints (rank 0's, with the global batch's numbers)
-        losses, approx_kls, clipfracs = (gather(torch.tensor(x, device=device)).tolist()
-                                         for x in (losses, approx_kls, clipfracs))  # fmt: skip
         if rank != 0:
             continue
         if epoch % args.sample_every == 0 or epoch == args.num_epochs:
             eval_reward = evaluate(epoch)
-        metrics = {
-            "epoch": epoch,
-            "reward_mean": rewards.mean().item(),
-            "reward_std": rewards.std().item(),
-            "loss": float(np.mean(losses)),
-            "approx_kl": float(np.mean(approx_kls)),
-            "clipfrac": float(np.mean(clipfracs)),
-            "grad_norm": float(np.mean(grad_norms)),
-            "images_per_sec": len(rewards) / (time.time() - epoch_start),
-            "eval_reward_mean": eval_reward,
-        }
+        metrics = {"epoch": epoch, **metrics, "eval_reward_mean": eval_reward}
         if device.type == "cuda":
             metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
         with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(metrics) + "\n")
-        if writer:
-            for name, value in metrics.items():
-                if name != "epoch" and value is not None:
-                    writer.add_scalar(("losses/" if name in ("loss", "approx_kl", "clipfrac") else "charts/") + name, value, epoch)
+        for name, value in metrics.items():
+            if name != "epoch" and value is not None:
+                writer.add_scalar(("losses/" if "loss" in name or "kl" in name else "charts/") + name, value, epoch)
         if epoch % args.save_every == 0 or epoch == args.num_epochs:
-            checkpoint_dir = os.path.join(run_dir, "checkpoints", f"step_{epoch:06d}")
-            save_lora(sd.unet, checkpoint_dir)
-            torch.save({"run_name": run_name, "epoch": epoch, "optimizer": optimizer.state_dict(), "rng": rng.get_state(),
-                        "per_prompt_buffers": tracker.buffers, "args": asdict(args)}, os.path.join(checkpoint_dir, "state.pt"))  # fmt: skip
+            save_checkpoint(os.path.join(run_dir, "checkpoints", f"epoch_{epoch:06d}"), sd.unet, {"run_name": run_name,
+                            "epoch": epoch, "optimizer": optimizer.state_dict(), "rng": rng.get_state(), "args": asdict(args),
+                            "per_prompt_buffers": tracker.buffers})  # fmt: skip
 
-    if rank == 0:  # loads with StableDiffusionPipeline.from_pretrained(base).load_lora_weights(run_dir)
+    # TRY NOT TO MODIFY: the final LoRA, which loads with StableDiffusionPipeline.from_pretrained(base).load_lora_weights(run_dir)
+    if rank == 0:
         save_lora(sd.unet, run_dir)
-        print(f"done: {run_dir}, eval reward {eval_reward}")
-    if writer:
         writer.close()
+        print(f"done: {run_dir}, eval reward {eval_reward}")
     cleanup()

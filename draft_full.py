@@ -1,9 +1,8 @@
-"""DRaFT: Directly Fine-Tuning Diffusion Models on Differentiable Rewards, backpropagating through every step.
+"""DRaFT: Directly Fine-Tuning Diffusion Models on Differentiable Rewards, through every step (docs/draft.md).
 Clark, Vicol, Swersky and Fleet, 2023, arXiv 2309.17400 (the full-backpropagation method).
 
-    python draft_full.py                                       # SD 1.4, aesthetic reward, simple animals (GPU)
-    python draft_full.py --pretrained-model assets/tiny-sd --reward colorfulness --prompts shapes \
-        --resolution 32 --num-steps 20 --guidance-scale 5 --train-steps 60   # a CPU run in minutes
+    python draft_full.py                        # SD 1.4, aesthetic reward, simple animals (GPU)
+    python draft_full.py --preset tiny          # the shipped tiny model: a CPU run in minutes
 
 Sample with DDIM (eta = 0) from x_T with gradient through all T steps; decode; maximise the differentiable
 reward by backpropagating through the decoder and every UNet call into the LoRA. Every UNet call and the
@@ -20,19 +19,22 @@ from typing import Literal, Optional
 
 import numpy as np
 import torch
-import tyro
+from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from common import check_positive, fail
+from common import check_positive, cli, fail
+from common.checkpoint import find_checkpoint, run_dir_of, save_checkpoint, truncate_metrics
 from common.distributed import average_gradients, cleanup, gather, sample_generators, setup, shard
 from common.prompts import load_prompts, sample_prompts
 from common.rewards import DIFFERENTIABLE_REWARDS, REWARDS, make_reward
-from common.sampling import decode, initial_latents, sample, save_grid
+from common.sampling import ddim_step, decode, initial_latents, predict_noise, sample, save_grid
 from common.sd import SD14, add_lora, encode_prompts, load_lora, load_sd, save_lora
 
 
 @dataclass
 class Args:
+    preset: Literal["sd14", "tiny"] = "sd14"
+    """sd14: the paper's setting (a GPU); tiny: the shipped tiny model, a CPU run in minutes (other flags still apply)"""
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1
@@ -75,8 +77,8 @@ class Args:
     """DDIM eta (0: deterministic sampling, as in the paper)"""
     resolution: int = 512
     """image height and width in pixels"""
-    mixed_precision: Literal["bf16", "no"] = "bf16"
-    """dtype of the frozen weights on CUDA (the LoRA stays fp32); the CPU always uses fp32"""
+    mixed_precision: Optional[Literal["bf16", "no"]] = None
+    """bf16 or no (fp32) for the frozen weights; the LoRA stays fp32 (default: bf16 on CUDA, fp32 on the CPU)"""
 
     # Algorithm specific arguments
     lora_rank: int = 8
@@ -95,32 +97,26 @@ class Args:
     """clip the LoRA gradient to this norm"""
 
 
+# --preset tiny: the shipped tiny text-to-image model (assets/tiny-sd: coloured shapes at 32 px) on the CPU
+PRESETS = {"sd14": {}, "tiny": dict(pretrained_model="assets/tiny-sd", reward="colorfulness", prompts="shapes",
+                                    resolution=32, num_steps=20, guidance_scale=5.0, train_steps=60)}  # fmt: skip
+
+
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    args = cli(Args, PRESETS)
     check_positive(args, "resolution", "num_steps", "batch_size", "grad_accum_steps")
     if args.reward not in REWARDS:
         fail(f"unknown reward '{args.reward}'; choose one of: {', '.join(REWARDS)}")
     if not REWARDS[args.reward].differentiable:
         fail(f"DRaFT needs a differentiable reward and '{args.reward}' is not; use one of: {', '.join(DIFFERENTIABLE_REWARDS)}")
     prompts = load_prompts(args.prompts, args.prompt_file)
-    # 4 prompts spread through the set are held out of training and used for the sample grids
-    held_out = [round((i + 0.5) * len(prompts) / 4) for i in range(4)] if len(prompts) > 4 else []
-    eval_prompts = [prompts[i] for i in held_out] or prompts[:4]
-    train_prompts = [p for i, p in enumerate(prompts) if i not in held_out]
+    run_name = f"{args.reward}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
     # TRY NOT TO MODIFY: processes, run folder, resuming, tracking, seeding
     rank, world_size, device = setup(args.cuda)  # under torchrun one process per device, otherwise rank 0 of 1
-    state = None
-    if args.resume:
-        path = args.resume
-        if not os.path.isfile(os.path.join(path, "state.pt")) and os.path.isdir(os.path.join(path, "checkpoints")):
-            steps = sorted(os.listdir(os.path.join(path, "checkpoints")))
-            path = os.path.join(path, "checkpoints", steps[-1]) if steps else path
-        if not os.path.isfile(os.path.join(path, "state.pt")):
-            fail(f"--resume {args.resume} is neither a checkpoint folder nor a run folder with checkpoints")
-        state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
-    run_name = state["run_name"] if state else f"{args.reward}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.dirname(os.path.dirname(path)) if state else os.path.join(args.output_dir, run_name)
+    resume_dir, state = find_checkpoint(args.resume) if args.resume else (None, None)
+    run_name = state["run_name"] if state else run_name
+    run_dir = run_dir_of(resume_dir) if state else os.path.join(args.output_dir, run_name)
     if rank == 0:  # rank 0 writes the run folder, logs and checkpoints for all ranks
         os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
     if args.track and rank == 0:
@@ -129,25 +125,21 @@ if __name__ == "__main__":
         except ImportError:
             fail("--track logs to Weights and Biases, which is not installed: pip install wandb")
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args), name=run_name,
-                   id=run_name, resume="allow", sync_tensorboard=True)  # fmt: skip
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(run_dir) if rank == 0 else None
-        if writer:
-            writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    except ImportError:  # tensorboard is optional: metrics.jsonl has everything
-        writer = None
-
+                   id=run_name, resume="allow", sync_tensorboard=True, save_code=True)  # fmt: skip
+    writer = SummaryWriter(run_dir) if rank == 0 else None
+    if writer:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    if device.type == "cpu" and rank == 0:
-        print("note: no CUDA device, running on the CPU: SD 1.4 will be very slow there (try --pretrained-model assets/tiny-sd)")
-    dtype = torch.bfloat16 if device.type == "cuda" and args.mixed_precision == "bf16" else torch.float32
+    dtype = torch.bfloat16 if args.mixed_precision == "bf16" or (args.mixed_precision is None and device.type == "cuda") else torch.float32
     # prompts and per-sample seeds, on the CPU: the same draws on every device and rank (each rank keeps its slice)
     rng = torch.Generator().manual_seed(args.seed)
+    # 4 prompts spread through the set are held out of training and used for the sample grids
+    held_out = [round((i + 0.5) * len(prompts) / 4) for i in range(4)] if len(prompts) > 4 else []
+    eval_prompts = [prompts[i] for i in held_out] or prompts[:4]
+    train_prompts = [p for i, p in enumerate(prompts) if i not in held_out]
 
     sd = load_sd(args.pretrained_model, args.revision, device, dtype)
     reward_fn = make_reward(args.reward, device, dtype)
@@ -156,23 +148,23 @@ if __name__ == "__main__":
     negative_embeds = encode_prompts(sd, [""])  # (1, 77, D), the unconditional embedding, computed once
     eval_embeds = encode_prompts(sd, eval_prompts * 2)
     eval_latents = initial_latents(sd, len(eval_embeds), args.resolution, torch.Generator().manual_seed(args.seed), device)
+
+    # TRY NOT TO MODIFY: resuming
     start_step = 0
     if state:
-        load_lora(sd.unet, path)
+        load_lora(sd.unet, resume_dir)
         optimizer.load_state_dict(state["optimizer"])
         rng.set_state(state["rng"])
         start_step = state["step"]
-        with open(os.path.join(run_dir, "metrics.jsonl")) as f:  # drop what was logged after the checkpoint
-            kept = [line for line in f if json.loads(line)["step"] <= start_step]
-        with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
-            f.writelines(kept)
+        truncate_metrics(run_dir, "step", start_step)
 
     def evaluate(step: int) -> float:
-        """Fixed-seed samples on the held-out prompts: a grid, and their mean reward."""
+        """Fixed-seed samples on the held-out prompts: a grid (on disk and in TensorBoard), and their mean reward."""
+        x0, _ = sample(sd, eval_latents, eval_embeds, negative_embeds, args.num_steps, args.guidance_scale)
         with torch.no_grad():
-            x0, _ = sample(sd, eval_latents, eval_embeds, negative_embeds, args.num_steps, args.guidance_scale)
             images = decode(sd, x0)
-            save_grid(images, os.path.join(run_dir, "samples", f"step_{step:06d}.png"), columns=len(eval_prompts))
+            grid = save_grid(images, os.path.join(run_dir, "samples", f"step_{step:06d}.png"), columns=len(eval_prompts))
+            writer.add_image("samples", grid, step, dataformats="HWC")
             return reward_fn(images, eval_prompts * 2).mean().item()
 
     eval_reward = evaluate(start_step) if start_step == 0 and rank == 0 else None
@@ -186,56 +178,56 @@ if __name__ == "__main__":
             generators = sample_generators(args.batch_size, rng)
             prompt_embeds = encode_prompts(sd, batch_prompts)  # (B, 77, D)
             latents = initial_latents(sd, args.batch_size, args.resolution, generators, device)  # x_T, (B, 4, h, w)
-            # ALGO LOGIC: every step carries gradient, from x_T to x_0; the UNet calls and the decoder are
-            # checkpointed, so only their inputs are stored (T UNet calls are recomputed in the backward pass)
-            x0, _ = sample(sd, latents, prompt_embeds, negative_embeds, args.num_steps, args.guidance_scale,
-                           args.eta, grad_steps=args.num_steps, checkpoint_unet=True, generator=generators)  # fmt: skip
-            rewards = reward_fn(decode(sd, x0, checkpoint_vae=True), batch_prompts)  # (B,)
+            # ALGO LOGIC: DDIM from x_T to x_0, every step with gradient. The UNet calls and the decoder are
+            # checkpointed (their activations are recomputed in the backward pass instead of stored), so memory does
+            # not grow with T
+            sd.scheduler.set_timesteps(args.num_steps, device=device)
+            for i, t in enumerate(sd.scheduler.timesteps):
+                with torch.set_grad_enabled(True):
+                    eps = predict_noise(sd.unet, latents, t, prompt_embeds, negative_embeds, args.guidance_scale,
+                                        checkpointed=True)  # fmt: skip
+                    latents = ddim_step(sd.scheduler, eps, t, latents, args.eta, generator=generators).latents
+            rewards = reward_fn(decode(sd, latents, checkpoint_vae=True), batch_prompts)  # (B,)
             loss = -rewards.mean() / args.grad_accum_steps  # gradient ascent on the reward
             loss.backward()
             rewards_seen.append(rewards.detach())
-            loss_total += loss.item()
+            loss_total += loss.detach()
         average_gradients(lora_params)  # the mean over ranks: every rank takes the same step
         grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, args.max_grad_norm)
-        if not (np.isfinite(loss_total) and torch.isfinite(grad_norm)):
-            fail(f"the loss or its gradient became {loss_total} / {grad_norm.item()} at step {step}; stopped before the "
-                 "LoRA was overwritten (the last checkpoint is intact): try a lower --learning-rate")  # fmt: skip
+        if not (torch.isfinite(loss_total) and torch.isfinite(grad_norm)):
+            fail(f"the loss or its gradient became {loss_total.item()} / {grad_norm.item()} at step {step}; stopped "
+                 "before the LoRA was overwritten (the last checkpoint is intact): try a lower --learning-rate")  # fmt: skip
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        rewards_seen = gather(torch.cat(rewards_seen))  # the global batch's, on every rank
+        metrics = {
+            "reward_mean": rewards_seen.mean().item(),
+            "reward_std": rewards_seen.std().item() if len(rewards_seen) > 1 else 0.0,
+            "loss": gather(loss_total.view(1)).mean().item(),
+            "grad_norm": grad_norm.item(),
+            "images_per_sec": len(rewards_seen) / (time.time() - step_start),
+        }
 
         # TRY NOT TO MODIFY: logging, samples and checkpoints (rank 0's, with the global batch's numbers)
-        rewards_seen = gather(torch.cat(rewards_seen))
-        loss_total = gather(torch.tensor([loss_total], device=device)).mean().item()
         if rank != 0:
             continue
         if step % args.sample_every == 0 or step == args.train_steps:
             eval_reward = evaluate(step)
-        metrics = {
-            "step": step,
-            "reward_mean": rewards_seen.mean().item(),
-            "reward_std": rewards_seen.std().item() if len(rewards_seen) > 1 else 0.0,
-            "loss": loss_total,
-            "grad_norm": grad_norm.item(),
-            "images_per_sec": len(rewards_seen) / (time.time() - step_start),
-            "eval_reward_mean": eval_reward,
-        }
+        metrics = {"step": step, **metrics, "eval_reward_mean": eval_reward}
         if device.type == "cuda":
             metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
         with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(metrics) + "\n")
-        if writer:
-            for name, value in metrics.items():
-                if name != "step" and value is not None:
-                    writer.add_scalar(("losses/" if name == "loss" else "charts/") + name, value, step)
+        for name, value in metrics.items():
+            if name != "step" and value is not None:
+                writer.add_scalar(("losses/" if "loss" in name or "kl" in name else "charts/") + name, value, step)
         if step % args.save_every == 0 or step == args.train_steps:
-            checkpoint_dir = os.path.join(run_dir, "checkpoints", f"step_{step:06d}")
-            save_lora(sd.unet, checkpoint_dir)
-            torch.save({"run_name": run_name, "step": step, "optimizer": optimizer.state_dict(), "rng": rng.get_state(),
-                        "args": asdict(args)}, os.path.join(checkpoint_dir, "state.pt"))  # fmt: skip
+            save_checkpoint(os.path.join(run_dir, "checkpoints", f"step_{step:06d}"), sd.unet, {"run_name": run_name,
+                            "step": step, "optimizer": optimizer.state_dict(), "rng": rng.get_state(), "args": asdict(args)})  # fmt: skip
 
-    if rank == 0:  # loads with StableDiffusionPipeline.from_pretrained(base).load_lora_weights(run_dir)
+    # TRY NOT TO MODIFY: the final LoRA, which loads with StableDiffusionPipeline.from_pretrained(base).load_lora_weights(run_dir)
+    if rank == 0:
         save_lora(sd.unet, run_dir)
-        print(f"done: {run_dir}, eval reward {eval_reward}")
-    if writer:
         writer.close()
+        print(f"done: {run_dir}, eval reward {eval_reward}")
     cleanup()

@@ -1,11 +1,9 @@
-"""RWR: reward-weighted regression for text-to-image diffusion, and its sparse variant (the baselines of DDPO).
+"""RWR: reward-weighted regression for text-to-image diffusion, and its sparse variant, DDPO's baselines (docs/rwr.md).
 Black, Janner, Du, Kostrikov and Levine, 2023, arXiv 2305.13301 (RWR after Peters and Schaal, 2007).
 
-    python rwr.py                                              # RWR, SD 1.4, aesthetic, simple animals (GPU)
-    python rwr.py --sparse --reward jpeg_compressibility       # keep the top 10% of each sampling batch
-    python rwr.py --pretrained-model assets/tiny-sd --reward jpeg_incompressibility --prompts shapes --sparse \
-        --resolution 32 --num-steps 10 --guidance-scale 1 --learning-rate 3e-3 --num-inner-epochs 2 \
-        --samples-per-epoch 64 --sample-batch-size 32 --train-batch-size 32 --num-epochs 6   # a CPU run, seconds
+    python rwr.py                               # RWR, SD 1.4, aesthetic, simple animals (GPU)
+    python rwr.py --sparse --reward jpeg_compressibility   # keep the top 10% of each sampling batch
+    python rwr.py --preset tiny --sparse        # the shipped tiny model: a CPU run in a minute
 
 Rounds alternate: sample N images with the current model (DDIM, eta = 0) and score them; then train on the
 generated latents z_0 with the ordinary denoising loss, weighted per sample: w = N softmax(beta r) over the round
@@ -22,10 +20,11 @@ from typing import Literal, Optional
 
 import numpy as np
 import torch
-import tyro
+from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from common import check_positive, fail
+from common import check_positive, cli, fail
+from common.checkpoint import find_checkpoint, run_dir_of, save_checkpoint, truncate_metrics
 from common.distributed import average_gradients, cleanup, gather, sample_generators, setup, shard, shuffle
 from common.prompts import load_prompts, sample_prompts
 from common.rewards import REWARDS, make_reward
@@ -54,6 +53,8 @@ def denoising_loss(unet, scheduler, latents, prompt_embeds, timesteps, noise, we
 
 @dataclass
 class Args:
+    preset: Literal["sd14", "tiny"] = "sd14"
+    """sd14: the paper's setting (a GPU); tiny: the shipped tiny model, a CPU run in minutes (other flags still apply)"""
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1
@@ -75,7 +76,7 @@ class Args:
     sample_every: int = 5
     """save a grid of fixed-seed samples on held-out prompts every this many epochs"""
     resume: Optional[str] = None
-    """a checkpoint folder (runs/.../checkpoints/step_000100) or a run folder (its latest checkpoint)"""
+    """a checkpoint folder (runs/.../checkpoints/epoch_000010) or a run folder (its latest checkpoint)"""
 
     # Model, reward and prompts
     pretrained_model: str = SD14
@@ -96,8 +97,8 @@ class Args:
     """DDIM eta for sampling (0: deterministic)"""
     resolution: int = 512
     """image height and width in pixels"""
-    mixed_precision: Literal["bf16", "no"] = "bf16"
-    """dtype of the frozen weights on CUDA (the LoRA stays fp32); the CPU always uses fp32"""
+    mixed_precision: Optional[Literal["bf16", "no"]] = None
+    """bf16 or no (fp32) for the frozen weights; the LoRA stays fp32 (default: bf16 on CUDA, fp32 on the CPU)"""
 
     # Algorithm specific arguments
     sparse: bool = False
@@ -128,8 +129,16 @@ class Args:
     """clip the LoRA gradient to this norm"""
 
 
+# --preset tiny: the shipped tiny text-to-image model (assets/tiny-sd: coloured shapes at 32 px) on the CPU, with the
+# settings of the learning test (tests/test_ddpo_rwr.py); beta 30 because the reward is in kB with a spread of ~0.07
+PRESETS = {"sd14": {}, "tiny": dict(pretrained_model="assets/tiny-sd", reward="jpeg_incompressibility", prompts="shapes",
+                                    resolution=32, num_steps=10, guidance_scale=1.0, num_epochs=6, samples_per_epoch=64,
+                                    sample_batch_size=32, train_batch_size=32, num_inner_epochs=2, learning_rate=3e-3,
+                                    beta=30.0)}  # fmt: skip
+
+
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    args = cli(Args, PRESETS)
     check_positive(args, "resolution", "num_steps", "samples_per_epoch", "sample_batch_size", "train_batch_size",
                    "grad_accum_steps", "num_inner_epochs")  # fmt: skip
     if not 0 <= args.percentile <= 100:
@@ -139,24 +148,13 @@ if __name__ == "__main__":
     if args.reward not in REWARDS:
         fail(f"unknown reward '{args.reward}'; choose one of: {', '.join(REWARDS)}")
     prompts = load_prompts(args.prompts, args.prompt_file)
-    # 4 prompts spread through the set are held out of training and used for the sample grids
-    held_out = [round((i + 0.5) * len(prompts) / 4) for i in range(4)] if len(prompts) > 4 else []
-    eval_prompts = [prompts[i] for i in held_out] or prompts[:4]
-    train_prompts = [p for i, p in enumerate(prompts) if i not in held_out]
+    run_name = f"{args.reward}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
     # TRY NOT TO MODIFY: processes, run folder, resuming, tracking, seeding
     rank, world_size, device = setup(args.cuda)  # under torchrun one process per device, otherwise rank 0 of 1
-    state = None
-    if args.resume:
-        path = args.resume
-        if not os.path.isfile(os.path.join(path, "state.pt")) and os.path.isdir(os.path.join(path, "checkpoints")):
-            steps = sorted(os.listdir(os.path.join(path, "checkpoints")))
-            path = os.path.join(path, "checkpoints", steps[-1]) if steps else path
-        if not os.path.isfile(os.path.join(path, "state.pt")):
-            fail(f"--resume {args.resume} is neither a checkpoint folder nor a run folder with checkpoints")
-        state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
-    run_name = state["run_name"] if state else f"{args.reward}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.dirname(os.path.dirname(path)) if state else os.path.join(args.output_dir, run_name)
+    resume_dir, state = find_checkpoint(args.resume) if args.resume else (None, None)
+    run_name = state["run_name"] if state else run_name
+    run_dir = run_dir_of(resume_dir) if state else os.path.join(args.output_dir, run_name)
     if rank == 0:  # rank 0 writes the run folder, logs and checkpoints for all ranks
         os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
     if args.track and rank == 0:
@@ -165,25 +163,21 @@ if __name__ == "__main__":
         except ImportError:
             fail("--track logs to Weights and Biases, which is not installed: pip install wandb")
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args), name=run_name,
-                   id=run_name, resume="allow", sync_tensorboard=True)  # fmt: skip
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(run_dir) if rank == 0 else None
-        if writer:
-            writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    except ImportError:  # tensorboard is optional: metrics.jsonl has everything
-        writer = None
-
+                   id=run_name, resume="allow", sync_tensorboard=True, save_code=True)  # fmt: skip
+    writer = SummaryWriter(run_dir) if rank == 0 else None
+    if writer:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    if device.type == "cpu" and rank == 0:
-        print("note: no CUDA device, running on the CPU: SD 1.4 will be very slow there (try --pretrained-model assets/tiny-sd)")
-    dtype = torch.bfloat16 if device.type == "cuda" and args.mixed_precision == "bf16" else torch.float32
+    dtype = torch.bfloat16 if args.mixed_precision == "bf16" or (args.mixed_precision is None and device.type == "cuda") else torch.float32
     # prompts and per-sample seeds, on the CPU: the same draws on every device and rank (each rank keeps its slice)
     rng = torch.Generator().manual_seed(args.seed)
+    # 4 prompts spread through the set are held out of training and used for the sample grids
+    held_out = [round((i + 0.5) * len(prompts) / 4) for i in range(4)] if len(prompts) > 4 else []
+    eval_prompts = [prompts[i] for i in held_out] or prompts[:4]
+    train_prompts = [p for i, p in enumerate(prompts) if i not in held_out]
 
     sd = load_sd(args.pretrained_model, args.revision, device, dtype)
     reward_fn = make_reward(args.reward, device, dtype)
@@ -192,23 +186,22 @@ if __name__ == "__main__":
     negative_embeds = encode_prompts(sd, [""])  # (1, 77, D), the unconditional embedding, computed once
     eval_embeds = encode_prompts(sd, eval_prompts * 2)
     eval_latents = initial_latents(sd, len(eval_embeds), args.resolution, torch.Generator().manual_seed(args.seed), device)
+    # TRY NOT TO MODIFY: resuming
     start_epoch = 0
     if state:
-        load_lora(sd.unet, path)
+        load_lora(sd.unet, resume_dir)
         optimizer.load_state_dict(state["optimizer"])
         rng.set_state(state["rng"])
         start_epoch = state["epoch"]
-        with open(os.path.join(run_dir, "metrics.jsonl")) as f:  # drop what was logged after the checkpoint
-            kept = [line for line in f if json.loads(line)["epoch"] <= start_epoch]
-        with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
-            f.writelines(kept)
+        truncate_metrics(run_dir, "epoch", start_epoch)
 
     def evaluate(epoch: int) -> float:
-        """Fixed-seed samples on the held-out prompts: a grid, and their mean reward."""
+        """Fixed-seed samples on the held-out prompts: a grid (on disk and in TensorBoard), and their mean reward."""
+        x0, _ = sample(sd, eval_latents, eval_embeds, negative_embeds, args.num_steps, args.guidance_scale)
         with torch.no_grad():
-            x0, _ = sample(sd, eval_latents, eval_embeds, negative_embeds, args.num_steps, args.guidance_scale)
             images = decode(sd, x0)
-            save_grid(images, os.path.join(run_dir, "samples", f"step_{epoch:06d}.png"), columns=len(eval_prompts))
+            grid = save_grid(images, os.path.join(run_dir, "samples", f"epoch_{epoch:06d}.png"), columns=len(eval_prompts))
+            writer.add_image("samples", grid, epoch, dataformats="HWC")
             return reward_fn(images, eval_prompts * 2).mean().item()
 
     eval_reward = evaluate(start_epoch) if start_epoch == 0 and rank == 0 else None
@@ -216,25 +209,27 @@ if __name__ == "__main__":
                       disable=rank != 0):  # fmt: skip
         epoch_start = time.time()
         # ALGO LOGIC: sampling round with the current model; only x_0's latents are kept
-        batches = []
+        batches, generators = [], []
         with torch.no_grad():
             for _ in range(args.samples_per_epoch // args.sample_batch_size):
                 # this rank's slice of the global batch: its prompts, and one generator per sample for all its noise
                 batch_prompts = shard(sample_prompts(train_prompts, world_size * args.sample_batch_size, rng),
                                       args.sample_batch_size)  # fmt: skip
-                generators = sample_generators(args.sample_batch_size, rng)
+                batch_generators = sample_generators(args.sample_batch_size, rng)
                 prompt_embeds = encode_prompts(sd, batch_prompts)  # (B, 77, D)
-                latents = initial_latents(sd, args.sample_batch_size, args.resolution, generators, device)  # x_T
+                latents = initial_latents(sd, args.sample_batch_size, args.resolution, batch_generators, device)  # x_T
                 x0, _ = sample(sd, latents, prompt_embeds, negative_embeds, args.num_steps, args.guidance_scale,
-                               args.eta, generator=generators)  # fmt: skip
-                rewards = reward_fn(decode(sd, x0), batch_prompts)  # (B,)
-                batches.append((prompt_embeds, x0, rewards, generators))
-        prompt_embeds, latents, rewards = (torch.cat([b[i] for b in batches]) for i in range(3))
-        generators = [g for b in batches for g in b[3]]  # the training noise also comes from each sample's generator
-        # latents: (N, 4, h, w), the generated z_0; rewards: (N,)
+                               args.eta, generator=batch_generators)  # fmt: skip
+                batches.append({
+                    "prompt_embeds": prompt_embeds,  # (B, 77, D)
+                    "latents": x0,  # (B, 4, h, w): the generated z_0, the regression's data
+                    "rewards": reward_fn(decode(sd, x0), batch_prompts).float(),  # (B,)
+                })  # fmt: skip
+                generators += batch_generators  # the training noise also comes from each sample's generator
+        samples = {key: torch.cat([batch[key] for batch in batches]) for key in batches[0]}  # N = samples_per_epoch
 
         # ALGO LOGIC: per-sample weights from the rewards of the whole round (of all ranks)
-        rewards = gather(rewards.float())  # (world_size * N,)
+        rewards = gather(samples["rewards"])  # (world_size * N,)
         weights = rwr_weights(rewards, args.beta, args.sparse, args.percentile, args.sample_batch_size)
         local_weights = shard(weights, args.samples_per_epoch)
 
@@ -248,55 +243,50 @@ if __name__ == "__main__":
                 index = order[b * args.train_batch_size : (b + 1) * args.train_batch_size]
                 sample_rngs = [generators[i] for i in index]  # t ~ U{0..999} and eps from each sample's generator
                 timesteps = torch.cat([torch.randint(num_timesteps, (1,), generator=g) for g in sample_rngs])
-                noise = randn(latents[index].shape, sample_rngs, device)
-                loss = denoising_loss(sd.unet, sd.scheduler, latents[index], prompt_embeds[index],
+                noise = randn(samples["latents"][index].shape, sample_rngs, device)
+                loss = denoising_loss(sd.unet, sd.scheduler, samples["latents"][index], samples["prompt_embeds"][index],
                                       timesteps.to(device), noise, local_weights[index])  # fmt: skip
                 (loss / args.grad_accum_steps).backward()
-                losses.append(loss.item())
+                losses.append(loss.detach())  # kept on the device and read once an epoch
                 if (b + 1) % args.grad_accum_steps == 0 or b == num_batches - 1:
                     average_gradients(lora_params)  # the mean over ranks: every rank takes the same step
                     grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, args.max_grad_norm)
-                    if not (np.isfinite(losses[-1]) and torch.isfinite(grad_norm)):
-                        fail(f"the loss or its gradient became {losses[-1]} / {grad_norm.item()} at epoch {epoch}; "
+                    if not (torch.isfinite(losses[-1]) and torch.isfinite(grad_norm)):
+                        fail(f"the loss or its gradient became {losses[-1].item()} / {grad_norm.item()} at epoch {epoch}; "
                              "stopped before the LoRA was overwritten (the last checkpoint is intact): try a lower "
                              "--learning-rate")  # fmt: skip
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                    grad_norms.append(grad_norm.item())
+                    grad_norms.append(grad_norm)
+        metrics = {
+            "reward_mean": rewards.mean().item(),
+            "reward_std": rewards.std().item(),
+            "loss": gather(torch.stack(losses)).mean().item(),
+            "effective_sample_size": (weights.sum() ** 2 / (weights**2).sum()).item(),
+            "grad_norm": torch.stack(grad_norms).mean().item(),
+            "images_per_sec": len(rewards) / (time.time() - epoch_start),
+        }
 
         # TRY NOT TO MODIFY: logging, samples and checkpoints (rank 0's, with the global batch's numbers)
-        losses = gather(torch.tensor(losses, device=device)).tolist()
         if rank != 0:
             continue
         if epoch % args.sample_every == 0 or epoch == args.num_epochs:
             eval_reward = evaluate(epoch)
-        metrics = {
-            "epoch": epoch,
-            "reward_mean": rewards.mean().item(),
-            "reward_std": rewards.std().item(),
-            "loss": float(np.mean(losses)),
-            "effective_sample_size": (weights.sum() ** 2 / (weights**2).sum()).item(),
-            "grad_norm": float(np.mean(grad_norms)),
-            "images_per_sec": len(rewards) / (time.time() - epoch_start),
-            "eval_reward_mean": eval_reward,
-        }
+        metrics = {"epoch": epoch, **metrics, "eval_reward_mean": eval_reward}
         if device.type == "cuda":
             metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
         with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(metrics) + "\n")
-        if writer:
-            for name, value in metrics.items():
-                if name != "epoch" and value is not None:
-                    writer.add_scalar(("losses/" if name in ("loss",) else "charts/") + name, value, epoch)
+        for name, value in metrics.items():
+            if name != "epoch" and value is not None:
+                writer.add_scalar(("losses/" if "loss" in name or "kl" in name else "charts/") + name, value, epoch)
         if epoch % args.save_every == 0 or epoch == args.num_epochs:
-            checkpoint_dir = os.path.join(run_dir, "checkpoints", f"step_{epoch:06d}")
-            save_lora(sd.unet, checkpoint_dir)
-            torch.save({"run_name": run_name, "epoch": epoch, "optimizer": optimizer.state_dict(), "rng": rng.get_state(),
-                        "args": asdict(args)}, os.path.join(checkpoint_dir, "state.pt"))  # fmt: skip
+            save_checkpoint(os.path.join(run_dir, "checkpoints", f"epoch_{epoch:06d}"), sd.unet, {"run_name": run_name,
+                            "epoch": epoch, "optimizer": optimizer.state_dict(), "rng": rng.get_state(), "args": asdict(args)})  # fmt: skip
 
-    if rank == 0:  # loads with StableDiffusionPipeline.from_pretrained(base).load_lora_weights(run_dir)
+    # TRY NOT TO MODIFY: the final LoRA, which loads with StableDiffusionPipeline.from_pretrained(base).load_lora_weights(run_dir)
+    if rank == 0:
         save_lora(sd.unet, run_dir)
-        print(f"done: {run_dir}, eval reward {eval_reward}")
-    if writer:
         writer.close()
+        print(f"done: {run_dir}, eval reward {eval_reward}")
     cleanup()

@@ -5,7 +5,7 @@
     python benchmarks/sd14_scale.py --levers channels_last  # a lever from outside the scripts (benchmarks/levers.py)
     python benchmarks/sd14_scale.py --tiny --steps 2       # a smoke run of this file on the CPU (tests use it)
 
-1. Builds, in --models-dir, SD-1.4-shaped random models (ALGORITHMS.md's shapes): a pipeline folder (UNet 860M,
+1. Builds, in --models-dir, SD-1.4-shaped random models (the configs of SD 1.4, CLIP ViT-L/14): a pipeline folder (UNet 860M,
    VAE, CLIP text encoder, a tokenizer from a small vocabulary) and, in a Hugging Face cache layout, CLIP ViT-L/14
    and an aesthetic head, so that `--reward aesthetic` resolves offline to them (HF_HUB_CACHE, HF_HUB_OFFLINE=1).
 2. Runs each script as `python script.py ...` at 512 px with its default batch for --steps optimizer steps (DDPO and

@@ -43,6 +43,21 @@ def hub_file(repo_or_path: str, filename: str) -> str:
     return repo_or_path if os.path.isfile(repo_or_path) else load_or_fail(hf_hub_download, repo_or_path, filename=filename)
 
 
+class ClipImageFeatures(nn.Module):
+    """L2-normalised CLIP image embeddings, differentiable: what the aesthetic predictor (and BRAID's reward model)
+    reads. `clip_model` is a hub id or local folder of a transformers CLIPModel with its image processor."""
+
+    def __init__(self, clip_model="openai/clip-vit-large-patch14"):
+        super().__init__()
+        self.clip = load_or_fail(CLIPModel.from_pretrained, clip_model)  # the text tower idles: 1/4 of the weights
+        self.processor = load_or_fail(CLIPImageProcessor.from_pretrained, clip_model)
+
+    def forward(self, images):  # (B, 3, H, W) in [0, 1] -> (B, projection_dim), in the CLIP model's dtype
+        pixels = processor_preprocess(self.processor, images).to(self.clip.dtype)
+        embeds = self.clip.get_image_features(pixel_values=pixels).pooler_output
+        return embeds / embeds.norm(dim=-1, keepdim=True)
+
+
 class Aesthetic(nn.Module):
     """LAION 'improved aesthetic predictor': L2-normalised CLIP ViT-L/14 image embeddings into an MLP head
     (768-1024-128-64-16-1, dropouts, no activations), weights sac+logos+ava1-l14-linearMSE."""
@@ -51,9 +66,8 @@ class Aesthetic(nn.Module):
 
     def __init__(self, clip_model="openai/clip-vit-large-patch14", head="trl-lib/ddpo-aesthetic-predictor"):
         super().__init__()
-        self.clip = load_or_fail(CLIPModel.from_pretrained, clip_model)  # the text tower idles: 1/4 of the weights
-        self.processor = load_or_fail(CLIPImageProcessor.from_pretrained, clip_model)
-        dim = self.clip.config.projection_dim
+        self.features = ClipImageFeatures(clip_model)
+        dim = self.features.clip.config.projection_dim
         self.head = nn.Sequential(
             nn.Linear(dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
             nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1),
@@ -62,9 +76,7 @@ class Aesthetic(nn.Module):
         self.head.load_state_dict({k.removeprefix("layers."): v for k, v in state_dict.items()})
 
     def forward(self, images, prompts=None):
-        pixels = processor_preprocess(self.processor, images).to(self.clip.dtype)
-        embeds = self.clip.get_image_features(pixel_values=pixels).pooler_output
-        embeds = embeds / embeds.norm(dim=-1, keepdim=True)
+        embeds = self.features(images)
         return self.head(embeds.to(self.head[0].weight.dtype)).squeeze(-1).float()
 
 

@@ -1,4 +1,4 @@
-"""DDIM sampling with classifier-free guidance, in the notation of ALGORITHMS.md:
+"""DDIM sampling with classifier-free guidance, in the notation of docs/ALGORITHMS.md:
     x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)
     sigma  = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev)
     mean   = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps,   x_prev = mean + sigma z
@@ -29,15 +29,20 @@ def initial_latents(sd, batch_size: int, resolution: int, generator=None, device
     return randn((batch_size, sd.unet.config.in_channels, size, size), generator, device)
 
 
-def predict_noise(unet, latents, t, prompt_embeds, negative_embeds, guidance_scale: float) -> torch.Tensor:
+def predict_noise(unet, latents, t, prompt_embeds, negative_embeds, guidance_scale: float, checkpointed=False):
     """eps = eps_u + w (eps_c - eps_u) from one batched UNet call on [uncond; cond]. As in diffusers, there is
-    no guidance (one call on cond) when w <= 1. `negative_embeds` may be one row; it is broadcast."""
+    no guidance (one call on cond) when w <= 1. `negative_embeds` may be one row; it is broadcast. `checkpointed`
+    (with autograd on): keep only the inputs and recompute the UNet call in the backward pass, to save memory."""
+    if checkpointed and torch.is_grad_enabled():
+        args = (unet, latents, t, prompt_embeds, negative_embeds, guidance_scale)
+        return checkpoint(predict_noise, *args, use_reentrant=False)
+    dtype = unet.conv_in.weight.dtype  # not unet.dtype: diffusers walks every parameter to answer that
     if guidance_scale <= 1.0:
-        return unet(latents.to(unet.dtype), t, encoder_hidden_states=prompt_embeds.to(unet.dtype)).sample.float()
+        return unet(latents.to(dtype), t, encoder_hidden_states=prompt_embeds.to(dtype)).sample.float()
     negative_embeds = negative_embeds.expand(len(latents), -1, -1)
-    embeds = torch.cat([negative_embeds, prompt_embeds]).to(unet.dtype)  # (2B, 77, D)
+    embeds = torch.cat([negative_embeds, prompt_embeds]).to(dtype)  # (2B, 77, D)
     t = torch.cat([t, t]) if t.ndim else t  # one timestep per sample (DDPO's shuffled timesteps) or one for all
-    eps = unet(torch.cat([latents, latents]).to(unet.dtype), t, encoder_hidden_states=embeds).sample.float()
+    eps = unet(torch.cat([latents, latents]).to(dtype), t, encoder_hidden_states=embeds).sample.float()
     eps_uncond, eps_cond = eps.chunk(2)
     return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
@@ -81,35 +86,26 @@ def ddim_step(scheduler, eps, t, latents, eta: float = 0.0, prev_latents=None, g
 class Trajectory:
     timesteps: list = field(default_factory=list)  # t_T, ..., t_1
     latents: list = field(default_factory=list)  # x_T, ..., x_0: num_steps + 1 tensors (B, 4, h, w)
-    means: list = field(default_factory=list)  # per step (B, 4, h, w)
-    stds: list = field(default_factory=list)  # per step, scalars
     log_probs: list = field(default_factory=list)  # per step (B,), at eta > 0
 
 
+@torch.no_grad()
 def sample(
     sd, latents, prompt_embeds, negative_embeds, num_steps: int = 50, guidance_scale: float = 7.5,
-    eta: float = 0.0, grad_steps: int = 0, checkpoint_unet: bool = False, generator=None, trajectory: bool = False,
+    eta: float = 0.0, generator=None, trajectory: bool = False,
 ):
-    """DDIM from x_T = `latents` to x_0 with guidance. Only the last `grad_steps` steps build an autograd graph
-    (0: none, K: the last K as in DRaFT-K, num_steps: all); the latent entering them is a constant.
-    `checkpoint_unet` recomputes those UNet calls in the backward pass instead of storing their activations.
+    """DDIM from x_T = `latents` to x_0 with guidance, without gradient (evaluation, DDPO's and RWR's sampling
+    rounds, BRAID's offline data; the scripts that backpropagate through the sampler write their loop inline).
     Returns x_0, and the Trajectory when asked (else None)."""
     sd.scheduler.set_timesteps(num_steps, device=latents.device)
     record = Trajectory(latents=[latents]) if trajectory else None
-    for i, t in enumerate(sd.scheduler.timesteps):
-        with torch.set_grad_enabled(i >= num_steps - grad_steps):
-            args = (sd.unet, latents, t, prompt_embeds, negative_embeds, guidance_scale)
-            if checkpoint_unet and torch.is_grad_enabled():
-                eps = checkpoint(predict_noise, *args, use_reentrant=False)
-            else:
-                eps = predict_noise(*args)
-            step = ddim_step(sd.scheduler, eps, t, latents, eta, generator=generator)
+    for t in sd.scheduler.timesteps:
+        eps = predict_noise(sd.unet, latents, t, prompt_embeds, negative_embeds, guidance_scale)
+        step = ddim_step(sd.scheduler, eps, t, latents, eta, generator=generator)
         latents = step.latents
         if record:
             record.timesteps.append(t)
             record.latents.append(latents)
-            record.means.append(step.mean)
-            record.stds.append(step.std)
             record.log_probs.append(step.log_prob)
     return latents, record
 
@@ -128,11 +124,13 @@ def decode(sd, latents, checkpoint_vae: bool = False) -> torch.Tensor:
     return (images / 2 + 0.5).clamp(0, 1)
 
 
-def save_grid(images: torch.Tensor, path: str, columns: int) -> None:
-    """Images (N, 3, H, W) in [0, 1] -> one PNG, `columns` images a row."""
+def save_grid(images: torch.Tensor, path: str, columns: int) -> torch.Tensor:
+    """Images (N, 3, H, W) in [0, 1] -> one PNG, `columns` images a row. Returns the grid, (H', W', 3) uint8."""
     from PIL import Image
 
     rows = -(-len(images) // columns)
     padded = torch.cat([images, images.new_zeros(rows * columns - len(images), *images.shape[1:])])
     grid = padded.view(rows, columns, *images.shape[1:]).permute(0, 3, 1, 4, 2).flatten(0, 1).flatten(1, 2)
-    Image.fromarray((grid.float().clamp(0, 1) * 255).round().byte().cpu().numpy()).save(path)
+    grid = (grid.float().clamp(0, 1) * 255).round().byte().cpu()
+    Image.fromarray(grid.numpy()).save(path)
+    return grid

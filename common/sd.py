@@ -1,4 +1,5 @@
 """Stable Diffusion 1.x: loading the frozen parts, LoRA on the UNet, prompt encoding."""
+import os
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,8 @@ def load_sd(model: str = SD14, revision: str | None = None, device="cpu", dtype=
         module.requires_grad_(False).eval().to(device)
     unet.set_attn_processor(AttnProcessor2_0())
     vae.set_attn_processor(AttnProcessor2_0())
+    if device.type == "cpu" and sum(p.numel() for p in unet.parameters()) > 10**8 and os.environ.get("RANK", "0") == "0":
+        print(f"note: no CUDA device: '{model}' will be very slow on the CPU (try --preset tiny, the shipped tiny model)")
     return StableDiffusion(tokenizer, text_encoder, unet, vae, scheduler)
 
 

@@ -20,9 +20,20 @@ def run_script(script: str, args: list[str], monkeypatch) -> dict:
     return runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
 
 
-def run_subprocess(script: str, args: list[str]) -> None:
+def run_subprocess(script: str, args: list[str]) -> str:
+    """Runs `python script args` to the end; returns what it printed on stderr (progress bars, notes, warnings)."""
     result = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result.stderr
+
+
+def tensorboard_images(run_dir: str) -> list[int]:
+    """The steps at which the run's TensorBoard events hold a sample grid."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(run_dir, size_guidance={"images": 0})
+    events.Reload()
+    return [image.step for image in events.Images("samples")]
 
 
 def read_metrics(output_dir) -> tuple[str, list[dict]]:

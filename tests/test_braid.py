@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from scripts import ROOT, check_resume, definitions, read_metrics, run_script, run_subprocess
 
-from common.sampling import initial_latents, predict_noise, sample
+from common.sampling import initial_latents, predict_noise
 from common.sd import add_lora, encode_prompts, load_sd
 
 BRAID = definitions("braid.py")
@@ -63,43 +63,49 @@ def test_bonus_is_small_on_the_data_and_grows_away_from_it():
     torch.testing.assert_close(on_data[:3], expected, rtol=1e-4, atol=1e-6)
 
 
-def test_path_kl_is_zero_at_init_and_matches_an_independent_computation(tiny_sd_path):
+def test_sampling_follows_diffusers_and_the_path_kl_matches_an_independent_computation(tiny_sd_path):
     sd, pretrained = load_sd(tiny_sd_path), load_sd(tiny_sd_path)  # the second never gets a LoRA
     add_lora(sd.unet, rank=4)
     prompt_embeds, negative_embeds = encode_prompts(sd, ["a cat", "a dog"]), encode_prompts(sd, [""])
     latents = initial_latents(sd, 2, 16, torch.Generator().manual_seed(0))
 
-    def trajectory_and_kl():
-        _, trajectory = sample(sd, latents, prompt_embeds, negative_embeds, 4, 7.5, 1.0, grad_steps=4,
-                               generator=torch.Generator().manual_seed(1), trajectory=True)  # fmt: skip
-        return trajectory, BRAID["path_kl"](sd, trajectory, range(4), prompt_embeds, negative_embeds, 7.5, 1.0)
+    def sample_with_kl():
+        args = (sd, latents, prompt_embeds, negative_embeds, 4, 7.5, 1.0, 4, torch.Generator().manual_seed(1))
+        return BRAID["sample_with_kl"](*args)
 
-    _, kl = trajectory_and_kl()
+    _, kl = sample_with_kl()
     assert torch.equal(kl, torch.zeros(2))  # the LoRA starts as the identity
     for name, p in sd.unet.named_parameters():
         if "lora_B" in name:
             p.data.normal_(std=0.1, generator=torch.Generator().manual_seed(2))
-    trajectory, kl = trajectory_and_kl()
+    x0, kl = sample_with_kl()
     assert (kl > 0).all()
     kl.sum().backward()  # the gradient reaches the LoRA, and the adapters are left switched on
     assert all(p.requires_grad and p.grad is not None for n, p in sd.unet.named_parameters() if "lora_" in n)
-    # independently: diffusers' DDIM step without noise gives each model's mean, its variance gives sigma_t^2
-    expected = torch.zeros(2)
-    pretrained.scheduler.set_timesteps(4)
+    # independently: diffusers' DDIM step at eta 1 with the same noise gives the trajectory; without noise, each
+    # model's mean; its variance, sigma_t^2
+    expected, x_t, generator = torch.zeros(2), latents, torch.Generator().manual_seed(1)
+    scheduler = pretrained.scheduler
+    scheduler.set_timesteps(4)
     with torch.no_grad():
-        for t, x_t, mean in zip(trajectory.timesteps, trajectory.latents, trajectory.means):
+        for t in scheduler.timesteps:
+            eps = predict_noise(sd.unet, x_t, t, prompt_embeds, negative_embeds, 7.5)
             eps_pre = predict_noise(pretrained.unet, x_t, t, prompt_embeds, negative_embeds, 7.5)
             zero = torch.zeros_like(x_t)
-            mean_pre = pretrained.scheduler.step(eps_pre, t, x_t, eta=1.0, variance_noise=zero).prev_sample
-            variance = pretrained.scheduler._get_variance(t, t - 1000 // 4)
+            mean = scheduler.step(eps, t, x_t, eta=1.0, variance_noise=zero).prev_sample
+            mean_pre = scheduler.step(eps_pre, t, x_t, eta=1.0, variance_noise=zero).prev_sample
+            variance = scheduler._get_variance(t, t - 1000 // 4)
             expected += ((mean - mean_pre) ** 2).mean(dim=(1, 2, 3)) / (2 * variance)
+            x_t = scheduler.step(eps, t, x_t, eta=1.0, generator=generator).prev_sample
+    torch.testing.assert_close(x0.detach(), x_t, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(kl.detach(), expected, rtol=1e-4, atol=1e-8)
 
 
 @pytest.mark.parametrize("variant", [["--conservatism", "boot"], ["--conservatism", "bonus"], ["--c", "0"]])
 def test_script_runs_on_synthesised_data(variant, tiny_sd_path, tmp_path):
-    run_subprocess("braid.py", ["--pretrained-model", tiny_sd_path, *TINY, *variant, "--train-steps", "2",
-                                "--offline-quantile", "0.5", "--output-dir", str(tmp_path)])  # fmt: skip
+    stderr = run_subprocess("braid.py", ["--pretrained-model", tiny_sd_path, *TINY, *variant, "--train-steps", "2",
+                                         "--offline-quantile", "0.5", "--output-dir", str(tmp_path)])  # fmt: skip
+    assert "warn" not in stderr.lower()
     run_dir, metrics = read_metrics(tmp_path)
     assert [m["step"] for m in metrics] == [1, 2]
     for key in ("reward_mean", "proxy_reward_mean", "kl", "true_reward_mean", "offline_best", "offline_median",

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 from diffusers import DDPMScheduler
-from scripts import ROOT, check_resume, definitions, read_metrics, run_script, run_subprocess
+from scripts import ROOT, check_resume, definitions, read_metrics, run_script, run_subprocess, tensorboard_images
 
 from common.sd import load_sd
 
@@ -79,14 +79,17 @@ VARIANTS = [("ddpo.py", []), ("ddpo.py", ["--estimator", "sf"]), ("rwr.py", []),
 
 @pytest.mark.parametrize("script, variant", VARIANTS)
 def test_script_runs_and_writes_metrics_grids_and_lora(script, variant, tiny_sd_path, tmp_path):
-    run_subprocess(script, ["--pretrained-model", tiny_sd_path, *TINY, *variant, "--num-epochs", "2",
-                            "--sample-every", "1", "--output-dir", str(tmp_path)])  # fmt: skip
+    stderr = run_subprocess(script, ["--pretrained-model", tiny_sd_path, *TINY, *variant, "--num-epochs", "2",
+                                     "--sample-every", "1", "--output-dir", str(tmp_path)])  # fmt: skip
+    assert "warn" not in stderr.lower()
     run_dir, metrics = read_metrics(tmp_path)
     assert [m["epoch"] for m in metrics] == [1, 2]
     keys = ["reward_mean", "reward_std", "loss", "grad_norm", "images_per_sec", "eval_reward_mean"]
     keys += ["approx_kl", "clipfrac"] if script == "ddpo.py" else ["effective_sample_size"]
     assert all(isinstance(m[key], float) for m in metrics for key in keys)
-    assert sorted(os.listdir(os.path.join(run_dir, "samples"))) == [f"step_00000{i}.png" for i in range(3)]
+    assert sorted(os.listdir(os.path.join(run_dir, "samples"))) == [f"epoch_00000{i}.png" for i in range(3)]
+    assert os.listdir(os.path.join(run_dir, "checkpoints")) == ["epoch_000002"]
+    assert tensorboard_images(run_dir) == [0, 1, 2]
     assert os.path.isfile(os.path.join(run_dir, "pytorch_lora_weights.safetensors"))
 
 

@@ -3,7 +3,7 @@ import os
 
 import pytest
 import torch
-from scripts import check_resume, read_metrics, run_script, run_subprocess
+from scripts import check_resume, read_metrics, run_script, run_subprocess, tensorboard_images
 
 import common.sampling
 
@@ -13,13 +13,15 @@ TINY = ["--reward", "colorfulness", "--resolution", "16", "--num-steps", "4", "-
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_script_runs_and_writes_metrics_grids_and_lora(script, tiny_sd_path, tmp_path):
-    run_subprocess(script, ["--pretrained-model", tiny_sd_path, *TINY, "--train-steps", "2", "--sample-every", "1",
-                            "--output-dir", str(tmp_path)])  # fmt: skip
+    stderr = run_subprocess(script, ["--pretrained-model", tiny_sd_path, *TINY, "--train-steps", "2", "--sample-every",
+                                     "1", "--output-dir", str(tmp_path)])  # fmt: skip
+    assert "warn" not in stderr.lower() and "note:" not in stderr  # no library warnings, no SD-sized CPU note
     run_dir, metrics = read_metrics(tmp_path)
     assert [m["step"] for m in metrics] == [1, 2]
     for key in ("reward_mean", "reward_std", "loss", "grad_norm", "images_per_sec", "eval_reward_mean"):
         assert all(isinstance(m[key], float) for m in metrics), key
     assert sorted(os.listdir(os.path.join(run_dir, "samples"))) == [f"step_00000{i}.png" for i in range(3)]
+    assert tensorboard_images(run_dir) == [0, 1, 2]
     assert os.path.isfile(os.path.join(run_dir, "pytorch_lora_weights.safetensors"))
     assert os.path.isfile(os.path.join(run_dir, "checkpoints", "step_000002", "state.pt"))
 
@@ -43,37 +45,43 @@ def test_resume_reproduces_the_uninterrupted_run(script, tiny_sd_path, tmp_path,
                  keys=("reward_mean", "loss", "grad_norm"))  # fmt: skip
 
 
-def test_draft_k_passes_k_to_the_sampler(tiny_sd_path, tmp_path, monkeypatch):
-    """Which steps carry gradient is sample()'s job (tests/test_sampling.py counts the graph-building UNet calls)."""
-    seen = []
-    original = common.sampling.sample
+def record_gradient_window(monkeypatch) -> list[bool]:
+    """Whether autograd is on at each UNet call the training loops make (they pass checkpointed=True; the sampling
+    of evaluations and the checkpoint's recomputations in the backward pass do not)."""
+    seen, original = [], common.sampling.predict_noise
 
-    def recording_sample(*args, **kwargs):
-        seen.append(kwargs.get("grad_steps", 0))
-        return original(*args, **kwargs)
+    def recording_predict_noise(*args, checkpointed=False):
+        if checkpointed:
+            seen.append(torch.is_grad_enabled())
+        return original(*args, checkpointed=checkpointed)
 
-    monkeypatch.setattr(common.sampling, "sample", recording_sample)
-    run_script("draft_k.py", ["--pretrained-model", tiny_sd_path, *TINY, "--k", "3", "--train-steps", "2",
-                              "--output-dir", str(tmp_path)], monkeypatch)  # fmt: skip
-    assert seen == [0, 3, 3, 0]  # evaluation at step 0, two training steps, evaluation at the end
+    monkeypatch.setattr(common.sampling, "predict_noise", recording_predict_noise)
+    return seen
+
+
+@pytest.mark.parametrize("script, k", [("draft_k.py", 1), ("draft_k.py", 3), ("draft_full.py", 4)])
+def test_exactly_the_last_k_steps_carry_gradient(script, k, tiny_sd_path, tmp_path, monkeypatch):
+    seen = record_gradient_window(monkeypatch)
+    run_script(script, ["--pretrained-model", tiny_sd_path, *TINY, "--train-steps", "2", "--output-dir", str(tmp_path),
+                        *(["--k", str(k)] if script == "draft_k.py" else [])], monkeypatch)  # fmt: skip
+    assert seen == ([False] * (4 - k) + [True] * k) * 2  # 4 sampling steps, two training steps
 
 
 def test_draft_lv_uses_n_distinct_noises_on_a_constant_x0(tiny_sd_path, tmp_path, monkeypatch):
     inputs = []
     original = common.sampling.predict_noise
 
-    def recording_predict_noise(unet, latents, *args):
-        if torch.is_grad_enabled():
+    def recording_predict_noise(unet, latents, *args, checkpointed=False):
+        if torch.is_grad_enabled() and checkpointed:  # the loop's calls, not the checkpoint's own
             inputs.append(latents)
-        return original(unet, latents, *args)
+        return original(unet, latents, *args, checkpointed=checkpointed)
 
     monkeypatch.setattr(common.sampling, "predict_noise", recording_predict_noise)
     run_script("draft_lv.py", ["--pretrained-model", tiny_sd_path, *TINY, "--n", "3", "--train-steps", "1",
                                "--output-dir", str(tmp_path)], monkeypatch)  # fmt: skip
-    first_pass = inputs[:3]  # then the checkpoint's recomputation in the backward pass sees the same inputs
-    assert len(inputs) == 6 and all(any(torch.equal(a, b) for b in first_pass) for a in inputs[3:])
-    assert not any(x1.requires_grad for x1 in first_pass)  # x_0 was detached before re-noising
-    assert all(not torch.allclose(first_pass[i], first_pass[j]) for i in range(3) for j in range(i + 1, 3))
+    assert len(inputs) == 3
+    assert not any(x1.requires_grad for x1 in inputs)  # x_0 was detached before re-noising
+    assert all(not torch.allclose(inputs[i], inputs[j]) for i in range(3) for j in range(i + 1, 3))
 
 
 BAD_INPUTS = [

@@ -44,7 +44,8 @@ def test_two_ranks_match_one_process_over_the_combined_batch(script, tiny_sd_pat
     run_dir, metrics = read_metrics(tmp_path / "two")  # one run folder, written by rank 0
     assert [m.get("step", m.get("epoch")) for m in metrics] == [1, 2]
     assert os.listdir(os.path.join(run_dir, "checkpoints"))
-    assert os.path.isfile(os.path.join(run_dir, "samples", "step_000002.png"))
+    counter = "epoch" if "--num-epochs" in args else "step"
+    assert os.path.isfile(os.path.join(run_dir, "samples", f"{counter}_000002.png"))
 
     one = run_script(script, [*args, *batch_flags(flags, 2), "--output-dir", str(tmp_path / "one")], monkeypatch)
     _, single = read_metrics(tmp_path / "one")

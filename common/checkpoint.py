@@ -1,0 +1,75 @@
+"""Run folders and checkpoints, the same in all six scripts. A checkpoint is a folder
+`{run}/checkpoints/{step|epoch}_XXXXXX/` holding the LoRA in diffusers' format and `state.pt` (optimizer, counter,
+RNG, the run's arguments). It is written into a temporary folder and renamed into place, so it exists whole or not
+at all."""
+import json
+import os
+import shutil
+
+import torch
+
+from common import fail
+from common.sd import LORA_WEIGHTS, save_lora
+
+STATE = "state.pt"
+
+
+def is_complete(checkpoint_dir: str) -> bool:
+    return all(os.path.isfile(os.path.join(checkpoint_dir, name)) for name in (STATE, LORA_WEIGHTS))
+
+
+def find_checkpoint(path: str) -> tuple[str, dict]:
+    """`--resume PATH`: a checkpoint folder, or a run folder (its newest complete checkpoint). Returns the
+    checkpoint folder and its state. A named checkpoint that cannot be read ends the run with one sentence; in a
+    run folder, incomplete or unreadable checkpoints are skipped with a warning."""
+    if os.path.isfile(os.path.join(path, STATE)):
+        return path, load_state(path)
+    folder = os.path.join(path, "checkpoints")
+    names = sorted(os.listdir(folder), reverse=True) if os.path.isdir(folder) else []
+    for name in names:
+        checkpoint_dir = os.path.join(folder, name)
+        if ".tmp" in name or not is_complete(checkpoint_dir):
+            print(f"warning: skipping the incomplete checkpoint {checkpoint_dir}")
+            continue
+        try:
+            state = torch.load(os.path.join(checkpoint_dir, STATE), weights_only=False)
+        except Exception as e:  # a truncated or corrupt file: an older checkpoint may still be whole
+            print(f"warning: skipping the unreadable checkpoint {checkpoint_dir} ({type(e).__name__})")
+            continue
+        print(f"resuming from {checkpoint_dir}")
+        return checkpoint_dir, state
+    fail(f"--resume {path} is neither a checkpoint folder nor a run folder with a complete checkpoint")
+
+
+def load_state(checkpoint_dir: str) -> dict:
+    try:
+        return torch.load(os.path.join(checkpoint_dir, STATE), weights_only=False)
+    except Exception as e:
+        fail(f"the checkpoint {checkpoint_dir} cannot be read ({type(e).__name__}: {str(e)[:100]}); resume from an earlier one")
+
+
+def run_dir_of(checkpoint_dir: str) -> str:
+    return os.path.dirname(os.path.dirname(os.path.abspath(checkpoint_dir)))
+
+
+def truncate_metrics(run_dir: str, counter: str, last: int) -> None:
+    """Drop what a run logged after its checkpoint `last`, so that the resumed run's lines follow on."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)[counter] <= last]
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+def save_checkpoint(checkpoint_dir: str, unet, state: dict) -> None:
+    """The LoRA and `state` into a temporary folder, then renamed to `checkpoint_dir` (replacing an older one of the
+    same name, which a resumed run may have left beyond its checkpoint)."""
+    temporary = f"{checkpoint_dir}.tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    save_lora(unet, temporary)
+    torch.save(state, os.path.join(temporary, STATE))
+    if os.path.exists(checkpoint_dir):
+        shutil.rmtree(checkpoint_dir)
+    os.replace(temporary, checkpoint_dir)
