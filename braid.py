@@ -17,6 +17,7 @@ Offline data (--offline-data): a folder of images with a scores.csv of `file,sco
 {"scores": (N,)} and either {"images": uint8 (N, 3, H, W)} or {"features": (N, D)} already computed with the
 --feature-model. Without it, the data is synthesised and cached as {run folder}/offline_data.pt (same format).
 """
+
 import csv
 import json
 import math
@@ -172,8 +173,8 @@ def synthesise_offline_data(sd, labeler, prompts, negative_embeds, args, generat
     true_rewards = torch.cat(true_rewards)[: args.offline_size].float()
     scores = true_rewards + args.label_noise * torch.randn(len(true_rewards), generator=generator)
     keep = scores <= torch.quantile(scores, args.offline_quantile)
-    return {"images": torch.cat(images)[: args.offline_size][keep], "scores": scores[keep],
-            "true_rewards": true_rewards[keep], "prompts": [p for p, kept in zip(data_prompts, keep) if kept]}  # fmt: skip
+    images, prompts = torch.cat(images)[: args.offline_size][keep], [p for p, k in zip(data_prompts, keep) if k]
+    return {"images": images, "scores": scores[keep], "true_rewards": true_rewards[keep], "prompts": prompts}
 
 
 def load_offline_data(path: str, resolution: int) -> dict:
@@ -199,7 +200,7 @@ def load_offline_data(path: str, resolution: int) -> dict:
 @dataclass
 class Args:
     preset: Literal["sd14", "tiny"] = "sd14"
-    """sd14: SD 1.4 (a GPU); tiny: the shipped tiny model, a CPU run in minutes (other flags still apply)"""
+    """sd14: the paper's setting on SD 1.4 (a GPU); tiny: the shipped tiny model on the CPU (flags still apply)"""
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1
@@ -328,12 +329,15 @@ if __name__ == "__main__":
                    id=run_name, resume="allow", sync_tensorboard=True, save_code=True)  # fmt: skip
     writer = SummaryWriter(run_dir) if rank == 0 else None
     if writer:
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+        writer.add_text(
+            "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+        )
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    dtype = torch.bfloat16 if args.mixed_precision == "bf16" or (args.mixed_precision is None and device.type == "cuda") else torch.float32
+    precision = args.mixed_precision or ("bf16" if device.type == "cuda" else "no")  # of the frozen weights
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     # prompts and per-sample seeds, on the CPU: the same draws on every device and rank (each rank keeps its slice)
     rng = torch.Generator().manual_seed(args.seed)
     # 4 prompts spread through the set are held out of training and used for the sample grids
@@ -348,7 +352,9 @@ if __name__ == "__main__":
     cache = os.path.join(run_dir, "offline_data.pt")
     labeler = make_reward(args.labeler, device, dtype) if args.offline_data is None else None
     if args.offline_data is None and not os.path.isfile(cache):
-        data = synthesise_offline_data(sd, labeler, train_prompts, negative_embeds, args, torch.Generator().manual_seed(args.seed + 1))
+        data = synthesise_offline_data(
+            sd, labeler, train_prompts, negative_embeds, args, torch.Generator().manual_seed(args.seed + 1)
+        )
         if rank == 0:
             torch.save(data, cache)  # a resumed run reads the same data
     else:
@@ -373,7 +379,9 @@ if __name__ == "__main__":
                      for _ in range(args.ensemble_size)]  # fmt: skip
     else:
         resamples = [train]
-    heads = [fit_head(features[i], scores[i], args.reward_model_steps, args.reward_model_lr, model_rng) for i in resamples]
+    heads = [
+        fit_head(features[i], scores[i], args.reward_model_steps, args.reward_model_lr, model_rng) for i in resamples
+    ]
     conservative = ConservativeReward(heads, args.c, features[train], args.bonus_lambda).to(device)
     with torch.no_grad():
         val_mse = F.mse_loss(conservative(features[val])[1], scores[val]).item()
@@ -389,7 +397,9 @@ if __name__ == "__main__":
     lora_params = add_lora(sd.unet, args.lora_rank)
     optimizer = torch.optim.AdamW(lora_params, lr=args.learning_rate, weight_decay=args.weight_decay)
     eval_embeds = encode_prompts(sd, eval_prompts * 2)
-    eval_latents = initial_latents(sd, len(eval_embeds), args.resolution, torch.Generator().manual_seed(args.seed), device)
+    eval_latents = initial_latents(
+        sd, len(eval_embeds), args.resolution, torch.Generator().manual_seed(args.seed), device
+    )
 
     # TRY NOT TO MODIFY: resuming
     start_step = 0
@@ -406,7 +416,9 @@ if __name__ == "__main__":
                        generator=torch.Generator().manual_seed(args.seed))  # fmt: skip
         with torch.no_grad():
             images = decode(sd, x0)
-            grid = save_grid(images, os.path.join(run_dir, "samples", f"step_{step:06d}.png"), columns=len(eval_prompts))
+            grid = save_grid(
+                images, os.path.join(run_dir, "samples", f"step_{step:06d}.png"), columns=len(eval_prompts)
+            )
             writer.add_image("samples", grid, step, dataformats="HWC")
             return reward_fn(images, eval_prompts * 2).mean().item()
 
@@ -439,8 +451,10 @@ if __name__ == "__main__":
         average_gradients(lora_params)  # the mean over ranks: every rank takes the same step
         grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, args.max_grad_norm)
         if not (torch.isfinite(loss_total) and torch.isfinite(grad_norm)):
-            fail(f"the loss or its gradient became {loss_total.item()} / {grad_norm.item()} at step {step}; stopped "
-                 "before the LoRA was overwritten (the last checkpoint is intact): try a lower --learning-rate")  # fmt: skip
+            fail(
+                f"the loss or its gradient became {loss_total.item()} / {grad_norm.item()} at step {step}; stopped"
+                " before the LoRA was overwritten (the last checkpoint is intact): try a lower --learning-rate"
+            )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         rewards_seen, proxies_seen, kls_seen = (gather(torch.cat(x)) for x in (rewards_seen, proxies_seen, kls_seen))
@@ -473,10 +487,11 @@ if __name__ == "__main__":
             if name != "step" and value is not None:
                 writer.add_scalar(("losses/" if "loss" in name or "kl" in name else "charts/") + name, value, step)
         if step % args.save_every == 0 or step == args.train_steps:
-            save_checkpoint(os.path.join(run_dir, "checkpoints", f"step_{step:06d}"), sd.unet, {"run_name": run_name,
-                            "step": step, "optimizer": optimizer.state_dict(), "rng": rng.get_state(), "args": asdict(args)})  # fmt: skip
+            checkpoint_dir = os.path.join(run_dir, "checkpoints", f"step_{step:06d}")
+            state = {"run_name": run_name, "step": step, "optimizer": optimizer.state_dict(), "rng": rng.get_state()}
+            save_checkpoint(checkpoint_dir, sd.unet, {**state, "args": asdict(args)})
 
-    # TRY NOT TO MODIFY: the final LoRA, which loads with StableDiffusionPipeline.from_pretrained(base).load_lora_weights(run_dir)
+    # TRY NOT TO MODIFY: the final LoRA (StableDiffusionPipeline.from_pretrained(base).load_lora_weights(run_dir))
     if rank == 0:
         save_lora(sd.unet, run_dir)
         writer.close()

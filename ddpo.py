@@ -11,6 +11,7 @@ per prompt into advantages; then takes policy-gradient steps on the steps' log-p
 ratio (DDPO-IS) or REINFORCE (DDPO-SF). Any reward works, differentiable or not. Defaults follow the public code
 ddpo-pytorch (LoRA rank 4, AdamW lr 3e-4, weight decay 1e-4, guidance 5, clip range 1e-4, 256 samples an epoch).
 """
+
 import json
 import os
 import random
@@ -63,7 +64,7 @@ def policy_loss(estimator: str, log_prob, old_log_prob, advantages, clip_range: 
 @dataclass
 class Args:
     preset: Literal["sd14", "tiny"] = "sd14"
-    """sd14: the paper's setting (a GPU); tiny: the shipped tiny model, a CPU run in minutes (other flags still apply)"""
+    """sd14: the paper's setting on SD 1.4 (a GPU); tiny: the shipped tiny model on the CPU (flags still apply)"""
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1
@@ -182,12 +183,15 @@ if __name__ == "__main__":
                    id=run_name, resume="allow", sync_tensorboard=True, save_code=True)  # fmt: skip
     writer = SummaryWriter(run_dir) if rank == 0 else None
     if writer:
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+        writer.add_text(
+            "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+        )
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    dtype = torch.bfloat16 if args.mixed_precision == "bf16" or (args.mixed_precision is None and device.type == "cuda") else torch.float32
+    precision = args.mixed_precision or ("bf16" if device.type == "cuda" else "no")  # of the frozen weights
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     # prompts and per-sample seeds, on the CPU: the same draws on every device and rank (each rank keeps its slice)
     rng = torch.Generator().manual_seed(args.seed)
     # 4 prompts spread through the set are held out of training and used for the sample grids
@@ -201,10 +205,12 @@ if __name__ == "__main__":
     optimizer = torch.optim.AdamW(lora_params, lr=args.learning_rate, weight_decay=args.weight_decay)
     negative_embeds = encode_prompts(sd, [""])  # (1, 77, D), the unconditional embedding, computed once
     eval_embeds = encode_prompts(sd, eval_prompts * 2)
-    eval_latents = initial_latents(sd, len(eval_embeds), args.resolution, torch.Generator().manual_seed(args.seed), device)
+    eval_latents = initial_latents(
+        sd, len(eval_embeds), args.resolution, torch.Generator().manual_seed(args.seed), device
+    )
     tracker = PerPromptStatTracker(args.per_prompt_buffer, args.per_prompt_min_count)
     if state:
-        tracker.buffers = state["per_prompt_buffers"]
+        tracker.buffers = state["prompt_buffers"]
 
     # TRY NOT TO MODIFY: resuming
     start_epoch = 0
@@ -220,7 +226,9 @@ if __name__ == "__main__":
         x0, _ = sample(sd, eval_latents, eval_embeds, negative_embeds, args.num_steps, args.guidance_scale)
         with torch.no_grad():
             images = decode(sd, x0)
-            grid = save_grid(images, os.path.join(run_dir, "samples", f"epoch_{epoch:06d}.png"), columns=len(eval_prompts))
+            grid = save_grid(
+                images, os.path.join(run_dir, "samples", f"epoch_{epoch:06d}.png"), columns=len(eval_prompts)
+            )
             writer.add_image("samples", grid, epoch, dataformats="HWC")
             return reward_fn(images, eval_prompts * 2).mean().item()
 
@@ -239,7 +247,7 @@ if __name__ == "__main__":
                 prompt_embeds = encode_prompts(sd, batch_prompts)  # (B, 77, D)
                 latents = initial_latents(sd, args.sample_batch_size, args.resolution, generators, device)  # x_T
                 x0, trajectory = sample(sd, latents, prompt_embeds, negative_embeds, args.num_steps,
-                                        args.guidance_scale, args.eta, generator=generators, trajectory=True)  # fmt: skip
+                                        args.guidance_scale, args.eta, generators, trajectory=True)  # fmt: skip
                 batches.append({
                     "prompt_embeds": prompt_embeds,  # (B, 77, D)
                     "latents": torch.stack(trajectory.latents, dim=1),  # (B, T + 1, 4, h, w): x_T ... x_0
@@ -263,7 +271,9 @@ if __name__ == "__main__":
         for inner_epoch in range(args.num_inner_epochs):
             order = shuffle(args.samples_per_epoch, rng)  # (N,), a permutation of this rank's samples
             step_order = [torch.randperm(args.num_steps, generator=rng) for _ in range(world_size * len(order))]
-            step_order = shard(torch.stack(step_order), len(order))  # (N, T): for each of this rank's samples, its order of steps
+            step_order = shard(
+                torch.stack(step_order), len(order)
+            )  # (N, T): for each of this rank's samples, its order of steps
             for b in range(num_batches):
                 index = order[b * args.train_batch_size : (b + 1) * args.train_batch_size]
                 for j in range(num_train_timesteps):
@@ -274,7 +284,9 @@ if __name__ == "__main__":
                                         args.guidance_scale)  # fmt: skip
                     log_prob = ddim_step(sd.scheduler, eps, t, x_t, args.eta, prev_latents=x_prev).log_prob  # (B,)
                     old_log_prob = samples["log_probs"][index, step_index]
-                    loss, ratio = policy_loss(args.estimator, log_prob, old_log_prob, advantages[index], args.clip_range)
+                    loss, ratio = policy_loss(
+                        args.estimator, log_prob, old_log_prob, advantages[index], args.clip_range
+                    )
                     (loss / (num_train_timesteps * batches_per_update)).backward()
                     # kept on the device and read once an epoch: no host-device sync per UNet call
                     losses.append(loss.detach())
@@ -284,9 +296,11 @@ if __name__ == "__main__":
                     average_gradients(lora_params)  # the mean over ranks: every rank takes the same step
                     grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, args.max_grad_norm)
                     if not (torch.isfinite(losses[-1]) and torch.isfinite(grad_norm)):
-                        fail(f"the loss or its gradient became {losses[-1].item()} / {grad_norm.item()} at epoch {epoch}; "
-                             "stopped before the LoRA was overwritten (the last checkpoint is intact): try a lower "
-                             "--learning-rate")  # fmt: skip
+                        fail(
+                            f"the loss or its gradient became {losses[-1].item()} / {grad_norm.item()} at epoch"
+                            f" {epoch}; stopped before the LoRA was overwritten (the last checkpoint is intact): try a"
+                            " lower --learning-rate"
+                        )
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     grad_norms.append(grad_norm)
@@ -315,11 +329,11 @@ if __name__ == "__main__":
             if name != "epoch" and value is not None:
                 writer.add_scalar(("losses/" if "loss" in name or "kl" in name else "charts/") + name, value, epoch)
         if epoch % args.save_every == 0 or epoch == args.num_epochs:
-            save_checkpoint(os.path.join(run_dir, "checkpoints", f"epoch_{epoch:06d}"), sd.unet, {"run_name": run_name,
-                            "epoch": epoch, "optimizer": optimizer.state_dict(), "rng": rng.get_state(), "args": asdict(args),
-                            "per_prompt_buffers": tracker.buffers})  # fmt: skip
+            checkpoint_dir = os.path.join(run_dir, "checkpoints", f"epoch_{epoch:06d}")
+            state = {"run_name": run_name, "epoch": epoch, "optimizer": optimizer.state_dict(), "rng": rng.get_state()}
+            save_checkpoint(checkpoint_dir, sd.unet, {**state, "args": asdict(args), "prompt_buffers": tracker.buffers})
 
-    # TRY NOT TO MODIFY: the final LoRA, which loads with StableDiffusionPipeline.from_pretrained(base).load_lora_weights(run_dir)
+    # TRY NOT TO MODIFY: the final LoRA (StableDiffusionPipeline.from_pretrained(base).load_lora_weights(run_dir))
     if rank == 0:
         save_lora(sd.unet, run_dir)
         writer.close()

@@ -1,4 +1,4 @@
-"""DRaFT-LV: Directly Fine-Tuning Diffusion Models on Differentiable Rewards, K = 1 with lower variance (docs/draft.md).
+"""DRaFT-LV: Directly Fine-Tuning Diffusion Models on Differentiable Rewards, low-variance K = 1 (docs/draft.md).
 Clark, Vicol, Swersky and Fleet, 2023, arXiv 2309.17400 (the DRaFT-LV variant).
 
     python draft_lv.py --n 2                    # SD 1.4, aesthetic reward, simple animals (GPU)
@@ -10,6 +10,7 @@ last steps share one sampling chain, so the gradient costs little more than DRaF
 Defaults follow the paper's small-scale setup (LoRA rank 8, AdamW lr 4e-4, weight decay 0.1, batch 4, 2k steps:
 unverified against their code, which is not public); the gradient-norm clip of 1.0 is ours.
 """
+
 import json
 import os
 import random
@@ -34,7 +35,7 @@ from common.sd import SD14, add_lora, encode_prompts, load_lora, load_sd, save_l
 @dataclass
 class Args:
     preset: Literal["sd14", "tiny"] = "sd14"
-    """sd14: the paper's setting (a GPU); tiny: the shipped tiny model, a CPU run in minutes (other flags still apply)"""
+    """sd14: the paper's setting on SD 1.4 (a GPU); tiny: the shipped tiny model on the CPU (flags still apply)"""
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1
@@ -110,7 +111,8 @@ if __name__ == "__main__":
     if args.reward not in REWARDS:
         fail(f"unknown reward '{args.reward}'; choose one of: {', '.join(REWARDS)}")
     if not REWARDS[args.reward].differentiable:
-        fail(f"DRaFT needs a differentiable reward and '{args.reward}' is not; use one of: {', '.join(DIFFERENTIABLE_REWARDS)}")
+        differentiable = ", ".join(DIFFERENTIABLE_REWARDS)
+        fail(f"DRaFT needs a differentiable reward and '{args.reward}' is not; use one of: {differentiable}")
     prompts = load_prompts(args.prompts, args.prompt_file)
     run_name = f"{args.reward}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
@@ -130,12 +132,15 @@ if __name__ == "__main__":
                    id=run_name, resume="allow", sync_tensorboard=True, save_code=True)  # fmt: skip
     writer = SummaryWriter(run_dir) if rank == 0 else None
     if writer:
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+        writer.add_text(
+            "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+        )
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    dtype = torch.bfloat16 if args.mixed_precision == "bf16" or (args.mixed_precision is None and device.type == "cuda") else torch.float32
+    precision = args.mixed_precision or ("bf16" if device.type == "cuda" else "no")  # of the frozen weights
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     # prompts and per-sample seeds, on the CPU: the same draws on every device and rank (each rank keeps its slice)
     rng = torch.Generator().manual_seed(args.seed)
     # 4 prompts spread through the set are held out of training and used for the sample grids
@@ -149,7 +154,9 @@ if __name__ == "__main__":
     optimizer = torch.optim.AdamW(lora_params, lr=args.learning_rate, weight_decay=args.weight_decay)
     negative_embeds = encode_prompts(sd, [""])  # (1, 77, D), the unconditional embedding, computed once
     eval_embeds = encode_prompts(sd, eval_prompts * 2)
-    eval_latents = initial_latents(sd, len(eval_embeds), args.resolution, torch.Generator().manual_seed(args.seed), device)
+    eval_latents = initial_latents(
+        sd, len(eval_embeds), args.resolution, torch.Generator().manual_seed(args.seed), device
+    )
 
     # TRY NOT TO MODIFY: resuming
     start_step = 0
@@ -165,7 +172,9 @@ if __name__ == "__main__":
         x0, _ = sample(sd, eval_latents, eval_embeds, negative_embeds, args.num_steps, args.guidance_scale)
         with torch.no_grad():
             images = decode(sd, x0)
-            grid = save_grid(images, os.path.join(run_dir, "samples", f"step_{step:06d}.png"), columns=len(eval_prompts))
+            grid = save_grid(
+                images, os.path.join(run_dir, "samples", f"step_{step:06d}.png"), columns=len(eval_prompts)
+            )
             writer.add_image("samples", grid, step, dataformats="HWC")
             return reward_fn(images, eval_prompts * 2).mean().item()
 
@@ -202,8 +211,10 @@ if __name__ == "__main__":
         average_gradients(lora_params)  # the mean over ranks: every rank takes the same step
         grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, args.max_grad_norm)
         if not (torch.isfinite(loss_total) and torch.isfinite(grad_norm)):
-            fail(f"the loss or its gradient became {loss_total.item()} / {grad_norm.item()} at step {step}; stopped "
-                 "before the LoRA was overwritten (the last checkpoint is intact): try a lower --learning-rate")  # fmt: skip
+            fail(
+                f"the loss or its gradient became {loss_total.item()} / {grad_norm.item()} at step {step}; stopped"
+                " before the LoRA was overwritten (the last checkpoint is intact): try a lower --learning-rate"
+            )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         rewards_seen = gather(torch.cat(rewards_seen))  # the global batch's, on every rank
@@ -229,10 +240,11 @@ if __name__ == "__main__":
             if name != "step" and value is not None:
                 writer.add_scalar(("losses/" if "loss" in name or "kl" in name else "charts/") + name, value, step)
         if step % args.save_every == 0 or step == args.train_steps:
-            save_checkpoint(os.path.join(run_dir, "checkpoints", f"step_{step:06d}"), sd.unet, {"run_name": run_name,
-                            "step": step, "optimizer": optimizer.state_dict(), "rng": rng.get_state(), "args": asdict(args)})  # fmt: skip
+            checkpoint_dir = os.path.join(run_dir, "checkpoints", f"step_{step:06d}")
+            state = {"run_name": run_name, "step": step, "optimizer": optimizer.state_dict(), "rng": rng.get_state()}
+            save_checkpoint(checkpoint_dir, sd.unet, {**state, "args": asdict(args)})
 
-    # TRY NOT TO MODIFY: the final LoRA, which loads with StableDiffusionPipeline.from_pretrained(base).load_lora_weights(run_dir)
+    # TRY NOT TO MODIFY: the final LoRA (StableDiffusionPipeline.from_pretrained(base).load_lora_weights(run_dir))
     if rank == 0:
         save_lora(sd.unet, run_dir)
         writer.close()

@@ -11,6 +11,7 @@ generated latents z_0 with the ordinary denoising loss, weighted per sample: w =
 and 0 otherwise. No VAE re-encode: the latents are what was sampled. Any reward works, differentiable or not.
 Defaults: beta 0.2 as in DDPO's public code; optimiser and LoRA as DDPO's (unverified for RWR).
 """
+
 import json
 import os
 import random
@@ -54,7 +55,7 @@ def denoising_loss(unet, scheduler, latents, prompt_embeds, timesteps, noise, we
 @dataclass
 class Args:
     preset: Literal["sd14", "tiny"] = "sd14"
-    """sd14: the paper's setting (a GPU); tiny: the shipped tiny model, a CPU run in minutes (other flags still apply)"""
+    """sd14: the paper's setting on SD 1.4 (a GPU); tiny: the shipped tiny model on the CPU (flags still apply)"""
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1
@@ -131,10 +132,10 @@ class Args:
 
 # --preset tiny: the shipped tiny text-to-image model (assets/tiny-sd: coloured shapes at 32 px) on the CPU, with the
 # settings of the learning test (tests/test_ddpo_rwr.py); beta 30 because the reward is in kB with a spread of ~0.07
-PRESETS = {"sd14": {}, "tiny": dict(pretrained_model="assets/tiny-sd", reward="jpeg_incompressibility", prompts="shapes",
-                                    resolution=32, num_steps=10, guidance_scale=1.0, num_epochs=6, samples_per_epoch=64,
-                                    sample_batch_size=32, train_batch_size=32, num_inner_epochs=2, learning_rate=3e-3,
-                                    beta=30.0)}  # fmt: skip
+PRESETS = {"sd14": {}, "tiny": dict(pretrained_model="assets/tiny-sd", reward="jpeg_incompressibility",
+                                    prompts="shapes", resolution=32, num_steps=10, guidance_scale=1.0, num_epochs=6,
+                                    samples_per_epoch=64, sample_batch_size=32, train_batch_size=32,
+                                    num_inner_epochs=2, learning_rate=3e-3, beta=30.0)}  # fmt: skip
 
 
 if __name__ == "__main__":
@@ -166,12 +167,15 @@ if __name__ == "__main__":
                    id=run_name, resume="allow", sync_tensorboard=True, save_code=True)  # fmt: skip
     writer = SummaryWriter(run_dir) if rank == 0 else None
     if writer:
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+        writer.add_text(
+            "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+        )
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    dtype = torch.bfloat16 if args.mixed_precision == "bf16" or (args.mixed_precision is None and device.type == "cuda") else torch.float32
+    precision = args.mixed_precision or ("bf16" if device.type == "cuda" else "no")  # of the frozen weights
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     # prompts and per-sample seeds, on the CPU: the same draws on every device and rank (each rank keeps its slice)
     rng = torch.Generator().manual_seed(args.seed)
     # 4 prompts spread through the set are held out of training and used for the sample grids
@@ -185,7 +189,9 @@ if __name__ == "__main__":
     optimizer = torch.optim.AdamW(lora_params, lr=args.learning_rate, weight_decay=args.weight_decay)
     negative_embeds = encode_prompts(sd, [""])  # (1, 77, D), the unconditional embedding, computed once
     eval_embeds = encode_prompts(sd, eval_prompts * 2)
-    eval_latents = initial_latents(sd, len(eval_embeds), args.resolution, torch.Generator().manual_seed(args.seed), device)
+    eval_latents = initial_latents(
+        sd, len(eval_embeds), args.resolution, torch.Generator().manual_seed(args.seed), device
+    )
     # TRY NOT TO MODIFY: resuming
     start_epoch = 0
     if state:
@@ -200,7 +206,9 @@ if __name__ == "__main__":
         x0, _ = sample(sd, eval_latents, eval_embeds, negative_embeds, args.num_steps, args.guidance_scale)
         with torch.no_grad():
             images = decode(sd, x0)
-            grid = save_grid(images, os.path.join(run_dir, "samples", f"epoch_{epoch:06d}.png"), columns=len(eval_prompts))
+            grid = save_grid(
+                images, os.path.join(run_dir, "samples", f"epoch_{epoch:06d}.png"), columns=len(eval_prompts)
+            )
             writer.add_image("samples", grid, epoch, dataformats="HWC")
             return reward_fn(images, eval_prompts * 2).mean().item()
 
@@ -252,9 +260,11 @@ if __name__ == "__main__":
                     average_gradients(lora_params)  # the mean over ranks: every rank takes the same step
                     grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, args.max_grad_norm)
                     if not (torch.isfinite(losses[-1]) and torch.isfinite(grad_norm)):
-                        fail(f"the loss or its gradient became {losses[-1].item()} / {grad_norm.item()} at epoch {epoch}; "
-                             "stopped before the LoRA was overwritten (the last checkpoint is intact): try a lower "
-                             "--learning-rate")  # fmt: skip
+                        fail(
+                            f"the loss or its gradient became {losses[-1].item()} / {grad_norm.item()} at epoch"
+                            f" {epoch}; stopped before the LoRA was overwritten (the last checkpoint is intact): try a"
+                            " lower --learning-rate"
+                        )
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     grad_norms.append(grad_norm)
@@ -281,10 +291,11 @@ if __name__ == "__main__":
             if name != "epoch" and value is not None:
                 writer.add_scalar(("losses/" if "loss" in name or "kl" in name else "charts/") + name, value, epoch)
         if epoch % args.save_every == 0 or epoch == args.num_epochs:
-            save_checkpoint(os.path.join(run_dir, "checkpoints", f"epoch_{epoch:06d}"), sd.unet, {"run_name": run_name,
-                            "epoch": epoch, "optimizer": optimizer.state_dict(), "rng": rng.get_state(), "args": asdict(args)})  # fmt: skip
+            checkpoint_dir = os.path.join(run_dir, "checkpoints", f"epoch_{epoch:06d}")
+            state = {"run_name": run_name, "epoch": epoch, "optimizer": optimizer.state_dict(), "rng": rng.get_state()}
+            save_checkpoint(checkpoint_dir, sd.unet, {**state, "args": asdict(args)})
 
-    # TRY NOT TO MODIFY: the final LoRA, which loads with StableDiffusionPipeline.from_pretrained(base).load_lora_weights(run_dir)
+    # TRY NOT TO MODIFY: the final LoRA (StableDiffusionPipeline.from_pretrained(base).load_lora_weights(run_dir))
     if rank == 0:
         save_lora(sd.unet, run_dir)
         writer.close()

@@ -12,6 +12,7 @@ common.sd.load_sd and measures how often samples follow their prompts (numbers i
     python assets/train_tiny_sd.py                    # the shipped model: 27 minutes on one CPU core
     python assets/train_tiny_sd.py --vae-steps 10 --unet-steps 10 --output-dir /tmp/tiny-sd --grid ""  # smoke run
 """
+
 import math
 import os
 import sys
@@ -97,11 +98,13 @@ def draw(shapes, colours, backgrounds, resolution: int = 32, generator=None) -> 
     u = (centres.view(1, 1, -1) - left) / size  # (B, 1, W): 0 at the box's left edge, 1 at its right
     v = (centres.view(1, -1, 1) - top) / size  # (B, H, 1): 0 at the top, 1 at the bottom
     in_box = (u >= 0) & (u < 1) & (v >= 0) & (v < 1)
-    masks = torch.stack([
-        (u - 0.5) ** 2 + (v - 0.5) ** 2 < 0.25,  # circle
-        in_box,  # square
-        in_box & ((u - 0.5).abs() < v / 2),  # triangle
-    ])  # fmt: skip  (3, B, H, W)
+    masks = torch.stack(
+        [
+            (u - 0.5) ** 2 + (v - 0.5) ** 2 < 0.25,  # circle
+            in_box,  # square
+            in_box & ((u - 0.5).abs() < v / 2),  # triangle
+        ]
+    )  # fmt: skip  (3, B, H, W)
     mask = masks[shapes, torch.arange(batch_size)].unsqueeze(1)  # (B, 1, H, W)
     return torch.where(mask, PALETTE[colours].view(-1, 3, 1, 1), PALETTE[backgrounds].view(-1, 3, 1, 1))
 

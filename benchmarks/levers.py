@@ -9,6 +9,7 @@ channels_last  the UNet's and VAE's weights in channels-last memory format, so c
 fused_adamw    torch.optim.AdamW(fused=True): one kernel for the whole LoRA update
 compile        torch.compile of the UNet (nn.Module.compile, in place, once its LoRA is added)
 """
+
 import os
 import runpy
 import sys

@@ -5,6 +5,7 @@
 Both start from the same x_T, with the same prompts, steps and guidance, and decode to images in [0, 1]; runs are
 interleaved (ours, theirs, ours, ...) so that drifts in machine load hit both alike, and the medians compared.
 """
+
 import os
 import platform
 import statistics
@@ -56,8 +57,9 @@ if __name__ == "__main__":
         return decode(sd, x0)
 
     def theirs():
+        size = dict(height=args.resolution, width=args.resolution)
         return pipeline(prompts, num_inference_steps=args.num_steps, guidance_scale=args.guidance_scale,
-                        latents=latents, height=args.resolution, width=args.resolution, output_type="pt").images  # fmt: skip
+                        latents=latents, output_type="pt", **size).images  # fmt: skip
 
     assert torch.allclose(ours(), theirs(), atol=1e-5)  # the same work (and a warm-up of each)
     times = {"ours": [], "diffusers": []}

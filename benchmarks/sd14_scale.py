@@ -5,9 +5,10 @@
     python benchmarks/sd14_scale.py --levers channels_last  # a lever from outside the scripts (benchmarks/levers.py)
     python benchmarks/sd14_scale.py --tiny --steps 2       # a smoke run of this file on the CPU (tests use it)
 
-1. Builds, in --models-dir, SD-1.4-shaped random models (the configs of SD 1.4, CLIP ViT-L/14): a pipeline folder (UNet 860M,
-   VAE, CLIP text encoder, a tokenizer from a small vocabulary) and, in a Hugging Face cache layout, CLIP ViT-L/14
-   and an aesthetic head, so that `--reward aesthetic` resolves offline to them (HF_HUB_CACHE, HF_HUB_OFFLINE=1).
+1. Builds, in --models-dir, SD-1.4-shaped random models (SD 1.4's and CLIP ViT-L/14's configs): a pipeline folder
+   (UNet 860M, VAE, CLIP text encoder, a tokenizer from a small vocabulary) and, in a Hugging Face cache layout,
+   CLIP ViT-L/14 and an aesthetic head, so that `--reward aesthetic` resolves offline to them (HF_HUB_CACHE,
+   HF_HUB_OFFLINE=1).
 2. Runs each script as `python script.py ...` at 512 px with its default batch for --steps optimizer steps (DDPO and
    RWR: epochs of --samples-per-epoch images) and reads its metrics.jsonl: the median images/s over the steps after
    the first (the warm-up), and the peak GPU memory.
@@ -17,6 +18,7 @@
    without --levers: they change how fast the same work runs, not the work.
 Prints a markdown table for docs/BENCHMARKS.md and writes the numbers to --out as JSON.
 """
+
 import json
 import os
 import platform
@@ -95,8 +97,8 @@ def build_models(folder: str, tiny: bool) -> str:
         layers_per_block=2, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, sample_size=512, scaling_factor=0.18215,
     )  # fmt: skip
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000, steps_offset=1, set_alpha_to_one=False, clip_sample=False)  # fmt: skip
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              num_train_timesteps=1000, steps_offset=1, set_alpha_to_one=False)  # fmt: skip
     StableDiffusionPipeline(
         vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**text)), tokenizer=tokenizer, unet=unet,
         scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -150,7 +152,9 @@ def images_per_step(script: str, args: Args) -> int:
     defaults = runpy.run_path(os.path.join(ROOT, script))["Args"]()  # the script's definitions, not its training
     extra = shlex.split(args.extra_args)
     flags = dict(zip(extra[::2], extra[1::2]))  # e.g. --batch-size 1 among the levers
-    batch = int(flags.get("--batch-size", defaults.batch_size)) * int(flags.get("--grad-accum-steps", defaults.grad_accum_steps))
+    batch = int(flags.get("--batch-size", defaults.batch_size)) * int(
+        flags.get("--grad-accum-steps", defaults.grad_accum_steps)
+    )
     return batch * int(flags.get("--n", getattr(defaults, "n", 1)))  # DRaFT-LV scores n copies of each
 
 
@@ -172,7 +176,9 @@ def run(command: list[str], env: dict) -> str:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 2 and sys.argv[1] == "--count-flops-child":  # python sd14_scale.py --count-flops-child script ...
+    if (
+        len(sys.argv) > 2 and sys.argv[1] == "--count-flops-child"
+    ):  # python sd14_scale.py --count-flops-child script ...
         print("FLOPS", count_flops(sys.argv[2], sys.argv[3:]))
         raise SystemExit(0)
     args = tyro.cli(Args)
@@ -224,8 +230,11 @@ if __name__ == "__main__":
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
-    print(f"\n{name}, {report['date']}, " + ", ".join(f"{k} {v}" for k, v in versions.items())
-          + f"; levers: {', '.join(args.levers) or 'none'}")
+    print(
+        f"\n{name}, {report['date']}, "
+        + ", ".join(f"{k} {v}" for k, v in versions.items())
+        + f"; levers: {', '.join(args.levers) or 'none'}"
+    )
     print("| script | images/s | TFLOP per step | MFU (bf16 peak) | peak memory (GB) |\n|-|-|-|-|-|")
     for r in results:
         mfu = f"{100 * r['mfu']:.0f}%" if r.get("mfu") is not None else "n/a"

@@ -1,5 +1,6 @@
 """Shared pieces of the six scripts: SD loading and LoRA (`sd`), DDIM sampling (`sampling`),
 rewards (`rewards`) and prompt sets (`prompts`). Only what is the same in every method lives here."""
+
 import dataclasses
 import logging
 import sys
@@ -10,7 +11,9 @@ from typing import NoReturn, TypeVar
 warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
 # transformers 5 warns on every run without torchvision that it uses its PIL image processors instead: the rewards
 # only read the processor's sizes and statistics, so the backend does not matter here
-logging.getLogger("transformers.utils.import_utils").addFilter(lambda record: "requires torchvision" not in record.getMessage())
+logging.getLogger("transformers.utils.import_utils").addFilter(
+    lambda record: "requires torchvision" not in record.getMessage()
+)
 
 
 def fail(message: str) -> NoReturn:

@@ -2,6 +2,7 @@
 `{run}/checkpoints/{step|epoch}_XXXXXX/` holding the LoRA in diffusers' format and `state.pt` (optimizer, counter,
 RNG, the run's arguments). It is written into a temporary folder and renamed into place, so it exists whole or not
 at all."""
+
 import json
 import os
 import shutil
@@ -45,7 +46,8 @@ def load_state(checkpoint_dir: str) -> dict:
     try:
         return torch.load(os.path.join(checkpoint_dir, STATE), weights_only=False)
     except Exception as e:
-        fail(f"the checkpoint {checkpoint_dir} cannot be read ({type(e).__name__}: {str(e)[:100]}); resume from an earlier one")
+        reason = f"{type(e).__name__}: {str(e)[:100]}"
+        fail(f"the checkpoint {checkpoint_dir} cannot be read ({reason}); resume from an earlier one")
 
 
 def run_dir_of(checkpoint_dir: str) -> str:

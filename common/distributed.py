@@ -3,6 +3,7 @@ process with gloo). Every rank draws the same global batch of N * batch_size pro
 shared seed and keeps its own slice, so N ranks of batch B see exactly what one process of batch N * B sees; LoRA
 gradients are averaged across ranks before each optimizer step, so the ranks' weights stay identical. Without
 torchrun (no WORLD_SIZE in the environment) rank is 0, world_size 1 and every function here is a no-op."""
+
 import os
 
 import torch

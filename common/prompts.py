@@ -1,4 +1,5 @@
 """Prompt sets by name, a prompt file, and seedable sampling from them."""
+
 import os
 
 import torch

@@ -1,6 +1,7 @@
 """Rewards by name. Each is an nn.Module called as reward(images, prompts) -> (B,) float32 tensor, with images
 (B, 3, H, W) in [0, 1], and a class attribute `differentiable` (DRaFT and BRAID need True). Model-based rewards
 take their model ids or local paths as arguments, so tests pass tiny models through the same code."""
+
 import io
 import os
 
@@ -40,7 +41,9 @@ def processor_preprocess(processor: CLIPImageProcessor, images) -> torch.Tensor:
 
 def hub_file(repo_or_path: str, filename: str) -> str:
     """A local file as is, else `filename` downloaded from the hub repo `repo_or_path`."""
-    return repo_or_path if os.path.isfile(repo_or_path) else load_or_fail(hf_hub_download, repo_or_path, filename=filename)
+    return (
+        repo_or_path if os.path.isfile(repo_or_path) else load_or_fail(hf_hub_download, repo_or_path, filename=filename)
+    )
 
 
 class ClipImageFeatures(nn.Module):

@@ -3,6 +3,7 @@
     sigma  = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev)
     mean   = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps,   x_prev = mean + sigma z
 At eta = 0 this is diffusers' DDIMScheduler.step; the DDIM arithmetic runs in fp32 whatever the UNet's dtype."""
+
 import math
 from dataclasses import dataclass, field
 
@@ -77,7 +78,9 @@ def ddim_step(scheduler, eps, t, latents, eta: float = 0.0, prev_latents=None, g
         prev_latents = mean + std * randn(mean.shape, generator, mean.device)
     log_prob = None
     if eta > 0:
-        log_density = -((prev_latents.detach() - mean) ** 2) / (2 * std**2) - std.log() - math.log(math.sqrt(2 * math.pi))
+        log_density = (
+            -((prev_latents.detach() - mean) ** 2) / (2 * std**2) - std.log() - math.log(math.sqrt(2 * math.pi))
+        )
         log_prob = log_density.mean(dim=tuple(range(1, mean.ndim)))
     return Step(prev_latents, pred_x0, mean, std, log_prob)
 
@@ -91,8 +94,15 @@ class Trajectory:
 
 @torch.no_grad()
 def sample(
-    sd, latents, prompt_embeds, negative_embeds, num_steps: int = 50, guidance_scale: float = 7.5,
-    eta: float = 0.0, generator=None, trajectory: bool = False,
+    sd,
+    latents,
+    prompt_embeds,
+    negative_embeds,
+    num_steps: int = 50,
+    guidance_scale: float = 7.5,
+    eta: float = 0.0,
+    generator=None,
+    trajectory: bool = False,
 ):
     """DDIM from x_T = `latents` to x_0 with guidance, without gradient (evaluation, DDPO's and RWR's sampling
     rounds, BRAID's offline data; the scripts that backpropagate through the sampler write their loop inline).

@@ -1,4 +1,5 @@
 """Stable Diffusion 1.x: loading the frozen parts, LoRA on the UNet, prompt encoding."""
+
 import os
 from dataclasses import dataclass
 
@@ -52,8 +53,14 @@ def load_sd(model: str = SD14, revision: str | None = None, device="cpu", dtype=
         module.requires_grad_(False).eval().to(device)
     unet.set_attn_processor(AttnProcessor2_0())
     vae.set_attn_processor(AttnProcessor2_0())
-    if device.type == "cpu" and sum(p.numel() for p in unet.parameters()) > 10**8 and os.environ.get("RANK", "0") == "0":
-        print(f"note: no CUDA device: '{model}' will be very slow on the CPU (try --preset tiny, the shipped tiny model)")
+    if (
+        device.type == "cpu"
+        and sum(p.numel() for p in unet.parameters()) > 10**8
+        and os.environ.get("RANK", "0") == "0"
+    ):
+        print(
+            f"note: no CUDA device: '{model}' will be very slow on the CPU (try --preset tiny, the shipped tiny model)"
+        )
     return StableDiffusion(tokenizer, text_encoder, unet, vae, scheduler)
 
 
@@ -84,7 +91,9 @@ def load_lora(unet: UNet2DConditionModel, directory: str) -> None:
     try:
         result = set_peft_model_state_dict(unet, state_dict)
     except RuntimeError:  # a size mismatch: another rank
-        fail(f"the LoRA in '{directory}' has other shapes than this UNet's LoRA: was it saved with another --lora-rank?")
+        fail(
+            f"the LoRA in '{directory}' has other shapes than this UNet's LoRA: was it saved with another --lora-rank?"
+        )
     if result.unexpected_keys:
         fail(f"the LoRA in '{directory}' does not fit this UNet (unexpected keys such as {result.unexpected_keys[0]})")
 

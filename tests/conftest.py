@@ -1,5 +1,6 @@
 """Tiny random models in the Stable Diffusion pipeline format, built in code and saved with save_pretrained, so
 the tests go through the same from_pretrained code as SD 1.4. No downloads: the hub is switched off."""
+
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before huggingface_hub is imported: a test must never wait on the network
@@ -17,7 +18,9 @@ WORDS = SIMPLE_ANIMALS + ["a", "an", "photo", "of", "the", "on", "red", "green",
 
 
 def text_config(tokenizer, **kwargs) -> CLIPTextConfig:
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    ids = dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
     return CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=77, hidden_act="quick_gelu", **ids, **kwargs,

@@ -1,4 +1,5 @@
 """Running the six scripts from tests: in this process (fast) or as `python script.py ...` (the real thing)."""
+
 import json
 import os
 import runpy
@@ -51,7 +52,9 @@ def check_resume(script: str, args: list[str], length: str, tmp_path, monkeypatc
     _, uninterrupted = read_metrics(tmp_path / "once")
     run_script(script, [*args, length, "2", "--output-dir", str(tmp_path / "twice")], monkeypatch)
     stopped_dir, _ = read_metrics(tmp_path / "twice")
-    run_script(script, [*args, length, "4", "--output-dir", str(tmp_path / "twice"), "--resume", stopped_dir], monkeypatch)
+    run_script(
+        script, [*args, length, "4", "--output-dir", str(tmp_path / "twice"), "--resume", stopped_dir], monkeypatch
+    )
     _, resumed = read_metrics(tmp_path / "twice")
     counter = "epoch" if length == "--num-epochs" else "step"
     assert [m[counter] for m in resumed] == [1, 2, 3, 4]

@@ -1,14 +1,15 @@
 """BRAID: the conservative reward model, the path KL against an independent computation, the script end to end."""
+
 import os
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from scripts import ROOT, check_resume, definitions, read_metrics, run_script, run_subprocess
 
 from common.sampling import initial_latents, predict_noise
 from common.sd import add_lora, encode_prompts, load_sd
+from scripts import ROOT, check_resume, definitions, read_metrics, run_script, run_subprocess
 
 BRAID = definitions("braid.py")
 TINY_PRETRAINED = os.path.join(ROOT, "assets", "tiny-sd")

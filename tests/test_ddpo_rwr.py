@@ -1,13 +1,14 @@
 """DDPO and RWR: their formulas against hand computations, and the scripts end to end."""
+
 import math
 import os
 
 import pytest
 import torch
 from diffusers import DDPMScheduler
-from scripts import ROOT, check_resume, definitions, read_metrics, run_script, run_subprocess, tensorboard_images
 
 from common.sd import load_sd
+from scripts import ROOT, check_resume, definitions, read_metrics, run_script, run_subprocess, tensorboard_images
 
 DDPO, RWR = definitions("ddpo.py"), definitions("rwr.py")
 TINY = ["--reward", "jpeg_incompressibility", "--resolution", "16", "--num-steps", "4", "--samples-per-epoch", "4",
@@ -65,7 +66,11 @@ def test_denoising_loss_against_diffusers_add_noise(tiny_sd_path):
     sd = load_sd(tiny_sd_path)
     generator = torch.Generator().manual_seed(0)
     latents, noise = torch.randn(3, 4, 8, 8, generator=generator), torch.randn(3, 4, 8, 8, generator=generator)
-    embeds, timesteps, weights = torch.randn(3, 77, 32, generator=generator), torch.tensor([10, 500, 999]), torch.rand(3)
+    embeds, timesteps, weights = (
+        torch.randn(3, 77, 32, generator=generator),
+        torch.tensor([10, 500, 999]),
+        torch.rand(3),
+    )
     with torch.no_grad():
         loss = RWR["denoising_loss"](sd.unet, sd.scheduler, latents, embeds, timesteps, noise, weights)
         noisy = DDPMScheduler.from_config(sd.scheduler.config).add_noise(latents, noise, timesteps)

@@ -1,4 +1,5 @@
 """Rewards: known values, gradients, the tiny-CLIP model rewards against the official CLIP processor and model."""
+
 import numpy as np
 import pytest
 import torch

@@ -1,4 +1,5 @@
 """The DDIM loop and step against diffusers and against the formulas; which steps carry gradient."""
+
 import math
 
 import pytest
@@ -162,5 +163,7 @@ def test_one_timestep_per_sample_equals_separate_steps(sd):
             eps_i = predict_noise(sd.unet, latents[i : i + 1], t, prompt_embeds[i : i + 1], negative_embeds, GUIDANCE)
             single = ddim_step(sd.scheduler, eps_i, t, latents[i : i + 1], eta=1.0, prev_latents=prev[i : i + 1])
             torch.testing.assert_close(eps[i : i + 1], eps_i, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(batched.mean[i : i + 1], single.mean, rtol=1e-4, atol=1e-4)  # fp32 rounding / sqrt(abar)
+            torch.testing.assert_close(
+                batched.mean[i : i + 1], single.mean, rtol=1e-4, atol=1e-4
+            )  # fp32 rounding / sqrt(abar)
             torch.testing.assert_close(batched.log_prob[i : i + 1], single.log_prob, rtol=1e-4, atol=1e-4)

@@ -1,4 +1,5 @@
 """Loading, LoRA save/load round trips through plain diffusers, and clear messages for a missing model."""
+
 import os
 import re
 

@@ -1,5 +1,6 @@
 """The shipped tiny model (assets/tiny-sd): it loads through load_sd and through plain diffusers, fits its size
 budget, and its samples follow their prompts, as read back from the pixels by the world's own `describe`."""
+
 import os
 
 import pytest

@@ -1,11 +1,13 @@
 """torchrun: two CPU processes (gloo) of batch B end with identical LoRA weights, equal to those of one process of
 batch 2B: every rank draws the global batch and keeps its slice, and the LoRA gradients are averaged each update."""
+
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+
 from scripts import ROOT, read_metrics, run_script
 
 DRAFT = ["--reward", "colorfulness", "--train-steps", "2", "--learning-rate", "1e-3"]

@@ -1,5 +1,6 @@
 """`torchrun ... tests/torchrun_probe.py OUT script.py ARGS`: runs the script as torchrun would, then saves this
 rank's LoRA parameters to OUT/rank{RANK}.pt, so that a test can compare the ranks' weights."""
+
 import os
 import runpy
 import sys
