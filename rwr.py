@@ -45,11 +45,15 @@ def rwr_weights(rewards, beta: float, sparse: bool, percentile: float, sample_ba
 
 def denoising_loss(unet, scheduler, latents, prompt_embeds, timesteps, noise, weights) -> torch.Tensor:
     """mean_i w_i || eps_i - eps_theta(z_t, t_i, c_i) ||^2 (mean over latent dims), z_t = sqrt(abar_t) z_0 +
-    sqrt(1 - abar_t) eps: the ordinary diffusion training loss, on the conditional model (no guidance)."""
+    sqrt(1 - abar_t) eps: the ordinary diffusion training loss, on the conditional model (no guidance). A v-prediction
+    model (SD 2.x at 768 px) regresses what it was trained on instead: v = sqrt(abar_t) eps - sqrt(1 - abar_t) z_0."""
     abar = scheduler.alphas_cumprod.to(latents.device)[timesteps].view(-1, 1, 1, 1)
     noisy_latents = abar.sqrt() * latents + (1 - abar).sqrt() * noise
-    eps = unet(noisy_latents.to(unet.dtype), timesteps, encoder_hidden_states=prompt_embeds.to(unet.dtype)).sample
-    return (weights * ((eps.float() - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+    target = noise
+    if scheduler.config.prediction_type == "v_prediction":
+        target = abar.sqrt() * noise - (1 - abar).sqrt() * latents
+    output = unet(noisy_latents.to(unet.dtype), timesteps, encoder_hidden_states=prompt_embeds.to(unet.dtype)).sample
+    return (weights * ((output.float() - target) ** 2).mean(dim=(1, 2, 3))).mean()
 
 
 @dataclass

@@ -2,6 +2,8 @@
     x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)
     sigma  = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev)
     mean   = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps,   x_prev = mean + sigma z
+A v-prediction model (SD 2.x at 768 px) outputs v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 instead of eps; the step
+first turns it into x0_hat = sqrt(abar_t) x_t - sqrt(1 - abar_t) v and eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t.
 At eta = 0 this is diffusers' DDIMScheduler.step; the DDIM arithmetic runs in fp32 whatever the UNet's dtype."""
 
 import math
@@ -33,7 +35,8 @@ def initial_latents(sd, batch_size: int, resolution: int, generator=None, device
 def predict_noise(unet, latents, t, prompt_embeds, negative_embeds, guidance_scale: float, checkpointed=False):
     """eps = eps_u + w (eps_c - eps_u) from one batched UNet call on [uncond; cond]. As in diffusers, there is
     no guidance (one call on cond) when w <= 1. `negative_embeds` may be one row; it is broadcast. `checkpointed`
-    (with autograd on): keep only the inputs and recompute the UNet call in the backward pass, to save memory."""
+    (with autograd on): keep only the inputs and recompute the UNet call in the backward pass, to save memory.
+    For a v-prediction model this is the guided v, which is the guided eps turned into v (the map is affine in v)."""
     if checkpointed and torch.is_grad_enabled():
         args = (unet, latents, t, prompt_embeds, negative_embeds, guidance_scale)
         return checkpoint(predict_noise, *args, use_reentrant=False)
@@ -58,8 +61,8 @@ class Step:
 
 
 def ddim_step(scheduler, eps, t, latents, eta: float = 0.0, prev_latents=None, generator=None) -> Step:
-    """One DDIM step from x_t, at one timestep t or one per sample (B,). Pass `prev_latents` to score a stored action
-    instead of sampling one (DDPO).
+    """One DDIM step from x_t, at one timestep t or one per sample (B,). `eps` is the model's output: v for a
+    v-prediction model. Pass `prev_latents` to score a stored action instead of sampling one (DDPO).
     The log-prob is the mean over latent dimensions, as in DDPO's public code (its 1e-4 clip range assumes it),
     and treats x_{t-1} as data (detached)."""
     abar = scheduler.alphas_cumprod.to(latents.device)
@@ -69,7 +72,12 @@ def ddim_step(scheduler, eps, t, latents, eta: float = 0.0, prev_latents=None, g
     abar_t = abar[t].view(shape)
     final = scheduler.final_alpha_cumprod.to(latents.device)  # abar "before" t_1: alphas_cumprod[0] for SD
     abar_prev = torch.where(prev_t >= 0, abar[prev_t.clamp(min=0)], final).view(shape)
-    pred_x0 = (latents - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()
+    if scheduler.config.prediction_type == "v_prediction":
+        v = eps
+        pred_x0 = abar_t.sqrt() * latents - (1 - abar_t).sqrt() * v
+        eps = abar_t.sqrt() * v + (1 - abar_t).sqrt() * latents
+    else:
+        pred_x0 = (latents - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()
     std = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).sqrt()
     mean = abar_prev.sqrt() * pred_x0 + (1 - abar_prev - std**2).sqrt() * eps
     if prev_latents is None and eta == 0:

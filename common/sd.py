@@ -1,4 +1,4 @@
-"""Stable Diffusion 1.x: loading the frozen parts, LoRA on the UNet, prompt encoding."""
+"""Stable Diffusion 1.x and 2.x: loading the frozen parts, LoRA on the UNet, prompt encoding."""
 
 import os
 from dataclasses import dataclass
@@ -32,16 +32,19 @@ class StableDiffusion:
 
 def load_sd(model: str = SD14, revision: str | None = None, device="cpu", dtype=None) -> StableDiffusion:
     """Tokenizer, text encoder, UNet and VAE from a hub id or a local pipeline folder, frozen, in eval mode,
-    with a DDIMScheduler built from the model's scheduler config. Frozen weights in bf16 on CUDA and fp32
-    elsewhere unless `dtype` is given; attention through PyTorch's scaled_dot_product_attention."""
+    with a DDIMScheduler built from the model's scheduler config. The UNet predicts eps (SD 1.x, SD 2.x base) or v
+    (SD 2.x at 768 px): `scheduler.config.prediction_type` says which, and ddim_step reads it. Frozen weights in
+    bf16 on CUDA and fp32 elsewhere unless `dtype` is given; attention through PyTorch's
+    scaled_dot_product_attention."""
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     # the scheduler config is the smallest file: a wrong id or no network fails here, before any download
     scheduler_config = load_or_fail(DDIMScheduler.load_config, model, subfolder="scheduler", revision=revision)
-    # SD 1.x never clips x0_hat (StableDiffusionPipeline turns clip_sample off too); ddim_step has no clipping
+    # SD never clips x0_hat (StableDiffusionPipeline turns clip_sample off too); ddim_step has no clipping
     scheduler = DDIMScheduler.from_config(scheduler_config, clip_sample=False)
-    if scheduler.config.prediction_type != "epsilon":
-        fail(f"'{model}' predicts '{scheduler.config.prediction_type}'; these scripts need an epsilon model (SD 1.x)")
+    if scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
+        fail(f"'{model}' predicts '{scheduler.config.prediction_type}'; these scripts need a model that predicts "
+             "'epsilon' (SD 1.x, SD 2.x base) or 'v_prediction' (SD 2.x at 768 px)")  # fmt: skip
     kwargs = dict(revision=revision, torch_dtype=dtype)
     text_encoder = load_or_fail(CLIPTextModel.from_pretrained, model, subfolder="text_encoder", **kwargs)
     unet = load_or_fail(UNet2DConditionModel.from_pretrained, model, subfolder="unet", **kwargs)
@@ -100,7 +103,9 @@ def load_lora(unet: UNet2DConditionModel, directory: str) -> None:
 
 @torch.no_grad()
 def encode_prompts(sd: StableDiffusion, prompts: list[str]) -> torch.Tensor:
-    """CLIP text embeddings, (B, 77, D), as StableDiffusionPipeline computes them. For classifier-free
+    """CLIP text embeddings, (B, 77, D), as StableDiffusionPipeline computes them (clip_skip None): the text
+    encoder's last hidden state after its final layer norm. For SD 2.x (OpenCLIP-H, D = 1024) that is already
+    OpenCLIP's penultimate layer: the converted encoder has its last layer dropped. For classifier-free
     guidance, encode [""] once and reuse it as the unconditional embedding."""
     ids = sd.tokenizer(
         prompts, padding="max_length", max_length=sd.tokenizer.model_max_length, truncation=True, return_tensors="pt"

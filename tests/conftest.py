@@ -18,18 +18,19 @@ WORDS = SIMPLE_ANIMALS + ["a", "an", "photo", "of", "the", "on", "red", "green",
 
 
 def text_config(tokenizer, **kwargs) -> CLIPTextConfig:
+    """SD 1.x's text encoder in miniature; `kwargs` override (SD 2.x's is wider and uses GELU)."""
     ids = dict(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
-    return CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, hidden_act="quick_gelu", **ids, **kwargs,
-    )  # fmt: skip
+    config = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu", **ids)  # fmt: skip
+    return CLIPTextConfig(**(config | kwargs))
 
 
-def build_tiny_sd(path) -> str:
+def build_tiny_sd(path, prediction_type: str = "epsilon") -> str:
     """A random SD-shaped pipeline: CLIP text encoder, UNet with cross-attention, KL VAE (scale factor 2), and SD's
-    own scheduler config (PNDM, as the SD 1.4 repo ships it)."""
+    own scheduler config (PNDM, as the SD 1.4 repo ships it). `prediction_type` goes into that config: with
+    "v_prediction" the same weights' output is read as v, as for SD 2.x at 768 px."""
     torch.manual_seed(0)
     tokenizer = make_tokenizer(WORDS)
     text_encoder = CLIPTextModel(text_config(tokenizer))
@@ -45,7 +46,7 @@ def build_tiny_sd(path) -> str:
     )  # fmt: skip
     scheduler = PNDMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        steps_offset=1, set_alpha_to_one=False, skip_prk_steps=True,
+        steps_offset=1, set_alpha_to_one=False, skip_prk_steps=True, prediction_type=prediction_type,
     )  # fmt: skip
     pipeline = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
@@ -87,6 +88,17 @@ def build_aesthetic_head(path, dim: int = 32) -> str:
 @pytest.fixture(scope="session")
 def tiny_sd_path(tmp_path_factory):
     return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_v_path(tmp_path_factory):
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd-v"), prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="session", params=["epsilon", "v_prediction"])
+def tiny_sd_eps_or_v_path(request):
+    """Runs a test on the epsilon model, then on its v-prediction twin."""
+    return request.getfixturevalue("tiny_sd_path" if request.param == "epsilon" else "tiny_sd_v_path")
 
 
 @pytest.fixture(scope="session")

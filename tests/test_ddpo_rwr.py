@@ -62,8 +62,9 @@ def test_sparse_rwr_keeps_exactly_the_top_fraction_of_each_batch():
         assert batch[kept == 1].min() > batch[kept == 0].max()
 
 
-def test_denoising_loss_against_diffusers_add_noise(tiny_sd_path):
-    sd = load_sd(tiny_sd_path)
+def test_denoising_loss_against_diffusers_add_noise_and_get_velocity(tiny_sd_eps_or_v_path):
+    """The target is eps for an epsilon model and diffusers' v (what SD 2.x 768 was trained on) for a v model."""
+    sd = load_sd(tiny_sd_eps_or_v_path)
     generator = torch.Generator().manual_seed(0)
     latents, noise = torch.randn(3, 4, 8, 8, generator=generator), torch.randn(3, 4, 8, 8, generator=generator)
     embeds, timesteps, weights = (
@@ -73,9 +74,11 @@ def test_denoising_loss_against_diffusers_add_noise(tiny_sd_path):
     )
     with torch.no_grad():
         loss = RWR["denoising_loss"](sd.unet, sd.scheduler, latents, embeds, timesteps, noise, weights)
-        noisy = DDPMScheduler.from_config(sd.scheduler.config).add_noise(latents, noise, timesteps)
-        eps = sd.unet(noisy, timesteps, encoder_hidden_states=embeds).sample
-    expected = sum(weights[i] * torch.nn.functional.mse_loss(eps[i], noise[i]) for i in range(3)) / 3
+        scheduler = DDPMScheduler.from_config(sd.scheduler.config)
+        output = sd.unet(scheduler.add_noise(latents, noise, timesteps), timesteps, encoder_hidden_states=embeds).sample
+    v_prediction = scheduler.config.prediction_type == "v_prediction"
+    target = scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
+    expected = sum(weights[i] * torch.nn.functional.mse_loss(output[i], target[i]) for i in range(3)) / 3
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 

@@ -20,9 +20,11 @@ def sd(tiny_sd_path):
 
 
 @pytest.fixture(scope="module")
-def pipeline(tiny_sd_path):
-    scheduler = DDIMScheduler.from_pretrained(tiny_sd_path, subfolder="scheduler")
-    return StableDiffusionPipeline.from_pretrained(tiny_sd_path, scheduler=scheduler, safety_checker=None)
+def sd_and_pipeline(tiny_sd_eps_or_v_path):
+    """Our model and diffusers' pipeline with its DDIMScheduler, from the same folder (epsilon, then v)."""
+    path = tiny_sd_eps_or_v_path
+    scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
+    return load_sd(path), StableDiffusionPipeline.from_pretrained(path, scheduler=scheduler, safety_checker=None)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +46,9 @@ def relative_error(a, b):
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_loop_equals_diffusers_pipeline(sd, pipeline, eta):
+def test_loop_equals_diffusers_pipeline(sd_and_pipeline, eta):
+    sd, pipeline = sd_and_pipeline
+    assert sd.scheduler.config.prediction_type == pipeline.scheduler.config.prediction_type
     latents = initial_latents(sd, len(PROMPTS), RESOLUTION, torch.Generator().manual_seed(0))
     prompt_embeds, negative_embeds = embeds(sd)
     with torch.no_grad():  # at eta = 1 both draw the step noise from generators seeded alike
@@ -58,6 +62,22 @@ def test_loop_equals_diffusers_pipeline(sd, pipeline, eta):
     assert ours.shape == (2, 4, RESOLUTION // 2, RESOLUTION // 2)
     assert relative_error(ours, theirs) < 1e-5
     assert relative_error(ours_images, theirs_images) < 1e-5
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_step_equals_diffusers_step(sd_and_pipeline, eta):
+    """x_{t-1} and x0_hat as DDIMScheduler.step computes them from the model's output (eps, or v), with the step
+    noise drawn from generators seeded alike; at every kind of step, the last one included."""
+    sd, pipeline = sd_and_pipeline
+    sd.scheduler.set_timesteps(STEPS)
+    pipeline.scheduler.set_timesteps(STEPS)
+    torch.manual_seed(0)
+    for t in sd.scheduler.timesteps[[0, 4, -1]]:
+        latents, output = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+        ours = ddim_step(sd.scheduler, output, t, latents, eta, generator=torch.Generator().manual_seed(1))
+        theirs = pipeline.scheduler.step(output, t, latents, eta, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(ours.latents, theirs.prev_sample, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours.pred_x0, theirs.pred_original_sample, rtol=1e-5, atol=1e-5)
 
 
 def test_step_mean_and_std_follow_the_formulas(sd):

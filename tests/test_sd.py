@@ -1,12 +1,15 @@
-"""Loading, LoRA save/load round trips through plain diffusers, and clear messages for a missing model."""
+"""Loading (epsilon and v models), prompt encoding as diffusers does it, LoRA save/load round trips through plain
+diffusers, and clear messages for a missing or unsupported model."""
 
 import os
 import re
 
 import pytest
 import torch
+from conftest import build_tiny_sd, text_config
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
+from transformers import CLIPTextModel
 
 from common.sampling import decode, initial_latents, sample
 from common.sd import LORA_WEIGHTS, add_lora, encode_prompts, load_lora, load_sd, save_lora
@@ -86,6 +89,32 @@ def test_a_missing_model_ends_with_one_clear_sentence(model, capsys):
     message = capsys.readouterr().err.strip()
     assert len(message.splitlines()) == 1, message
     assert f"could not load '{model}'" in message and "local folder" in message and "HF_HUB_OFFLINE" in message
+
+
+def test_a_model_that_predicts_neither_eps_nor_v_is_refused(tmp_path, capsys):
+    path = build_tiny_sd(tmp_path, prediction_type="sample")
+    capsys.readouterr()  # the builder's progress bars
+    with pytest.raises(SystemExit) as exit_info:
+        load_sd(path)
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert len(message.splitlines()) == 1 and "predicts 'sample'" in message and "v_prediction" in message, message
+
+
+def test_prompts_are_encoded_as_diffusers_does_with_an_sd2_text_encoder(tiny_sd_path):
+    """SD 2.x's text encoder is OpenCLIP-H as a CLIPTextModel: GELU, wider (1024), pads with "!", and its last
+    hidden state is OpenCLIP's penultimate layer, which is what the pipeline uses (clip_skip None)."""
+    sd = load_sd(tiny_sd_path)
+    sd.tokenizer.pad_token = "!"
+    torch.manual_seed(0)
+    sd.text_encoder = CLIPTextModel(text_config(sd.tokenizer, hidden_act="gelu", hidden_size=48)).eval()
+    pipeline = StableDiffusionPipeline(**vars(sd), safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)  # fmt: skip
+    theirs, theirs_negative = pipeline.encode_prompt(PROMPTS, "cpu", 1, True)
+    ours = encode_prompts(sd, PROMPTS)
+    assert ours.shape == (2, 77, 48)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    torch.testing.assert_close(encode_prompts(sd, [""]).expand(2, -1, -1), theirs_negative, rtol=0, atol=0)
 
 
 def test_a_pipeline_folder_without_tokenizer_files_is_refused(tiny_sd_path, tmp_path, capsys):
