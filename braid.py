@@ -226,7 +226,7 @@ class Args:
 
     # Model, reward and prompts
     pretrained_model: str = SD14
-    """hub id or local folder of a Stable Diffusion 1.x pipeline"""
+    """hub id or local folder of a Stable Diffusion 1.x or 2.x pipeline (epsilon or v-prediction)"""
     revision: Optional[str] = None
     """the model's revision on the hub"""
     prompts: str = "simple_animals"
