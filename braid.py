@@ -37,12 +37,12 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from common import check_positive, cli, fail
-from common.checkpoint import find_checkpoint, run_dir_of, save_checkpoint, truncate_metrics
+from common import check, check_args, cli, fail
+from common.checkpoint import find_checkpoint, open_run_dir, save_checkpoint
 from common.distributed import average_gradients, cleanup, gather, sample_generators, setup, shard
 from common.prompts import load_prompts, sample_prompts
 from common.rewards import REWARDS, ClipImageFeatures, make_reward
-from common.sampling import ddim_step, decode, initial_latents, predict_noise, sample, save_grid
+from common.sampling import check_stochastic, ddim_step, decode, initial_latents, predict_noise, sample, save_grid
 from common.sd import SD14, add_lora, encode_prompts, load_lora, load_sd, save_lora
 
 
@@ -300,12 +300,18 @@ PRESETS = {"sd14": {}, "tiny": dict(pretrained_model="assets/tiny-sd", labeler="
 
 if __name__ == "__main__":
     args = cli(Args, PRESETS)
-    check_positive(args, "resolution", "num_steps", "offline_size", "batch_size", "grad_accum_steps")
+    check_args(args)
     args.k = args.k or args.num_steps
-    if not 1 <= args.k <= args.num_steps:
-        fail(f"--k must be between 1 and --num-steps ({args.num_steps}), got {args.k}")
-    if args.eta <= 0:
-        fail(f"BRAID's path KL needs --eta > 0 so that every step is Gaussian, got {args.eta}")
+    check(args, "k", 1 <= args.k <= args.num_steps, f"between 1 and --num-steps ({args.num_steps})")
+    check(args, "eta", args.eta > 0, "above 0 for BRAID, so that every step is Gaussian and the path KL defined")
+    check(args, "offline_size", args.offline_size >= 1, "at least 1")
+    check(args, "c", 0 <= args.c < float("inf"), "at least 0 (0: the non-conservative baseline)")
+    check(args, "kl_weight", 0 <= args.kl_weight < float("inf"), "at least 0")
+    check(args, "label_noise", 0 <= args.label_noise < float("inf"), "at least 0")
+    check(args, "offline_quantile", 0 < args.offline_quantile <= 1, "in (0, 1]")
+    check(args, "reward_model_steps", args.reward_model_steps >= 1, "at least 1")
+    check(args, "reward_model_lr", 0 < args.reward_model_lr <= 1, "in (0, 1]")
+    check(args, "val_fraction", 0 < args.val_fraction < 1, "in (0, 1)")
     if args.offline_data is None and args.labeler not in REWARDS:
         fail(f"unknown labeler '{args.labeler}'; choose one of: {', '.join(REWARDS)}")
     if args.conservatism == "boot" and args.ensemble_size < 2:
@@ -316,10 +322,9 @@ if __name__ == "__main__":
     # TRY NOT TO MODIFY: processes, run folder, resuming, tracking, seeding
     rank, world_size, device = setup(args.cuda)  # under torchrun one process per device, otherwise rank 0 of 1
     resume_dir, state = find_checkpoint(args.resume) if args.resume else (None, None)
-    run_name = state["run_name"] if state else run_name
-    run_dir = run_dir_of(resume_dir) if state else os.path.join(args.output_dir, run_name)
-    if rank == 0:  # rank 0 writes the run folder, logs and checkpoints for all ranks
-        os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
+    # rank 0 writes the run folder, logs and checkpoints for all ranks; the folder is new, or the resumed run's
+    run_dir = open_run_dir(args.output_dir, run_name, resume_dir, state, rank)
+    run_name = os.path.basename(run_dir)  # suffixed if another run took the name first
     if args.track and rank == 0:
         try:
             import wandb
@@ -345,7 +350,8 @@ if __name__ == "__main__":
     eval_prompts = [prompts[i] for i in held_out] or prompts[:4]
     train_prompts = [p for i, p in enumerate(prompts) if i not in held_out]
 
-    sd = load_sd(args.pretrained_model, args.revision, device, dtype)
+    sd = load_sd(args.pretrained_model, args.revision, device, dtype, args.num_steps)
+    check_stochastic(sd.scheduler, args.num_steps, "BRAID's path KL")
     negative_embeds = encode_prompts(sd, [""])  # (1, 77, D), the unconditional embedding, computed once
 
     # ALGO LOGIC: the offline dataset, from a file or synthesised by the pretrained model and a noisy labeler
@@ -406,9 +412,10 @@ if __name__ == "__main__":
     if state:
         load_lora(sd.unet, resume_dir)
         optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:  # this command's values, which may differ from the checkpoint's
+            group.update(lr=args.learning_rate, weight_decay=args.weight_decay)
         rng.set_state(state["rng"])
         start_step = state["step"]
-        truncate_metrics(run_dir, "step", start_step)
 
     def evaluate(step: int) -> float:
         """Fixed-seed samples on the held-out prompts: a grid (on disk and in TensorBoard), and their mean reward."""

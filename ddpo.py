@@ -24,12 +24,12 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from common import check_positive, cli, fail
-from common.checkpoint import find_checkpoint, run_dir_of, save_checkpoint, truncate_metrics
+from common import check, check_args, cli, fail
+from common.checkpoint import find_checkpoint, open_run_dir, save_checkpoint
 from common.distributed import average_gradients, cleanup, gather, sample_generators, setup, shard, shuffle
 from common.prompts import load_prompts, sample_prompts
 from common.rewards import REWARDS, make_reward
-from common.sampling import ddim_step, decode, initial_latents, predict_noise, sample, save_grid
+from common.sampling import check_stochastic, ddim_step, decode, initial_latents, predict_noise, sample, save_grid
 from common.sd import SD14, add_lora, encode_prompts, load_lora, load_sd, save_lora
 
 
@@ -154,10 +154,14 @@ PRESETS = {"sd14": {}, "tiny": dict(pretrained_model="assets/tiny-sd", reward="j
 
 if __name__ == "__main__":
     args = cli(Args, PRESETS)
-    check_positive(args, "resolution", "num_steps", "samples_per_epoch", "sample_batch_size", "train_batch_size",
-                   "grad_accum_steps", "num_inner_epochs")  # fmt: skip
-    if args.eta <= 0:
-        fail(f"DDPO needs --eta > 0 so that each denoising step has a log-probability, got {args.eta}")
+    check_args(args)
+    check(args, "eta", args.eta > 0, "above 0 for DDPO, so that each denoising step has a log-probability")
+    check(args, "clip_range", 0 < args.clip_range < float("inf"), "a positive number")
+    check(args, "adv_clip_max", 0 < args.adv_clip_max <= float("inf"), "a positive number")
+    check(args, "timestep_fraction", 0 < args.timestep_fraction <= 1, "in (0, 1]")
+    check(args, "timestep_fraction", args.num_steps * args.timestep_fraction >= 1, "at least 1 / --num-steps")
+    check(args, "per_prompt_buffer", args.per_prompt_buffer >= 1, "at least 1")
+    check(args, "per_prompt_min_count", args.per_prompt_min_count >= 1, "at least 1")
     if args.estimator == "sf" and args.num_inner_epochs != 1:
         fail("DDPO-SF is on-policy: --num-inner-epochs must be 1 with --estimator sf")
     if args.samples_per_epoch % args.sample_batch_size or args.samples_per_epoch % args.train_batch_size:
@@ -170,10 +174,9 @@ if __name__ == "__main__":
     # TRY NOT TO MODIFY: processes, run folder, resuming, tracking, seeding
     rank, world_size, device = setup(args.cuda)  # under torchrun one process per device, otherwise rank 0 of 1
     resume_dir, state = find_checkpoint(args.resume) if args.resume else (None, None)
-    run_name = state["run_name"] if state else run_name
-    run_dir = run_dir_of(resume_dir) if state else os.path.join(args.output_dir, run_name)
-    if rank == 0:  # rank 0 writes the run folder, logs and checkpoints for all ranks
-        os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
+    # rank 0 writes the run folder, logs and checkpoints for all ranks; the folder is new, or the resumed run's
+    run_dir = open_run_dir(args.output_dir, run_name, resume_dir, state, rank)
+    run_name = os.path.basename(run_dir)  # suffixed if another run took the name first
     if args.track and rank == 0:
         try:
             import wandb
@@ -199,7 +202,8 @@ if __name__ == "__main__":
     eval_prompts = [prompts[i] for i in held_out] or prompts[:4]
     train_prompts = [p for i, p in enumerate(prompts) if i not in held_out]
 
-    sd = load_sd(args.pretrained_model, args.revision, device, dtype)
+    sd = load_sd(args.pretrained_model, args.revision, device, dtype, args.num_steps)
+    check_stochastic(sd.scheduler, args.num_steps, "DDPO's log-prob")
     reward_fn = make_reward(args.reward, device, dtype)
     lora_params = add_lora(sd.unet, args.lora_rank)
     optimizer = torch.optim.AdamW(lora_params, lr=args.learning_rate, weight_decay=args.weight_decay)
@@ -217,9 +221,10 @@ if __name__ == "__main__":
     if state:
         load_lora(sd.unet, resume_dir)
         optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:  # this command's values, which may differ from the checkpoint's
+            group.update(lr=args.learning_rate, weight_decay=args.weight_decay)
         rng.set_state(state["rng"])
         start_epoch = state["epoch"]
-        truncate_metrics(run_dir, "epoch", start_epoch)
 
     def evaluate(epoch: int) -> float:
         """Fixed-seed samples on the held-out prompts: a grid (on disk and in TensorBoard), and their mean reward."""

@@ -22,8 +22,8 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from common import check_positive, cli, fail
-from common.checkpoint import find_checkpoint, run_dir_of, save_checkpoint, truncate_metrics
+from common import check, check_args, cli, fail
+from common.checkpoint import find_checkpoint, open_run_dir, save_checkpoint
 from common.distributed import average_gradients, cleanup, gather, sample_generators, setup, shard
 from common.prompts import load_prompts, sample_prompts
 from common.rewards import DIFFERENTIABLE_REWARDS, REWARDS, make_reward
@@ -106,9 +106,8 @@ PRESETS = {"sd14": {}, "tiny": dict(pretrained_model="assets/tiny-sd", reward="c
 
 if __name__ == "__main__":
     args = cli(Args, PRESETS)
-    check_positive(args, "resolution", "num_steps", "batch_size", "grad_accum_steps")
-    if not 1 <= args.k <= args.num_steps:
-        fail(f"--k must be between 1 and --num-steps ({args.num_steps}), got {args.k}")
+    check_args(args)
+    check(args, "k", 1 <= args.k <= args.num_steps, f"between 1 and --num-steps ({args.num_steps})")
     if args.reward not in REWARDS:
         fail(f"unknown reward '{args.reward}'; choose one of: {', '.join(REWARDS)}")
     if not REWARDS[args.reward].differentiable:
@@ -120,10 +119,9 @@ if __name__ == "__main__":
     # TRY NOT TO MODIFY: processes, run folder, resuming, tracking, seeding
     rank, world_size, device = setup(args.cuda)  # under torchrun one process per device, otherwise rank 0 of 1
     resume_dir, state = find_checkpoint(args.resume) if args.resume else (None, None)
-    run_name = state["run_name"] if state else run_name
-    run_dir = run_dir_of(resume_dir) if state else os.path.join(args.output_dir, run_name)
-    if rank == 0:  # rank 0 writes the run folder, logs and checkpoints for all ranks
-        os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
+    # rank 0 writes the run folder, logs and checkpoints for all ranks; the folder is new, or the resumed run's
+    run_dir = open_run_dir(args.output_dir, run_name, resume_dir, state, rank)
+    run_name = os.path.basename(run_dir)  # suffixed if another run took the name first
     if args.track and rank == 0:
         try:
             import wandb
@@ -149,7 +147,7 @@ if __name__ == "__main__":
     eval_prompts = [prompts[i] for i in held_out] or prompts[:4]
     train_prompts = [p for i, p in enumerate(prompts) if i not in held_out]
 
-    sd = load_sd(args.pretrained_model, args.revision, device, dtype)
+    sd = load_sd(args.pretrained_model, args.revision, device, dtype, args.num_steps)
     reward_fn = make_reward(args.reward, device, dtype)
     lora_params = add_lora(sd.unet, args.lora_rank)
     optimizer = torch.optim.AdamW(lora_params, lr=args.learning_rate, weight_decay=args.weight_decay)
@@ -164,9 +162,10 @@ if __name__ == "__main__":
     if state:
         load_lora(sd.unet, resume_dir)
         optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:  # this command's values, which may differ from the checkpoint's
+            group.update(lr=args.learning_rate, weight_decay=args.weight_decay)
         rng.set_state(state["rng"])
         start_step = state["step"]
-        truncate_metrics(run_dir, "step", start_step)
 
     def evaluate(step: int) -> float:
         """Fixed-seed samples on the held-out prompts: a grid (on disk and in TensorBoard), and their mean reward."""

@@ -4,6 +4,7 @@ shared seed and keeps its own slice, so N ranks of batch B see exactly what one 
 gradients are averaged across ranks before each optimizer step, so the ranks' weights stay identical. Without
 torchrun (no WORLD_SIZE in the environment) rank is 0, world_size 1 and every function here is a no-op."""
 
+import datetime
 import os
 
 import torch
@@ -18,8 +19,9 @@ def setup(use_cuda: bool) -> tuple[int, int, torch.device]:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if world_size > 1 and not dist.is_initialized():  # a rank that stops answering fails the others after the timeout
+        timeout = datetime.timedelta(seconds=float(os.environ.get("DIST_TIMEOUT_S", 1800)))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     return rank, world_size, device
 
 
@@ -70,6 +72,15 @@ def gather(x: torch.Tensor | list) -> torch.Tensor | list:
     parts = [torch.empty_like(x) for _ in parts]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts)
+
+
+def broadcast(obj):
+    """Rank 0's `obj` (any picklable object) on every rank."""
+    if not dist.is_initialized():
+        return obj
+    objects = [obj]
+    dist.broadcast_object_list(objects, src=0)
+    return objects[0]
 
 
 def cleanup() -> None:

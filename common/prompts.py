@@ -43,8 +43,13 @@ def load_prompts(name: str = "simple_animals", prompt_file: str | None = None) -
         return list(PROMPT_SETS[name])
     if not os.path.isfile(prompt_file):
         fail(f"the prompt file '{prompt_file}' does not exist")
-    with open(prompt_file, encoding="utf-8") as f:
-        prompts = [line.strip() for line in f if line.strip()]
+    try:
+        with open(prompt_file, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError as e:
+        fail(f"the prompt file '{prompt_file}' is not UTF-8 text (byte {e.start}): pass a text file, one prompt a line")
+    if any("\x00" in p for p in prompts):
+        fail(f"the prompt file '{prompt_file}' holds NUL bytes, so it is not a text file: one prompt a line")
     if not prompts:
         fail(f"the prompt file '{prompt_file}' has no prompts (one per line)")
     return prompts

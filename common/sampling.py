@@ -93,6 +93,21 @@ def ddim_step(scheduler, eps, t, latents, eta: float = 0.0, prev_latents=None, g
     return Step(prev_latents, pred_x0, mean, std, log_prob)
 
 
+def check_stochastic(scheduler, num_steps: int, method: str) -> None:
+    """End the program with one sentence if a DDIM step of this scheduler has sigma = 0 at eta > 0 (abar_prev = 1 or
+    abar_prev = abar_t: `set_alpha_to_one=True`, or `steps_offset=0` at the last step), where a log-prob and the
+    path KL are undefined. SD 1.x and 2.x configs have none."""
+    scheduler.set_timesteps(num_steps)
+    for t in scheduler.timesteps:
+        x = torch.zeros(1, 1, 1, 1)
+        if ddim_step(scheduler, x, t, x, eta=1.0, prev_latents=x).std.item() == 0:
+            config = {k: scheduler.config[k] for k in ("set_alpha_to_one", "steps_offset")}
+            fail(
+                f"{method} needs sigma > 0 at every DDIM step, but this scheduler ({config}) has sigma = 0 at t ="
+                f" {t.item()}: use a scheduler config with set_alpha_to_one false and steps_offset 1, as SD 1.x's"
+            )
+
+
 @dataclass
 class Trajectory:
     timesteps: list = field(default_factory=list)  # t_T, ..., t_1

@@ -30,12 +30,12 @@ class StableDiffusion:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
 
-def load_sd(model: str = SD14, revision: str | None = None, device="cpu", dtype=None) -> StableDiffusion:
+def load_sd(model: str = SD14, revision: str | None = None, device="cpu", dtype=None, num_steps=1) -> StableDiffusion:
     """Tokenizer, text encoder, UNet and VAE from a hub id or a local pipeline folder, frozen, in eval mode,
     with a DDIMScheduler built from the model's scheduler config. The UNet predicts eps (SD 1.x, SD 2.x base) or v
     (SD 2.x at 768 px): `scheduler.config.prediction_type` says which, and ddim_step reads it. Frozen weights in
     bf16 on CUDA and fp32 elsewhere unless `dtype` is given; attention through PyTorch's
-    scaled_dot_product_attention."""
+    scaled_dot_product_attention. `num_steps`, the DDIM steps the caller will take, is checked against the scheduler."""
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     # the scheduler config is the smallest file: a wrong id or no network fails here, before any download
@@ -45,6 +45,9 @@ def load_sd(model: str = SD14, revision: str | None = None, device="cpu", dtype=
     if scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
         fail(f"'{model}' predicts '{scheduler.config.prediction_type}'; these scripts need a model that predicts "
              "'epsilon' (SD 1.x, SD 2.x base) or 'v_prediction' (SD 2.x at 768 px)")  # fmt: skip
+    if num_steps > scheduler.config.num_train_timesteps:
+        steps = scheduler.config.num_train_timesteps
+        fail(f"--num-steps must be at most the scheduler's {steps} training timesteps, got {num_steps}")
     kwargs = dict(revision=revision, torch_dtype=dtype)
     text_encoder = load_or_fail(CLIPTextModel.from_pretrained, model, subfolder="text_encoder", **kwargs)
     unet = load_or_fail(UNet2DConditionModel.from_pretrained, model, subfolder="unet", **kwargs)
@@ -82,14 +85,22 @@ def save_lora(unet: UNet2DConditionModel, directory: str) -> None:
     """Write `pytorch_lora_weights.safetensors` in diffusers' format, with the LoRA config (rank, alpha) in its
     metadata: `StableDiffusionPipeline.from_pretrained(base).load_lora_weights(directory)` loads it."""
     state_dict = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    if not all(w.isfinite().all() for w in state_dict.values()):
+        fail(f"the LoRA's weights are not finite, so they were not saved to {directory}: try a lower --learning-rate")
     StableDiffusionPipeline.save_lora_weights(
         directory, unet_lora_layers=state_dict, unet_lora_adapter_metadata=unet.peft_config["default"].to_dict()
     )
 
 
 def load_lora(unet: UNet2DConditionModel, directory: str) -> None:
-    """Load weights written by `save_lora` into a UNet that `add_lora` gave the same rank (to resume)."""
-    state_dict = StableDiffusionPipeline.lora_state_dict(directory, weight_name=LORA_WEIGHTS)[0]
+    """Load weights written by `save_lora` into a UNet that `add_lora` gave the same rank (to resume). A file that
+    cannot be read or holds non-finite weights ends the program with one sentence."""
+    try:
+        state_dict = StableDiffusionPipeline.lora_state_dict(directory, weight_name=LORA_WEIGHTS)[0]
+    except Exception as e:  # missing, truncated or not a safetensors file
+        fail(f"the LoRA in '{directory}' cannot be read ({type(e).__name__}); resume from an earlier checkpoint")
+    if not all(w.isfinite().all() for w in state_dict.values()):
+        fail(f"the LoRA in '{directory}' holds non-finite weights; resume from an earlier checkpoint")
     state_dict = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in state_dict.items()})
     try:
         result = set_peft_model_state_dict(unet, state_dict)

@@ -7,6 +7,16 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ["draft_full.py", "draft_k.py", "draft_lv.py", "ddpo.py", "rwr.py", "braid.py"]
+# each script at tiny sizes, for the random tiny pipeline of conftest.py (add --pretrained-model)
+DRAFT_TINY = ["--reward", "colorfulness", "--resolution", "16", "--num-steps", "4", "--batch-size", "2"]
+EPOCHS_TINY = ["--reward", "jpeg_incompressibility", "--resolution", "16", "--num-steps", "4",
+               "--samples-per-epoch", "4", "--sample-batch-size", "2", "--train-batch-size", "2"]  # fmt: skip
+BRAID_TINY = ["--labeler", "colorfulness", "--feature-model", "vae", "--resolution", "16", "--num-steps", "4",
+              "--offline-size", "24", "--batch-size", "4", "--reward-model-steps", "50"]  # fmt: skip
+TINY = {"draft_full.py": DRAFT_TINY, "draft_k.py": DRAFT_TINY, "draft_lv.py": DRAFT_TINY, "ddpo.py": EPOCHS_TINY,
+        "rwr.py": EPOCHS_TINY, "braid.py": BRAID_TINY}  # fmt: skip
+LENGTH = {script: "--num-epochs" if script in ("ddpo.py", "rwr.py") else "--train-steps" for script in SCRIPTS}
 
 
 def definitions(script: str) -> dict:

@@ -9,12 +9,11 @@ from PIL import Image
 
 from common.sampling import initial_latents, predict_noise
 from common.sd import add_lora, encode_prompts, load_sd
-from scripts import ROOT, check_resume, definitions, read_metrics, run_script, run_subprocess
+from scripts import BRAID_TINY, ROOT, check_resume, definitions, read_metrics, run_script, run_subprocess
 
 BRAID = definitions("braid.py")
 TINY_PRETRAINED = os.path.join(ROOT, "assets", "tiny-sd")
-TINY = ["--labeler", "colorfulness", "--feature-model", "vae", "--resolution", "16", "--num-steps", "4",
-        "--offline-size", "24", "--batch-size", "4", "--reward-model-steps", "50"]  # fmt: skip
+TINY = BRAID_TINY
 
 
 def toy_data(n=400, dim=8, seed=0):
@@ -156,7 +155,7 @@ def test_conservative_reward_rises_on_the_tiny_pretrained_model(tmp_path, monkey
 
 
 @pytest.mark.parametrize("bad, message", [
-    (["--eta", "0"], "BRAID's path KL needs --eta > 0"),
+    (["--eta", "0"], "--eta must be above 0 for BRAID"),
     (["--labeler", "beauty"], "unknown labeler 'beauty'"),
     (["--conservatism", "boot", "--ensemble-size", "1"], "needs --ensemble-size of at least 2"),
     (["--offline-data", "/no/such/data"], "is neither a .pt file nor a folder with a scores.csv"),

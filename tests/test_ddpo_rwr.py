@@ -8,11 +8,19 @@ import torch
 from diffusers import DDPMScheduler
 
 from common.sd import load_sd
-from scripts import ROOT, check_resume, definitions, read_metrics, run_script, run_subprocess, tensorboard_images
+from scripts import (
+    EPOCHS_TINY,
+    ROOT,
+    check_resume,
+    definitions,
+    read_metrics,
+    run_script,
+    run_subprocess,
+    tensorboard_images,
+)
 
 DDPO, RWR = definitions("ddpo.py"), definitions("rwr.py")
-TINY = ["--reward", "jpeg_incompressibility", "--resolution", "16", "--num-steps", "4", "--samples-per-epoch", "4",
-        "--sample-batch-size", "2", "--train-batch-size", "2"]  # fmt: skip
+TINY = EPOCHS_TINY
 
 
 def test_per_prompt_advantages_by_hand():
@@ -117,7 +125,7 @@ def test_ddpo_ratio_is_one_before_the_first_update(tiny_sd_path, tmp_path, monke
 
 
 @pytest.mark.parametrize("script, bad, message", [
-    ("ddpo.py", ["--eta", "0"], "DDPO needs --eta > 0"),
+    ("ddpo.py", ["--eta", "0"], "--eta must be above 0 for DDPO"),
     ("ddpo.py", ["--estimator", "sf", "--num-inner-epochs", "2"], "DDPO-SF is on-policy"),
     ("rwr.py", ["--samples-per-epoch", "5"], "--samples-per-epoch must be a multiple of --sample-batch-size"),
     ("rwr.py", ["--percentile", "120"], "--percentile must be between 0 and 100"),

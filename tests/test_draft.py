@@ -5,11 +5,12 @@ import os
 import pytest
 import torch
 
+import common.rewards
 import common.sampling
-from scripts import check_resume, read_metrics, run_script, run_subprocess, tensorboard_images
+from scripts import DRAFT_TINY, check_resume, read_metrics, run_script, run_subprocess, tensorboard_images
 
 SCRIPTS = ["draft_full.py", "draft_k.py", "draft_lv.py"]
-TINY = ["--reward", "colorfulness", "--resolution", "16", "--num-steps", "4", "--batch-size", "2"]
+TINY = DRAFT_TINY
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -23,6 +24,7 @@ def test_script_runs_and_writes_metrics_grids_and_lora(script, tiny_sd_path, tmp
         assert all(isinstance(m[key], float) for m in metrics), key
     assert sorted(os.listdir(os.path.join(run_dir, "samples"))) == [f"step_00000{i}.png" for i in range(3)]
     assert tensorboard_images(run_dir) == [0, 1, 2]
+    assert not os.path.exists(os.path.join(run_dir, ".lock"))  # released when the process ends
     assert os.path.isfile(os.path.join(run_dir, "pytorch_lora_weights.safetensors"))
     assert os.path.isfile(os.path.join(run_dir, "checkpoints", "step_000002", "state.pt"))
 
@@ -119,19 +121,25 @@ def test_empty_prompt_file(tiny_sd_path, tmp_path, monkeypatch, capsys):
 
 
 def test_a_diverging_run_stops_before_overwriting_the_lora(tiny_sd_path, tmp_path, monkeypatch, capsys):
+    """The reward turns NaN at the third training step (as a diverged model's would): the run stops there, before
+    the optimizer step, and writes no LoRA."""
+    make_reward, calls = common.rewards.make_reward, []
+
+    def diverging_reward(*args, **kwargs):
+        reward_fn = make_reward(*args, **kwargs)
+
+        def reward(images, prompts):
+            calls.append(torch.is_grad_enabled())
+            return reward_fn(images, prompts) * (float("nan") if sum(calls) >= 3 else 1.0)
+
+        return reward
+
+    monkeypatch.setattr(common.rewards, "make_reward", diverging_reward)
     with pytest.raises(SystemExit) as exit_info:
-        args = [
-            "--train-steps",
-            "5",
-            "--max-grad-norm",
-            "1e30",
-            "--learning-rate",
-            "1e30",
-            "--output-dir",
-            str(tmp_path),
-        ]
+        args = ["--train-steps", "5", "--save-every", "1", "--output-dir", str(tmp_path)]
         run_script("draft_k.py", ["--pretrained-model", tiny_sd_path, *TINY, *args], monkeypatch)
     assert exit_info.value.code == 2
-    assert "at step" in capsys.readouterr().err
+    assert "at step 3; stopped before the LoRA was overwritten" in capsys.readouterr().err
     run_dir, _ = read_metrics(tmp_path)
     assert not os.path.exists(os.path.join(run_dir, "pytorch_lora_weights.safetensors"))
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["step_000001", "step_000002"]

@@ -11,9 +11,8 @@ import torch
 from common import cli
 from common.checkpoint import find_checkpoint, save_checkpoint, truncate_metrics
 from common.sd import add_lora, load_sd
-from scripts import ROOT, definitions
+from scripts import ROOT, SCRIPTS, definitions
 
-SCRIPTS = ["draft_full.py", "draft_k.py", "draft_lv.py", "ddpo.py", "rwr.py", "braid.py"]
 # the only differences allowed: DDPO and RWR count epochs (--num-epochs) where the others count steps (--train-steps),
 # and DDPO's checkpoint also holds its per-prompt reward buffers
 ALLOWED = [
