@@ -177,24 +177,81 @@ def synthesise_offline_data(sd, labeler, prompts, negative_embeds, args, generat
     return {"images": images, "scores": scores[keep], "true_rewards": true_rewards[keep], "prompts": prompts}
 
 
-def load_offline_data(path: str, resolution: int) -> dict:
-    """A folder of images with scores.csv (file,score), or a .pt file as the module docstring describes."""
+def reject(where: str, checks) -> None:
+    """End the run with the one sentence f"{where} {why}" of the first (bad, why) in `checks` that is bad."""
+    for bad, why in checks:
+        if bad:
+            fail(f"{where} {why}")
+
+
+def load_offline_data(path: str, resolution: int):
+    """A folder of images with scores.csv (file,score), or a .pt file as the module docstring describes. A CSV line
+    that cannot be used ends the run naming the line; check_offline_data checks what a .pt file holds."""
     if os.path.isfile(path) and path.endswith(".pt"):
-        data = torch.load(path, weights_only=False)
-        if "scores" not in data or not ("images" in data or "features" in data):
-            fail(f"{path} must hold 'scores' and either 'images' (uint8, N x 3 x H x W) or 'features' (N x D)")
-        return data
+        try:
+            return torch.load(path, weights_only=False)
+        except Exception as e:  # corrupt, truncated, not written by torch.save: whatever torch.load raises
+            fail(f"cannot load {path} with torch.load ({(str(e) or type(e).__name__).splitlines()[0][:200]})")
     table = os.path.join(path, "scores.csv")
     if not os.path.isfile(table):
         fail(f"--offline-data {path} is neither a .pt file nor a folder with a scores.csv of file,score lines")
-    with open(table, newline="") as f:
-        rows = [row for row in csv.DictReader(f)]
-    if not rows or not {"file", "score"} <= set(rows[0]):
-        fail(f"{table} needs a header line 'file,score' and at least one row")
-    images = [np.asarray(Image.open(os.path.join(path, row["file"])).convert("RGB").resize((resolution, resolution)))
-              for row in rows]  # fmt: skip
+    try:
+        with open(table, newline="", encoding="utf-8-sig") as f:  # -sig: skips the byte-order mark Excel writes
+            reader = csv.DictReader(f)
+            rows, header = [(reader.line_num, row) for row in reader], reader.fieldnames or []
+    except (UnicodeError, csv.Error) as e:
+        fail(f"{table} is not a CSV text file in UTF-8 ({e})")
+    reject(table, [(not header, "is empty: it needs the header line 'file,score', then one line per image"),
+                   (not {"file", "score"} <= set(header), f"starts with '{','.join(header)}', not 'file,score'"),
+                   (not rows, "has no lines of file,score after its header")])  # fmt: skip
+    images, scores, seen = [], [], {}
+    for line, row in rows:
+        name, score = (row["file"] or "").strip(), (row["score"] or "").strip()
+        try:
+            value = float(score)
+        except ValueError:
+            value = math.nan
+        reject(f"{table}, line {line}:", [
+            (not name, "the 'file' cell is empty"),
+            (name in seen, f"'{name}' is listed twice (also on line {seen.get(name)})"),
+            (not math.isfinite(value), f"the score '{score}' is not a finite number"),
+        ])  # fmt: skip
+        seen[name] = line
+        try:
+            with Image.open(os.path.join(path, name)) as image:
+                images.append(np.asarray(image.convert("RGB").resize((resolution, resolution))))
+        except OSError as e:  # missing, not an image, truncated
+            fail(f"{table}, line {line}: cannot read the image '{name}' ({e.strerror or e})")
+        scores.append(value)
     images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # (N, 3, H, W) uint8
-    return {"images": images, "scores": torch.tensor([float(row["score"]) for row in rows])}
+    return {"images": images, "scores": torch.tensor(scores)}
+
+
+def check_offline_data(data, source: str, feature_dim: int) -> None:
+    """End the run with one sentence naming the file and the key unless the offline data (a .pt file's, a folder's
+    or synthesised) is a dict of 'scores' and 'images' or 'features' (and maybe 'true_rewards') of these forms."""
+    if not (isinstance(data, dict) and "scores" in data and ("images" in data or "features" in data)):
+        fail(f"{source} must hold a dict with 'scores' and either 'images' or 'features', not a {type(data).__name__}"
+             + (f" with keys {list(data)}" if isinstance(data, dict) else ""))  # fmt: skip
+    x = data["scores"]
+    n = len(x) if isinstance(x, torch.Tensor) and x.ndim == 1 else "N"  # every tensor has one row per example
+    numbers = lambda x: x.ndim == 1 and x.dtype != torch.bool and not x.is_complex()  # noqa: E731
+    rules = {  # key: (what it must be, whether a tensor x is that)
+        "scores": ("a 1-D tensor (N,) of finite numbers", numbers),
+        "true_rewards": (f"a 1-D tensor ({n},) of finite numbers, one per score", numbers),
+        "images": (f"a uint8 tensor ({n}, 3, H, W), one image per score (multiply float images in [0, 1] by 255 and"
+                   " convert them to uint8: (images * 255).round().byte())",
+                   lambda x: x.dtype == torch.uint8 and x.ndim == 4 and x.shape[1] == 3),
+        "features": (f"a floating tensor ({n}, {feature_dim}) of finite numbers from the --feature-model, one row per"
+                     " score", lambda x: x.is_floating_point() and x.ndim == 2 and x.shape[1] == feature_dim),
+    }  # fmt: skip
+    for key, (form, ok) in rules.items():
+        x = data.get(key)
+        if key in data and not (isinstance(x, torch.Tensor) and ok(x) and len(x) == n):
+            got = f"{x.dtype} of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else f"a {type(x).__name__}"
+            fail(f"{source}: '{key}' must be {form}, got {got}")
+        if key in data and x.is_floating_point() and not x.float().isfinite().all():  # float(): 1e39 is inf
+            fail(f"{source}: '{key}' holds a NaN or infinity at {(~x.float().isfinite()).nonzero()[0].tolist()}")
 
 
 @dataclass
@@ -355,6 +412,8 @@ if __name__ == "__main__":
     negative_embeds = encode_prompts(sd, [""])  # (1, 77, D), the unconditional embedding, computed once
 
     # ALGO LOGIC: the offline dataset, from a file or synthesised by the pretrained model and a noisy labeler
+    if not args.bonus_lambda > 0:
+        fail(f"--bonus-lambda must be above 0 (it keeps the bonus's matrix invertible), got {args.bonus_lambda}")
     cache = os.path.join(run_dir, "offline_data.pt")
     labeler = make_reward(args.labeler, device, dtype) if args.offline_data is None else None
     if args.offline_data is None and not os.path.isfile(cache):
@@ -367,18 +426,22 @@ if __name__ == "__main__":
         data = load_offline_data(cache if args.offline_data is None else args.offline_data, args.resolution)
 
     # ALGO LOGIC: the conservative reward model on frozen features, with a held-out split for its error
-    featurize = ImageFeatures(args.feature_model, sd.vae).to(device)
+    source, featurize = args.offline_data or cache, ImageFeatures(args.feature_model, sd.vae).to(device)
     with torch.no_grad():
+        blank = torch.zeros(1, 3, args.resolution, args.resolution, device=device)  # tells the feature dimension
+        check_offline_data(data, source, featurize(blank).shape[1])
+        scores, num_val = data["scores"].float().to(device), max(1, int(args.val_fraction * len(data["scores"])))
+        reject(source, [  # a head fitted on one example is NaN (the std of one number); equal scores teach nothing
+            (len(scores) - num_val < 10, f"has {len(scores)} scored examples and --val-fraction holds {num_val} out:"
+                                         " the reward model needs at least 10 others to fit on"),
+            (len(scores.unique()) == 1, "has all its scores equal: the reward model would have nothing to learn"),
+        ])  # fmt: skip
         if "features" in data:
             features = data["features"].float().to(device)
         else:
             features = torch.cat([featurize(batch.to(device).float() / 255) for batch in data["images"].split(32)])
-    scores = data["scores"].float().to(device)
-    if len(scores) < 10:
-        fail(f"the offline data has {len(scores)} scored examples; the reward model needs at least 10")
     model_rng = torch.Generator().manual_seed(args.seed + 2)
     order = torch.randperm(len(scores), generator=model_rng)
-    num_val = max(1, int(args.val_fraction * len(scores)))
     val, train = order[:num_val].to(device), order[num_val:].to(device)
     if args.conservatism == "boot":
         resamples = [train[torch.randint(len(train), (len(train),), generator=model_rng).to(device)]

@@ -16,6 +16,43 @@ TINY_PRETRAINED = os.path.join(ROOT, "assets", "tiny-sd")
 TINY = BRAID_TINY
 
 
+def image_folder(path, text=None, damage=None):
+    """14 random PNGs 0.png ... 13.png in path/data, and a scores.csv: `text` (str or bytes), or by default a
+    file,score line for each of the first 12 (scores i / 10). `damage` (file, "garbage" or "truncated") spoils one
+    image."""
+    folder = path / "data"
+    folder.mkdir()
+    for i in range(14):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(
+            folder / f"{i}.png"
+        )
+    if damage:
+        image = folder / damage[0]
+        image.write_bytes(b"not a png" if damage[1] == "garbage" else image.read_bytes()[:200])
+    text = scores_csv() if text is None else text
+    (folder / "scores.csv").write_bytes(text if isinstance(text, bytes) else text.encode())
+    return folder
+
+
+def scores_csv(*lines, rows=12):
+    return "\n".join(["file,score", *(f"{i}.png,{i / 10}" for i in range(rows)), *lines]) + "\n"
+
+
+def offline_pt(path, data=None, **changes):
+    """path/data.pt: `data` as given (bytes are written as they are), or by default 12 scores and uint8 images
+    (12, 3, 8, 8), with `changes` replacing (None: removing) entries."""
+    file = path / "data.pt"
+    if isinstance(data, bytes):
+        file.write_bytes(data)
+        return file
+    if data is None:
+        images = torch.randint(0, 256, (12, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        data = {"scores": torch.arange(12) / 10, "images": images}
+        data = {k: v for k, v in {**data, **changes}.items() if v is not None}
+    torch.save(data, file)
+    return file
+
+
 def toy_data(n=400, dim=8, seed=0):
     generator = torch.Generator().manual_seed(seed)
     features = torch.randn(n, dim, generator=generator)
@@ -121,14 +158,7 @@ def test_script_runs_on_synthesised_data(variant, tiny_sd_path, tmp_path):
 
 
 def test_script_runs_on_a_folder_of_images_with_scores(tiny_sd_path, tmp_path):
-    folder = tmp_path / "data"
-    folder.mkdir()
-    rows = ["file,score"]
-    for i in range(12):
-        pixels = np.random.default_rng(i).integers(0, 255, (20, 24, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(folder / f"{i}.png")
-        rows.append(f"{i}.png,{i / 10}")
-    (folder / "scores.csv").write_text("\n".join(rows) + "\n")
+    folder = image_folder(tmp_path)
     run_subprocess("braid.py", ["--pretrained-model", tiny_sd_path, *TINY, "--offline-data", str(folder),
                                 "--train-steps", "2", "--output-dir", str(tmp_path / "runs")])  # fmt: skip
     _, metrics = read_metrics(tmp_path / "runs")
@@ -161,9 +191,88 @@ def test_conservative_reward_rises_on_the_tiny_pretrained_model(tmp_path, monkey
     (["--offline-data", "/no/such/data"], "is neither a .pt file nor a folder with a scores.csv"),
     (["--k", "9"], "--k must be between 1 and --num-steps (4), got 9"),
     (["--offline-size", "0"], "--offline-size must be at least 1, got 0"),
+    (["--bonus-lambda", "0"], "--bonus-lambda must be above 0"),
 ])  # fmt: skip
 def test_bad_input_ends_with_one_sentence_and_status_2(bad, message, tiny_sd_path, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_script("braid.py", ["--pretrained-model", tiny_sd_path, *TINY, *bad, "--output-dir", str(tmp_path)],
                    monkeypatch)  # fmt: skip
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+NAN = float("nan")
+FEATURES = torch.randn(12, 64, generator=torch.Generator().manual_seed(0))  # the tiny VAE's features: 4 x 4 x 4
+BAD_DATA = [  # (case, the data under tmp_path, more flags, the one sentence: the file, the row or key, the fault)
+    ("csv empty", lambda p: image_folder(p, ""), [], "scores.csv is empty"),
+    ("csv no header", lambda p: image_folder(p, scores_csv()[11:]), [], "scores.csv starts with '0.png,0.0', not"),
+    ("csv header only", lambda p: image_folder(p, "file,score\n"), [], "scores.csv has no lines of file,score"),
+    ("csv not text", lambda p: image_folder(p, b"\x89PNG\r\n"), [], "scores.csv is not a CSV text file"),
+    ("csv empty file cell", lambda p: image_folder(p, scores_csv(",0.5")), [],
+     "scores.csv, line 14: the 'file' cell is empty"),
+    ("csv duplicate", lambda p: image_folder(p, scores_csv("3.png,0.5")), [],
+     "scores.csv, line 14: '3.png' is listed twice (also on line 5)"),
+    ("csv text score", lambda p: image_folder(p, scores_csv("12.png,high")), [],
+     "scores.csv, line 14: the score 'high' is not a finite number"),
+    ("csv no score", lambda p: image_folder(p, scores_csv("12.png")), [], "line 14: the score '' is not a finite"),
+    ("csv nan score", lambda p: image_folder(p, scores_csv("12.png,nan")), [], "line 14: the score 'nan' is not a"),
+    ("csv inf score", lambda p: image_folder(p, scores_csv("12.png,-inf")), [], "line 14: the score '-inf' is not"),
+    ("csv missing image", lambda p: image_folder(p, scores_csv("99.png,1")), [],
+     "scores.csv, line 14: cannot read the image '99.png' (No such file or directory)"),
+    ("csv corrupt image", lambda p: image_folder(p, damage=("5.png", "garbage")), [],
+     "scores.csv, line 7: cannot read the image '5.png' (cannot identify image file"),
+    ("csv truncated image", lambda p: image_folder(p, damage=("5.png", "truncated")), [],
+     "scores.csv, line 7: cannot read the image '5.png'"),
+    ("csv too few", lambda p: image_folder(p, scores_csv(rows=9)), [],
+     "data has 9 scored examples and --val-fraction holds 1 out: the reward model needs at least 10 others"),
+    ("csv equal scores", lambda p: image_folder(p, "file,score\n" + "".join(f"{i}.png,0.5\n" for i in range(12))),
+     [], "data has all its scores equal"),
+    ("pt garbage", lambda p: offline_pt(p, b"not a torch file"), [], "cannot load {} with torch.load (invalid load"),
+    ("pt truncated", lambda p: offline_pt(p, offline_pt(p).read_bytes()[:1000]), [],
+     "cannot load {} with torch.load (PytorchStreamReader failed"),
+    ("pt not a dict", lambda p: offline_pt(p, [1, 2]), [], "data.pt must hold a dict with 'scores' and either"),
+    ("pt no scores", lambda p: offline_pt(p, scores=None), [], "either 'images' or 'features', not a dict with keys"),
+    ("pt no images", lambda p: offline_pt(p, images=None), [], "data.pt must hold a dict with 'scores' and either"),
+    ("pt scores (N, 1)", lambda p: offline_pt(p, scores=torch.zeros(12, 1)), [],
+     "data.pt: 'scores' must be a 1-D tensor (N,) of finite numbers, got torch.float32 of shape (12, 1)"),
+    ("pt scores list", lambda p: offline_pt(p, scores=[0.0] * 12), [], "data.pt: 'scores' must be a 1-D tensor"),
+    ("pt nan score", lambda p: offline_pt(p, scores=torch.arange(12.0).index_fill(0, torch.tensor(3), NAN)), [],
+     "data.pt: 'scores' holds a NaN or infinity at [3]"),
+    ("pt huge score", lambda p: offline_pt(p, scores=torch.arange(12.0, dtype=torch.float64) * 1e39), [],
+     "data.pt: 'scores' holds a NaN or infinity at [1]"),
+    ("pt float images", lambda p: offline_pt(p, images=torch.rand(12, 3, 8, 8)), [],
+     "'images' must be a uint8 tensor (12, 3, H, W), one image per score (multiply float images in [0, 1] by 255"),
+    ("pt images HWC", lambda p: offline_pt(p, images=torch.zeros(12, 8, 8, 3, dtype=torch.uint8)), [],
+     "data.pt: 'images' must be a uint8 tensor (12, 3, H, W)"),
+    ("pt more images", lambda p: offline_pt(p, images=torch.zeros(13, 3, 8, 8, dtype=torch.uint8)), [],
+     "data.pt: 'images' must be a uint8 tensor (12, 3, H, W), one image per score"),
+    ("pt true rewards", lambda p: offline_pt(p, true_rewards=torch.zeros(11)), [],
+     "data.pt: 'true_rewards' must be a 1-D tensor (12,) of finite numbers, one per score, got torch.float32"),
+    ("pt features dim", lambda p: offline_pt(p, images=None, features=FEATURES[:, :32]), [],
+     "data.pt: 'features' must be a floating tensor (12, 64) of finite numbers from the --feature-model"),
+    ("pt features 1-D", lambda p: offline_pt(p, images=None, features=FEATURES[0]), [], "data.pt: 'features' must"),
+    ("pt fewer features", lambda p: offline_pt(p, images=None, features=FEATURES[:10]), [],
+     "got torch.float32 of shape (10, 64)"),
+    ("pt integer features", lambda p: offline_pt(p, images=None, features=FEATURES.long()), [],
+     "data.pt: 'features' must be a floating tensor (12, 64)"),
+    ("pt nan feature", lambda p: offline_pt(p, images=None, features=FEATURES.index_put((torch.tensor(2),
+                                                                                          torch.tensor(5)),
+                                                                                         torch.tensor(NAN))), [],
+     "data.pt: 'features' holds a NaN or infinity at [2, 5]"),
+    ("pt too few", lambda p: offline_pt(p, scores=torch.arange(5.0), images=torch.zeros(5, 3, 8, 8).byte()), [],
+     "data.pt has 5 scored examples"),
+    ("pt big val split", lambda p: offline_pt(p), ["--val-fraction", "0.9"],
+     "data.pt has 12 scored examples and --val-fraction holds 10 out"),
+    ("pt equal scores", lambda p: offline_pt(p, scores=torch.ones(12)), [], "data.pt has all its scores equal"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("make, flags, message", [pytest.param(*case[1:], id=case[0]) for case in BAD_DATA])
+def test_malformed_offline_data_ends_with_one_sentence_and_status_2(
+    make, flags, message, tiny_sd_path, tmp_path, monkeypatch, capsys
+):
+    data = make(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        run_script("braid.py", ["--pretrained-model", tiny_sd_path, *TINY, "--offline-data", str(data), *flags,
+                                "--output-dir", str(tmp_path / "runs")], monkeypatch)  # fmt: skip
+    last_line = capsys.readouterr().err.splitlines()[-1]  # above it, only transformers' progress bars
+    assert exit_info.value.code == 2 and last_line.startswith("error: ") and message.format(data) in last_line
