@@ -13,12 +13,11 @@ sum_t ||mean_theta(x_t) - mean_pre(x_t)||^2 / (2 sigma_t^2), mean over latent di
 its LoRA disabled. --c 0 is the non-conservative baseline (STRL in the paper). Defaults follow the group's sibling
 code SEIKO (AdamW lr 1e-3, weight decay 0.1, grad clip 5, KL weight 0.01, guidance 7.5; unverified for BRAID).
 
-Offline data (--offline-data): a folder of images with a scores.csv of `file,score` lines, or a .pt file holding
-{"scores": (N,)} and either {"images": uint8 (N, 3, H, W)} or {"features": (N, D)} already computed with the
---feature-model. Without it, the data is synthesised and cached as {run folder}/offline_data.pt (same format).
+Offline data (--offline-data): a folder of images with a scores.csv of `file,score` lines, or a .pt file of scores
+and images or features (common/offline_data.py reads and checks both). Without it, the data is synthesised with
+--labeler and cached as {run folder}/offline_data.pt.
 """
 
-import csv
 import json
 import math
 import os
@@ -31,7 +30,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.tensorboard import SummaryWriter
@@ -40,6 +38,7 @@ from tqdm.auto import tqdm
 from common import check, check_args, cli, fail
 from common.checkpoint import find_checkpoint, open_run_dir, save_checkpoint
 from common.distributed import average_gradients, cleanup, gather, sample_generators, setup, shard
+from common.offline_data import check_offline_data, load_offline_data, reject
 from common.prompts import load_prompts, sample_prompts
 from common.rewards import REWARDS, ClipImageFeatures, make_reward
 from common.sampling import check_stochastic, ddim_step, decode, initial_latents, predict_noise, sample, save_grid
@@ -177,83 +176,6 @@ def synthesise_offline_data(sd, labeler, prompts, negative_embeds, args, generat
     return {"images": images, "scores": scores[keep], "true_rewards": true_rewards[keep], "prompts": prompts}
 
 
-def reject(where: str, checks) -> None:
-    """End the run with the one sentence f"{where} {why}" of the first (bad, why) in `checks` that is bad."""
-    for bad, why in checks:
-        if bad:
-            fail(f"{where} {why}")
-
-
-def load_offline_data(path: str, resolution: int):
-    """A folder of images with scores.csv (file,score), or a .pt file as the module docstring describes. A CSV line
-    that cannot be used ends the run naming the line; check_offline_data checks what a .pt file holds."""
-    if os.path.isfile(path) and path.endswith(".pt"):
-        try:
-            return torch.load(path, weights_only=False)
-        except Exception as e:  # corrupt, truncated, not written by torch.save: whatever torch.load raises
-            fail(f"cannot load {path} with torch.load ({(str(e) or type(e).__name__).splitlines()[0][:200]})")
-    table = os.path.join(path, "scores.csv")
-    if not os.path.isfile(table):
-        fail(f"--offline-data {path} is neither a .pt file nor a folder with a scores.csv of file,score lines")
-    try:
-        with open(table, newline="", encoding="utf-8-sig") as f:  # -sig: skips the byte-order mark Excel writes
-            reader = csv.DictReader(f)
-            rows, header = [(reader.line_num, row) for row in reader], reader.fieldnames or []
-    except (UnicodeError, csv.Error) as e:
-        fail(f"{table} is not a CSV text file in UTF-8 ({e})")
-    reject(table, [(not header, "is empty: it needs the header line 'file,score', then one line per image"),
-                   (not {"file", "score"} <= set(header), f"starts with '{','.join(header)}', not 'file,score'"),
-                   (not rows, "has no lines of file,score after its header")])  # fmt: skip
-    images, scores, seen = [], [], {}
-    for line, row in rows:
-        name, score = (row["file"] or "").strip(), (row["score"] or "").strip()
-        try:
-            value = float(score)
-        except ValueError:
-            value = math.nan
-        reject(f"{table}, line {line}:", [
-            (not name, "the 'file' cell is empty"),
-            (name in seen, f"'{name}' is listed twice (also on line {seen.get(name)})"),
-            (not math.isfinite(value), f"the score '{score}' is not a finite number"),
-        ])  # fmt: skip
-        seen[name] = line
-        try:
-            with Image.open(os.path.join(path, name)) as image:
-                images.append(np.asarray(image.convert("RGB").resize((resolution, resolution))))
-        except OSError as e:  # missing, not an image, truncated
-            fail(f"{table}, line {line}: cannot read the image '{name}' ({e.strerror or e})")
-        scores.append(value)
-    images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # (N, 3, H, W) uint8
-    return {"images": images, "scores": torch.tensor(scores)}
-
-
-def check_offline_data(data, source: str, feature_dim: int) -> None:
-    """End the run with one sentence naming the file and the key unless the offline data (a .pt file's, a folder's
-    or synthesised) is a dict of 'scores' and 'images' or 'features' (and maybe 'true_rewards') of these forms."""
-    if not (isinstance(data, dict) and "scores" in data and ("images" in data or "features" in data)):
-        fail(f"{source} must hold a dict with 'scores' and either 'images' or 'features', not a {type(data).__name__}"
-             + (f" with keys {list(data)}" if isinstance(data, dict) else ""))  # fmt: skip
-    x = data["scores"]
-    n = len(x) if isinstance(x, torch.Tensor) and x.ndim == 1 else "N"  # every tensor has one row per example
-    numbers = lambda x: x.ndim == 1 and x.dtype != torch.bool and not x.is_complex()  # noqa: E731
-    rules = {  # key: (what it must be, whether a tensor x is that)
-        "scores": ("a 1-D tensor (N,) of finite numbers", numbers),
-        "true_rewards": (f"a 1-D tensor ({n},) of finite numbers, one per score", numbers),
-        "images": (f"a uint8 tensor ({n}, 3, H, W), one image per score (multiply float images in [0, 1] by 255 and"
-                   " convert them to uint8: (images * 255).round().byte())",
-                   lambda x: x.dtype == torch.uint8 and x.ndim == 4 and x.shape[1] == 3),
-        "features": (f"a floating tensor ({n}, {feature_dim}) of finite numbers from the --feature-model, one row per"
-                     " score", lambda x: x.is_floating_point() and x.ndim == 2 and x.shape[1] == feature_dim),
-    }  # fmt: skip
-    for key, (form, ok) in rules.items():
-        x = data.get(key)
-        if key in data and not (isinstance(x, torch.Tensor) and ok(x) and len(x) == n):
-            got = f"{x.dtype} of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else f"a {type(x).__name__}"
-            fail(f"{source}: '{key}' must be {form}, got {got}")
-        if key in data and x.is_floating_point() and not x.float().isfinite().all():  # float(): 1e39 is inf
-            fail(f"{source}: '{key}' holds a NaN or infinity at {(~x.float().isfinite()).nonzero()[0].tolist()}")
-
-
 @dataclass
 class Args:
     preset: Literal["sd14", "tiny"] = "sd14"
@@ -369,6 +291,9 @@ if __name__ == "__main__":
     check(args, "reward_model_steps", args.reward_model_steps >= 1, "at least 1")
     check(args, "reward_model_lr", 0 < args.reward_model_lr <= 1, "in (0, 1]")
     check(args, "val_fraction", 0 < args.val_fraction < 1, "in (0, 1)")
+    check(
+        args, "bonus_lambda", 0 < args.bonus_lambda < float("inf"), "above 0 (it keeps the bonus's matrix invertible)"
+    )
     if args.offline_data is None and args.labeler not in REWARDS:
         fail(f"unknown labeler '{args.labeler}'; choose one of: {', '.join(REWARDS)}")
     if args.conservatism == "boot" and args.ensemble_size < 2:
@@ -412,8 +337,6 @@ if __name__ == "__main__":
     negative_embeds = encode_prompts(sd, [""])  # (1, 77, D), the unconditional embedding, computed once
 
     # ALGO LOGIC: the offline dataset, from a file or synthesised by the pretrained model and a noisy labeler
-    if not args.bonus_lambda > 0:
-        fail(f"--bonus-lambda must be above 0 (it keeps the bonus's matrix invertible), got {args.bonus_lambda}")
     cache = os.path.join(run_dir, "offline_data.pt")
     labeler = make_reward(args.labeler, device, dtype) if args.offline_data is None else None
     if args.offline_data is None and not os.path.isfile(cache):
