@@ -7,6 +7,13 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# tiny settings for conftest.py's tiny random model (16 px, 4 sampling steps), by script family; a test adds the
+# run's length (--train-steps or --num-epochs) and what it checks
+DRAFT_TINY = ["--reward", "colorfulness", "--resolution", "16", "--num-steps", "4", "--batch-size", "2"]
+DDPO_RWR_TINY = ["--reward", "jpeg_incompressibility", "--resolution", "16", "--num-steps", "4",
+                 "--samples-per-epoch", "4", "--sample-batch-size", "2", "--train-batch-size", "2"]  # fmt: skip
+BRAID_TINY = ["--labeler", "colorfulness", "--feature-model", "vae", "--resolution", "16", "--num-steps", "4",
+              "--offline-size", "24", "--batch-size", "4", "--reward-model-steps", "50"]  # fmt: skip
 
 
 def definitions(script: str) -> dict:

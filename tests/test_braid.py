@@ -9,12 +9,11 @@ from PIL import Image
 
 from common.sampling import initial_latents, predict_noise
 from common.sd import add_lora, encode_prompts, load_sd
+from scripts import BRAID_TINY as TINY
 from scripts import ROOT, check_resume, definitions, read_metrics, run_script, run_subprocess
 
 BRAID = definitions("braid.py")
 TINY_PRETRAINED = os.path.join(ROOT, "assets", "tiny-sd")
-TINY = ["--labeler", "colorfulness", "--feature-model", "vae", "--resolution", "16", "--num-steps", "4",
-        "--offline-size", "24", "--batch-size", "4", "--reward-model-steps", "50"]  # fmt: skip
 
 
 def toy_data(n=400, dim=8, seed=0):

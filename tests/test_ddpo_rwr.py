@@ -8,11 +8,10 @@ import torch
 from diffusers import DDPMScheduler
 
 from common.sd import load_sd
+from scripts import DDPO_RWR_TINY as TINY
 from scripts import ROOT, check_resume, definitions, read_metrics, run_script, run_subprocess, tensorboard_images
 
 DDPO, RWR = definitions("ddpo.py"), definitions("rwr.py")
-TINY = ["--reward", "jpeg_incompressibility", "--resolution", "16", "--num-steps", "4", "--samples-per-epoch", "4",
-        "--sample-batch-size", "2", "--train-batch-size", "2"]  # fmt: skip
 
 
 def test_per_prompt_advantages_by_hand():

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import common.sampling
+from scripts import DRAFT_TINY as TINY
 from scripts import check_resume, read_metrics, run_script, run_subprocess, tensorboard_images
 
 SCRIPTS = ["draft_full.py", "draft_k.py", "draft_lv.py"]
-TINY = ["--reward", "colorfulness", "--resolution", "16", "--num-steps", "4", "--batch-size", "2"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
