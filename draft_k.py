@@ -3,6 +3,7 @@ Clark, Vicol, Swersky and Fleet, 2023, arXiv 2309.17400 (the DRaFT-K variant; K 
 
     python draft_k.py --k 1                     # SD 1.4, aesthetic reward, simple animals (GPU)
     python draft_k.py --k 1 --preset tiny       # the shipped tiny model: a CPU run in a minute
+    python draft_k.py --k-min 1 --k 10          # random truncation: K drawn from 1..10 for each trajectory
 
 Sample with DDIM (eta = 0) from x_T, the first T - K steps without gradient, the last K with it; decode;
 maximise the differentiable reward by backpropagating through the decoder and those K UNet calls into the LoRA.
@@ -82,7 +83,9 @@ class Args:
 
     # Algorithm specific arguments
     k: int = 1
-    """backpropagate through the last K sampling steps only"""
+    """backpropagate through the last K sampling steps only (with --k-min: the largest K drawn)"""
+    k_min: Optional[int] = None
+    """if set, draw K uniformly from --k-min ... --k once per trajectory (random truncation), not a fixed K"""
     lora_rank: int = 8
     """rank of the LoRA on the UNet's attention projections"""
     learning_rate: float = 4e-4
@@ -108,6 +111,7 @@ if __name__ == "__main__":
     args = cli(Args, PRESETS)
     check_args(args)
     check(args, "k", 1 <= args.k <= args.num_steps, f"between 1 and --num-steps ({args.num_steps})")
+    check(args, "k_min", args.k_min is None or 1 <= args.k_min <= args.k, f"between 1 and --k ({args.k})")
     if args.reward not in REWARDS:
         fail(f"unknown reward '{args.reward}'; choose one of: {', '.join(REWARDS)}")
     if not REWARDS[args.reward].differentiable:
@@ -182,22 +186,31 @@ if __name__ == "__main__":
     for step in tqdm(range(start_step + 1, args.train_steps + 1), initial=start_step, total=args.train_steps,
                      disable=rank != 0):  # fmt: skip
         step_start = time.time()
-        rewards_seen, loss_total = [], 0.0
+        rewards_seen, ks_drawn, loss_total = [], [], 0.0
         for _ in range(args.grad_accum_steps):
             # this rank's slice of the global batch: its prompts, and one generator per sample for all its noise
             batch_prompts = shard(sample_prompts(train_prompts, world_size * args.batch_size, rng), args.batch_size)
             generators = sample_generators(args.batch_size, rng)
             prompt_embeds = encode_prompts(sd, batch_prompts)  # (B, 77, D)
             latents = initial_latents(sd, args.batch_size, args.resolution, generators, device)  # x_T, (B, 4, h, w)
-            # ALGO LOGIC: DDIM from x_T to x_0; the first T - K steps run without gradient, so the latent entering the
-            # last K is a constant. The UNet calls that carry gradient, and the decoder, are checkpointed (their
-            # activations are recomputed in the backward pass instead of stored)
+            # ALGO LOGIC: each trajectory's K: --k, or with --k-min one draw per trajectory (the global batch's draws,
+            # this rank's slice)
+            k = torch.full((args.batch_size,), args.k)  # (B,)
+            if args.k_min is not None:
+                ks_drawn.append(torch.randint(args.k_min, args.k + 1, (world_size * args.batch_size,), generator=rng))
+                k = shard(ks_drawn[-1], args.batch_size)
+            # ALGO LOGIC: DDIM from x_T to x_0; each trajectory's first T - K steps run without gradient, so the latent
+            # entering its last K is a constant. The UNet runs with autograd on from the earliest window in the batch;
+            # a step outside a sample's own window is cut from its graph. The UNet calls that carry gradient, and the
+            # decoder, are checkpointed (their activations are recomputed in the backward pass instead of stored)
             sd.scheduler.set_timesteps(args.num_steps, device=device)
             for i, t in enumerate(sd.scheduler.timesteps):
-                with torch.set_grad_enabled(i >= args.num_steps - args.k):
+                in_window = i >= args.num_steps - k  # (B,): whether step i is one of the sample's last K
+                with torch.set_grad_enabled(bool(in_window.any())):
                     eps = predict_noise(sd.unet, latents, t, prompt_embeds, negative_embeds, args.guidance_scale,
                                         checkpointed=True)  # fmt: skip
                     latents = ddim_step(sd.scheduler, eps, t, latents, args.eta, generator=generators).latents
+                latents = torch.where(in_window.to(device).view(-1, 1, 1, 1), latents, latents.detach())
             rewards = reward_fn(decode(sd, latents, checkpoint_vae=True), batch_prompts)  # (B,)
             loss = -rewards.mean() / args.grad_accum_steps  # gradient ascent on the reward
             loss.backward()
@@ -220,6 +233,8 @@ if __name__ == "__main__":
             "grad_norm": grad_norm.item(),
             "images_per_sec": len(rewards_seen) / (time.time() - step_start),
         }
+        if ks_drawn:  # random truncation: the mean K of the global batch
+            metrics["k_mean"] = torch.cat(ks_drawn).float().mean().item()
 
         # TRY NOT TO MODIFY: logging, samples and checkpoints (rank 0's, with the global batch's numbers)
         if rank != 0:

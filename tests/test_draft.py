@@ -48,6 +48,11 @@ def test_resume_reproduces_the_uninterrupted_run(script, tiny_sd_path, tmp_path,
                  keys=("reward_mean", "loss", "grad_norm"))  # fmt: skip
 
 
+def test_random_k_resumes_exactly(tiny_sd_path, tmp_path, monkeypatch):
+    args = ["--pretrained-model", tiny_sd_path, *TINY, "--k-min", "1", "--k", "3"]
+    check_resume("draft_k.py", args, "--train-steps", tmp_path, monkeypatch, keys=("reward_mean", "loss", "k_mean"))
+
+
 def record_gradient_window(monkeypatch) -> list[bool]:
     """Whether autograd is on at each UNet call the training loops make (they pass checkpointed=True; the sampling
     of evaluations and the checkpoint's recomputations in the backward pass do not)."""
@@ -70,6 +75,37 @@ def test_exactly_the_last_k_steps_carry_gradient(script, k, tiny_sd_path, tmp_pa
     assert seen == ([False] * (4 - k) + [True] * k) * 2  # 4 sampling steps, two training steps
 
 
+@pytest.mark.parametrize("window", [["--k", "3"], ["--k-min", "2", "--k", "5"]], ids=["fixed", "random"])
+def test_each_trajectory_backpropagates_through_its_own_last_k_steps(window, tiny_sd_path, tmp_path, monkeypatch):
+    """A zero added to the latents entering each UNet call of the training loop: its gradient is non-zero for a sample
+    exactly when that sample's reward reaches back to the call. Each sample's reach must be one contiguous tail of
+    K steps; with --k-min, K is drawn per trajectory in [k_min, k] and differs between them."""
+    probes, original = [], common.sampling.predict_noise
+
+    def probing_predict_noise(unet, latents, *args, checkpointed=False):
+        if checkpointed:  # the training loop's calls, not the checkpoint's recomputations
+            probes.append(torch.zeros_like(latents, requires_grad=True))
+            latents = latents + probes[-1]
+        return original(unet, latents, *args, checkpointed=checkpointed)
+
+    monkeypatch.setattr(common.sampling, "predict_noise", probing_predict_noise)
+    run_script("draft_k.py", ["--pretrained-model", tiny_sd_path, *TINY, "--num-steps", "6", "--batch-size", "4",
+                              *window, "--train-steps", "2", "--output-dir", str(tmp_path)], monkeypatch)  # fmt: skip
+    _, metrics = read_metrics(tmp_path)
+    no_gradient = torch.zeros(4, dtype=torch.bool)  # a call made without autograd: its probe has no gradient
+    reached = [no_gradient if p.grad is None else p.grad.flatten(1).ne(0).any(1) for p in probes]
+    reached = torch.stack(reached).view(2, 6, 4).transpose(1, 2)  # (training step, sample, sampling step)
+    ks = reached.sum(-1)  # (2, 4): each trajectory's K
+    for step_ks, step_reached in zip(ks, reached):
+        for k, row in zip(step_ks.tolist(), step_reached.tolist()):
+            assert row == [False] * (6 - k) + [True] * k, row  # one contiguous tail
+    if window[0] == "--k":
+        assert ks.eq(3).all() and "k_mean" not in metrics[0]
+    else:
+        assert ks.min() >= 2 and ks.max() <= 5 and len(ks.unique()) > 1, ks  # K varies across trajectories
+        assert [m["k_mean"] for m in metrics] == ks.float().mean(1).tolist()
+
+
 def test_draft_lv_uses_n_distinct_noises_on_a_constant_x0(tiny_sd_path, tmp_path, monkeypatch):
     inputs = []
     original = common.sampling.predict_noise
@@ -90,6 +126,8 @@ def test_draft_lv_uses_n_distinct_noises_on_a_constant_x0(tiny_sd_path, tmp_path
 BAD_INPUTS = [
     ("draft_k.py", ["--k", "0"], "--k must be between 1 and --num-steps (4), got 0"),
     ("draft_k.py", ["--k", "5"], "--k must be between 1 and --num-steps (4), got 5"),
+    ("draft_k.py", ["--k-min", "0"], "--k-min must be between 1 and --k (1), got 0"),
+    ("draft_k.py", ["--k", "2", "--k-min", "3"], "--k-min must be between 1 and --k (2), got 3"),
     ("draft_lv.py", ["--n", "0"], "--n must be at least 1"),
     ("draft_full.py", ["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     ("draft_k.py", ["--resolution", "17"], "--resolution must be a multiple of"),

@@ -18,7 +18,7 @@ BRAID = ["--labeler", "colorfulness", "--feature-model", "vae", "--offline-size"
 # JPEG size can jump by a byte on a rounding difference
 CASES = {
     "draft_full.py": (DRAFT, {"--batch-size": 1}),
-    "draft_k.py": (DRAFT + ["--k", "2"], {"--batch-size": 1}),
+    "draft_k.py": (DRAFT + ["--k", "3", "--k-min", "1"], {"--batch-size": 1}),  # K drawn per trajectory
     "draft_lv.py": (DRAFT, {"--batch-size": 1}),
     # one training batch per epoch: the same update whatever the split (minibatches would differ)
     "ddpo.py": (EPOCHS, {"--samples-per-epoch": 4, "--sample-batch-size": 2, "--train-batch-size": 4}),
