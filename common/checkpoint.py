@@ -21,6 +21,11 @@ def is_complete(checkpoint_dir: str) -> bool:
     return all(os.path.isfile(os.path.join(checkpoint_dir, name)) for name in (STATE, LORA_WEIGHTS))
 
 
+def say(message: str) -> None:
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, once
+        print(message)
+
+
 def find_checkpoint(path: str) -> tuple[str, dict]:
     """`--resume PATH`: a checkpoint folder, or a run folder (its newest complete checkpoint). Returns the
     checkpoint folder and its state. A named checkpoint that cannot be read ends the run with one sentence; in a
@@ -32,14 +37,14 @@ def find_checkpoint(path: str) -> tuple[str, dict]:
     for name in names:
         checkpoint_dir = os.path.join(folder, name)
         if ".tmp" in name or not is_complete(checkpoint_dir):
-            print(f"warning: skipping the incomplete checkpoint {checkpoint_dir}")
+            say(f"warning: skipping the incomplete checkpoint {checkpoint_dir}")
             continue
         try:
             state = torch.load(os.path.join(checkpoint_dir, STATE), weights_only=False)
         except Exception as e:  # a truncated or corrupt file: an older checkpoint may still be whole
-            print(f"warning: skipping the unreadable checkpoint {checkpoint_dir} ({type(e).__name__})")
+            say(f"warning: skipping the unreadable checkpoint {checkpoint_dir} ({type(e).__name__})")
             continue
-        print(f"resuming from {checkpoint_dir}")
+        say(f"resuming from {checkpoint_dir}")
         return checkpoint_dir, state
     fail(f"--resume {path} is neither a checkpoint folder nor a run folder with a complete checkpoint")
 
