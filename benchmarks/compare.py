@@ -526,9 +526,13 @@ def claims_md(results: dict, claims: dict) -> list[str]:
         out.append(f"\n(c) DRaFT beats DDPO and RWR per reward query by a wide margin (every DRaFT variant more than"
                    f" twice the best of DDPO/RWR): {verdict(ok)} (per 100 queries: "
                    + ", ".join(f"{n} {v:+.1f}" for n, v in g.items() if not n.startswith("braid")) + ").")  # fmt: skip
+    else:
+        out.append(f"\n(c) DRaFT against DDPO and RWR: {verdict(None)} (runs missing).")
     if "ddpo_is" in g and {"rwr_softmax", "rwr_sparse"} & set(g):
         ok = g["ddpo_is"] > max(g.get("rwr_softmax", -math.inf), g.get("rwr_sparse", -math.inf))
         out.append(f" DDPO-IS beats RWR: {verdict(ok)}.")
+    if not {"braid_boot", "braid_bonus", "braid_c0"} & set(results):
+        out.append(f"\n(d) BRAID: {verdict(None)} (runs missing).")
     for name in ("braid_boot", "braid_bonus"):
         if name in results:
             r = results[name]["runs"]
