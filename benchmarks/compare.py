@@ -565,8 +565,9 @@ def claims_md(results: dict, claims: dict) -> list[str]:
                 for n in ("braid_boot", "braid_bonus")
                 if n in results
             )
-            + ": the rise of the true reward in training batches does not reach the held-out prompts, and the"
-            " conservative runs did no better than --c 0 there."
+            + ": the rise of the true reward in training batches does not reach the held-out prompts. --c 0's"
+            f" training batches also end above the offline best ({statistics.mean(true[0]):.1f} against"
+            f" {run['offline_best'][-1]:.1f}), so (d)'s first part does not single out conservatism here."
         )
     e = claims.get("e")
     if e:
