@@ -1,0 +1,625 @@
+"""The six methods side by side on one task (issue 15): the shipped tiny model, colourfulness, the `shapes` prompts.
+
+    python benchmarks/compare.py                       # the full run: LR sweep on seed 0, then 3 seeds at the best LR
+    python benchmarks/compare.py --seeds 1 --budget 128 --lr-factors 1   # what fitted in an evening on 2 cores
+    python benchmarks/compare.py --quick               # a smoke run: tiny budget, 1 seed, no sweep
+    python benchmarks/compare.py --summarize           # docs/RESULTS.md and docs/results/*.png from the runs' files
+    python benchmarks/compare.py --claims              # claims (b) and (e): gradient variance, LoRA scale
+
+Every method runs as users run it (`python script.py --preset tiny ...` in a subprocess) and is read back from its
+run folder (metrics.jsonl, samples/). One budget of reward queries for all: one decoded image scored by the reward
+is one query. DRaFT: batch_size x grad_accum per step (DRaFT-LV: n x batch_size); DDPO and RWR: samples_per_epoch
+per epoch; BRAID: its offline data (offline_size queries of the labeler) and 0 online queries of the true reward.
+The held-out evaluations (8 images every few steps) are not counted: they are the measurement, not training signal.
+The held-out reward is the colourfulness of the run's sample grids (4 held-out prompts x 2 seeds), read back from
+the PNGs, for every method alike (BRAID's own eval_reward_mean is its conservative reward, not the true one).
+Runs go to {output_dir}/{method}/lr{lr}/seed{seed}/; a run whose metrics.jsonl reached its last step is skipped, a
+half-written one is started again, so an interrupted sweep resumes. wall_clock.json beside metrics.jsonl records
+when each line appeared (seconds since the process started: loading, offline data and evaluations included).
+"""
+
+import json
+import math
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+import tyro
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# the task, the same for every method (flags after --preset tiny). Guidance 5 and 10 DDIM steps for all, so that
+# the held-out grids come from the same sampler (the tiny presets differ: RWR's uses guidance 1, DRaFT's 20 steps)
+TASK = ["--preset", "tiny", "--prompts", "shapes", "--resolution", "32", "--num-steps", "10", "--guidance-scale", "5"]
+REWARD = ["--reward", "colorfulness"]
+# BRAID with --k 1 (its gradient and KL through the last step only, as DRaFT-1): its default, all 10 steps, costs
+# ~10x more CPU time per step than DRaFT-1, more than the shared CPU had; the claims checked on it are about the
+# conservative reward, not the truncation
+BRAID = ["--labeler", "colorfulness", "--k", "1"]
+# name: (script, flags, default learning rate, counter). RWR's beta: its preset's 30 is for a reward in kB with a
+# spread of 0.07 (beta x spread ~ 2); colourfulness spreads by ~40, so 0.05 keeps beta x spread ~ 2
+METHODS = {
+    "draft_full": ("draft_full.py", REWARD, 4e-4, "step"),
+    "draft_k1": ("draft_k.py", [*REWARD, "--k", "1"], 4e-4, "step"),
+    "draft_lv2": ("draft_lv.py", [*REWARD, "--n", "2"], 4e-4, "step"),
+    "ddpo_is": ("ddpo.py", [*REWARD, "--estimator", "is"], 3e-2, "epoch"),
+    "ddpo_sf": ("ddpo.py", [*REWARD, "--estimator", "sf"], 3e-2, "epoch"),
+    "rwr_softmax": ("rwr.py", [*REWARD, "--beta", "0.05", "--num-inner-epochs", "1"], 3e-3, "epoch"),
+    "rwr_sparse": ("rwr.py", [*REWARD, "--sparse", "--num-inner-epochs", "1"], 3e-3, "epoch"),
+    "braid_boot": ("braid.py", [*BRAID, "--conservatism", "boot"], 1e-3, "step"),
+    "braid_bonus": ("braid.py", [*BRAID, "--conservatism", "bonus"], 1e-3, "step"),
+    "braid_c0": ("braid.py", [*BRAID, "--c", "0"], 1e-3, "step"),
+}
+
+
+@dataclass
+class Args:
+    output_dir: str = "runs/compare"
+    """where the runs go: {output_dir}/{method}/lr{lr}/seed{seed}/"""
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    """which methods to run (names in METHODS)"""
+    budget: int = 512
+    """reward queries per run (one decoded image scored = one query; BRAID: its offline data size)"""
+    batch: int = 4
+    """images per optimizer step for DRaFT and BRAID (DRaFT-LV: batch / n trajectories, n x that many images) and
+    per DDPO/RWR training minibatch; DDPO/RWR sample 4 x batch images per epoch"""
+    seeds: int = 3
+    """seeds per method at its best learning rate"""
+    lr_factors: list[float] = field(default_factory=lambda: [0.3, 1.0, 3.0])
+    """the sweep: each method's default learning rate times these, on seed 0; the best final held-out reward wins"""
+    evals: int = 8
+    """held-out evaluations (sample grids) per run, besides the one at the start"""
+    quick: bool = False
+    """a smoke run: budget 16, batch 4, 1 seed, no sweep, 2 evaluations (with --pretrained-model: the tests' model)"""
+    pretrained_model: Optional[str] = None
+    """another pipeline in place of assets/tiny-sd (the tests pass a random tiny one, with --resolution 16)"""
+    extra: str = ""
+    """flags appended to every script's command line, e.g. --extra="--resolution 16 --num-steps 4" """
+    summarize: bool = False
+    """write {docs_dir}/RESULTS.md and {docs_dir}/results/*.png from the runs under --output-dir (no new runs)"""
+    claims: bool = False
+    """measure claims (b) and (e) (writes {output_dir}/claims.json; (e) needs a finished draft_k1 run)"""
+    docs_dir: str = "docs"
+    """where --summarize writes RESULTS.md and results/"""
+    draws: int = 32
+    """--claims: gradient draws per estimator for claim (b)"""
+
+
+def sizes(name: str, args: Args) -> tuple[list[str], int, int]:
+    """The method's size flags for the budget, its number of steps or epochs, and its reward queries per unit."""
+    script, _, _, counter = METHODS[name]
+    if counter == "epoch":  # DDPO, RWR: samples_per_epoch images per epoch, trained on in minibatches of `batch`
+        per_unit = 4 * args.batch
+        flags = ["--samples-per-epoch", per_unit, "--sample-batch-size", per_unit, "--train-batch-size", args.batch]
+    elif script == "draft_lv.py":  # n = 2 re-noised copies of batch / 2 trajectories: `batch` images scored
+        per_unit, flags = args.batch, ["--batch-size", max(1, args.batch // 2)]
+    else:
+        per_unit, flags = args.batch, ["--batch-size", args.batch]
+    units = max(2, args.budget // per_unit)
+    if script == "braid.py":  # the offline data is the budget; it trains as many steps as DRaFT-K (0 online queries)
+        flags += ["--offline-size", args.budget, "--reward-model-steps", 200 if args.quick else 1000]
+    length = "--num-epochs" if counter == "epoch" else "--train-steps"
+    every = max(2, units // args.evals)  # > 1: the first line of metrics.jsonl then carries the start's evaluation
+    flags += [length, units, "--sample-every", every, "--save-every", units]
+    return [str(f) for f in flags], units, per_unit
+
+
+def run_dir(args: Args, name: str, lr: float, seed: int) -> str:
+    return os.path.join(args.output_dir, name, f"lr{lr:g}", f"seed{seed}")
+
+
+def read_run(folder: str) -> tuple[Optional[str], list[dict]]:
+    """The run folder under `folder` (the script's own, named by its run name) and its metrics.jsonl lines."""
+    runs = (
+        [d for d in sorted(os.listdir(folder)) if os.path.isdir(os.path.join(folder, d))]
+        if os.path.isdir(folder)
+        else []
+    )
+    if not runs:
+        return None, []
+    path = os.path.join(folder, runs[-1], "metrics.jsonl")
+    if not os.path.isfile(path):
+        return os.path.join(folder, runs[-1]), []
+    with open(path) as f:
+        return os.path.join(folder, runs[-1]), [json.loads(line) for line in f if line.strip()]
+
+
+def run_one(args: Args, name: str, lr: float, seed: int) -> str:
+    """Runs `python script ...` for one (method, lr, seed) unless it already finished; returns its run folder."""
+    script, flags, _, counter = METHODS[name]
+    size_flags, units, _ = sizes(name, args)
+    folder = run_dir(args, name, lr, seed)
+    found, lines = read_run(folder)
+    if lines and lines[-1][counter] == units:
+        print(f"skip {name} lr {lr:g} seed {seed}: finished ({found})")
+        return found
+    shutil.rmtree(folder, ignore_errors=True)  # half-written: start it again
+    os.makedirs(folder)
+    command = [sys.executable, script, *TASK, *flags, *size_flags, "--learning-rate", f"{lr:g}", "--seed", str(seed),
+               "--exp-name", name, "--output-dir", os.path.abspath(folder), *shlex.split(args.extra)]  # fmt: skip
+    if args.pretrained_model:
+        command += ["--pretrained-model", args.pretrained_model]
+    print(f"run {name} lr {lr:g} seed {seed}: {' '.join(command[1:])}", flush=True)
+    start, times = time.time(), []
+    with open(os.path.join(folder, "log.txt"), "w") as log:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        while process.poll() is None:  # note when each metrics line appears: the wall-clock of each step
+            time.sleep(0.25)
+            _, lines = read_run(folder)
+            times += [time.time() - start] * (len(lines) - len(times))
+    found, lines = read_run(folder)
+    times += [time.time() - start] * (len(lines) - len(times))
+    if process.returncode != 0 or not lines or lines[-1][counter] != units:
+        raise RuntimeError(f"{name} lr {lr:g} seed {seed} failed (exit {process.returncode}): see {folder}/log.txt")
+    with open(os.path.join(found, "wall_clock.json"), "w") as f:
+        json.dump({"seconds": times, "total": time.time() - start}, f)
+    return found
+
+
+def held_out_reward(grid_png: str) -> float:
+    """Mean colourfulness of the images of a sample grid (4 columns, 2 rows of equal squares)."""
+    from PIL import Image
+
+    from common.rewards import make_reward
+
+    grid = torch.from_numpy(np.array(Image.open(grid_png).convert("RGB"))).permute(2, 0, 1).float() / 255
+    size = grid.shape[2] // 4
+    tiles = grid.unfold(1, size, size).unfold(2, size, size).permute(1, 2, 0, 3, 4).reshape(-1, 3, size, size)
+    return make_reward("colorfulness")(tiles).mean().item()
+
+
+def curve(args: Args, name: str, folder: str) -> dict:
+    """One run's held-out reward at each evaluation, against reward queries and seconds, from its files."""
+    counter, (_, units, per_unit) = METHODS[name][3], sizes(name, args)
+    _, lines = read_run(os.path.dirname(folder))
+    with open(os.path.join(folder, "wall_clock.json")) as f:
+        clock = json.load(f)
+    points = []
+    for grid in sorted(os.listdir(os.path.join(folder, "samples"))):
+        unit = int(grid.split("_")[1].split(".")[0])
+        seconds = clock["seconds"][unit - 1] if unit else 0.0
+        points.append((unit * per_unit, seconds, held_out_reward(os.path.join(folder, "samples", grid))))
+    speed = statistics.median(line["images_per_sec"] for line in lines)
+    last = lines[-1]
+    extra = {k: [line.get(k) for line in lines] for k in ("true_reward_mean", "proxy_reward_mean", "offline_best")}
+    return dict(points=points, units=units, total_s=clock["total"], images_per_sec=speed, last=last, **extra,
+                eval_reward_mean=[line["eval_reward_mean"] for line in lines], counter=counter)  # fmt: skip
+
+
+def final(points) -> float:
+    return points[-1][2]
+
+
+def compare(args: Args) -> None:
+    """The sweep on seed 0, then the seeds at each method's best learning rate; writes sweep.json."""
+    factors = [1.0] if args.quick else args.lr_factors
+    path = os.path.join(args.output_dir, "sweep.json")
+    sweep = json.load(open(path))["sweep"] if os.path.isfile(path) else {}
+    failed = []
+    for name in args.methods:
+        lrs = [METHODS[name][2] * f for f in factors]
+        try:
+            results = {lr: final(curve(args, name, run_one(args, name, lr, 0))["points"]) for lr in lrs}
+        except RuntimeError as e:  # one method's failure leaves the others' runs to do
+            print(e)
+            failed.append(name)
+            continue
+        best = max(results, key=lambda lr: results[lr] if math.isfinite(results[lr]) else -math.inf)
+        sweep[name] = {"lrs": {f"{lr:g}": r for lr, r in results.items()}, "best_lr": best}
+        for seed in range(1, args.seeds):
+            try:
+                run_one(args, name, best, seed)
+            except RuntimeError as e:
+                print(e)
+                failed.append(name)
+        with open(path, "w") as f:
+            json.dump({"args": vars(args), "sweep": sweep}, f, indent=1)
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)} (their log.txt says why)")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the summary: docs/RESULTS.md and docs/results/*.png, from the runs' files only
+
+
+def collect(args: Args) -> dict:
+    """For each method that has runs: its sweep (seed 0's final held-out reward per learning rate) and the curves of
+    its runs at the best learning rate (every seed found)."""
+    results = {}
+    for name in METHODS:
+        base = os.path.join(args.output_dir, name)
+        if not os.path.isdir(base):
+            continue
+        sweep, curves = {}, {}
+        for lr_dir in sorted(os.listdir(base)):
+            for seed_dir in sorted(os.listdir(os.path.join(base, lr_dir))):
+                found, lines = read_run(os.path.join(base, lr_dir, seed_dir))
+                if not lines or lines[-1][METHODS[name][3]] != sizes(name, args)[1]:
+                    continue  # unfinished
+                curves.setdefault(lr_dir, []).append(curve(args, name, found) | {"folder": found})
+                if seed_dir == "seed0":
+                    sweep[lr_dir] = final(curves[lr_dir][-1]["points"])
+        if sweep:
+            best = max(sweep, key=lambda lr: sweep[lr] if math.isfinite(sweep[lr]) else -math.inf)
+            results[name] = {"sweep": sweep, "best": best, "runs": curves[best]}
+    return results
+
+
+def spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def plots(results: dict, out: str) -> list[str]:
+    """Held-out reward against reward queries and against seconds, all methods in one figure each (seeds: the mean,
+    and a band from the lowest to the highest seed); before/after grids per method. Returns the files written."""
+    from PIL import Image
+
+    written = []
+    for name, result in results.items():  # the grids: start (left) and end (right), 3x nearest-neighbour
+        samples = os.path.join(result["runs"][0]["folder"], "samples")
+        files = sorted(os.listdir(samples))  # step_000000.png (epoch_...) first, the last step's last
+        first, last = (Image.open(os.path.join(samples, f)).convert("RGB") for f in (files[0], files[-1]))
+        both = Image.new("RGB", (first.width * 2 + 8, first.height), "white")
+        both.paste(first, (0, 0))
+        both.paste(last, (first.width + 8, 0))
+        path = os.path.join(out, f"samples_{name}.png")
+        both.resize((both.width * 3, both.height * 3), Image.NEAREST).save(path)
+        written.append(path)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -r benchmarks/requirements-results.txt): no curves")
+        return written
+    for axis, label, file in [(0, "reward queries", "reward_vs_queries.png"), (1, "seconds (2 shared CPU cores)",
+                                                                              "reward_vs_seconds.png")]:  # fmt: skip
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for name, result in results.items():
+            runs = [np.array(r["points"]) for r in result["runs"]]
+            n = min(len(r) for r in runs)
+            x = np.mean([r[:n, axis] for r in runs], 0)
+            y = np.stack([r[:n, 2] for r in runs])
+            style = "--" if name.startswith("braid") else "-"
+            (line,) = ax.plot(x, y.mean(0), style, marker=".", label=f"{name} (lr {result['best'][2:]})")
+            if len(runs) > 1:
+                ax.fill_between(x, y.min(0), y.max(0), color=line.get_color(), alpha=0.2)
+        ax.set_xlabel(label + (" (BRAID: offline labels)" if axis == 0 else ""))
+        ax.set_ylabel("held-out colourfulness (4 prompts x 2 seeds)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, file), dpi=110)
+        plt.close(fig)
+        written.append(os.path.join(out, file))
+    return written
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# claims (b) and (e), measured outside the scripts
+
+
+def load_task(lora: Optional[str], pretrained_model: str):
+    """The tiny model with a rank-8 LoRA (DRaFT's default rank) at fixed weights: a trained one, or a seeded random
+    one (B is zero at initialisation, which would make every gradient with respect to A zero)."""
+    from common.prompts import load_prompts
+    from common.rewards import make_reward
+    from common.sd import add_lora, encode_prompts, load_lora, load_sd
+
+    sd = load_sd(pretrained_model, num_steps=10)
+    params = add_lora(sd.unet, 8)
+    if lora:
+        load_lora(sd.unet, lora)
+    else:
+        torch.manual_seed(0)
+        for p in params:
+            p.data.normal_(0, 0.02)
+    prompts = load_prompts("shapes")
+    held_out = [round((i + 0.5) * len(prompts) / 4) for i in range(4)]
+    train = [p for i, p in enumerate(prompts) if i not in held_out]
+    return sd, params, train, encode_prompts(sd, [""]), make_reward("colorfulness")
+
+
+def gradient_draws(task, estimator: str, images: int, draws: int) -> torch.Tensor:
+    """`draws` independent gradient estimates (flattened LoRA gradients of the loss -mean reward) that each score
+    `images` decoded images: "k1" (DRaFT-1 on `images` trajectories) or "lv2" (DRaFT-LV, n = 2 re-noised copies of
+    images / 2 trajectories; the loss divided by n, so both estimate a gradient of the mean reward). The same steps
+    as draft_k.py and draft_lv.py, written out here (the scripts keep theirs in their training loop)."""
+    from common.prompts import sample_prompts
+    from common.sampling import ddim_step, decode, initial_latents, predict_noise, randn
+    from common.sd import encode_prompts
+
+    sd, params, train, negative_embeds, reward_fn = task
+    rng, grads = torch.Generator().manual_seed(1 if estimator == "k1" else 2), []
+    for _ in range(draws):
+        n = 2 if estimator == "lv2" else 1
+        batch = images // n
+        prompt_embeds = encode_prompts(sd, sample_prompts(train, batch, rng))
+        latents = initial_latents(sd, batch, 32, rng)
+        sd.scheduler.set_timesteps(10)
+        *early, t1 = sd.scheduler.timesteps
+        with torch.no_grad():  # the first 9 of the 10 DDIM steps (eta 0), no gradient: x_1
+            x1 = latents
+            for t in early:
+                x1 = ddim_step(sd.scheduler, predict_noise(sd.unet, x1, t, prompt_embeds, negative_embeds, 5.0), t, x1)
+                x1 = x1.latents
+            if estimator == "lv2":  # x_0 without gradient, then n re-noised copies x_1^i, each taken back to x_0^i
+                eps = predict_noise(sd.unet, x1, t1, prompt_embeds, negative_embeds, 5.0)
+                x0 = ddim_step(sd.scheduler, eps, t1, x1).latents
+        if estimator == "lv2":
+            abar = sd.scheduler.alphas_cumprod[t1]
+            x1 = torch.cat([abar.sqrt() * x0 + (1 - abar).sqrt() * randn(x0.shape, rng) for _ in range(n)])
+            prompt_embeds = prompt_embeds.repeat(n, 1, 1)
+        eps = predict_noise(sd.unet, x1, t1, prompt_embeds, negative_embeds, 5.0)
+        x0 = ddim_step(sd.scheduler, eps, t1, x1).latents
+        loss = -reward_fn(decode(sd, x0)).mean()
+        grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]))
+    return torch.stack(grads)  # (draws, LoRA parameters)
+
+
+def claim_b(task, draws: int, images: int = 4) -> dict:
+    """DRaFT-LV (n = 2) against DRaFT-1 with twice the trajectories: the same reward queries per estimate."""
+    out = {"images_per_estimate": images, "draws": draws}
+    for estimator in ("k1", "lv2"):
+        start = time.time()
+        g = gradient_draws(task, estimator, images, draws)
+        mean = g.mean(0)
+        variance = ((g - mean) ** 2).sum(1).mean().item()  # E ||g - E g||^2, the trace of the covariance
+        norm_sq = mean.pow(2).sum().item()
+        out[estimator] = {"total_variance": variance, "mean_norm_sq": norm_sq,
+                          "relative_variance": variance / norm_sq, "seconds": time.time() - start}  # fmt: skip
+        out[estimator + "_mean"] = mean
+    k1, lv = out.pop("k1_mean"), out.pop("lv2_mean")
+    out["cosine_of_means"] = torch.nn.functional.cosine_similarity(k1, lv, 0).item()
+    return out
+
+
+def claim_e(run: str, pretrained_model: str, scales=(0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)) -> dict:
+    """The trained LoRA in plain diffusers at scales 0 to 1.5: held-out colourfulness (4 prompts x 4 seeds)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from common.prompts import load_prompts
+    from common.rewards import make_reward
+
+    pipe = StableDiffusionPipeline.from_pretrained(pretrained_model, safety_checker=None)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # the scripts' sampler
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(run, adapter_name="draft")
+    prompts = load_prompts("shapes")
+    held_out = [prompts[round((i + 0.5) * len(prompts) / 4)] for i in range(4)] * 4
+    reward_fn, rewards = make_reward("colorfulness"), {}
+    for scale in scales:
+        pipe.set_adapters("draft", scale)
+        images = pipe(held_out, num_inference_steps=10, guidance_scale=5.0, height=32, width=32, output_type="pt",
+                      generator=[torch.Generator().manual_seed(i // 4) for i in range(16)]).images  # fmt: skip
+        rewards[f"{scale:g}"] = reward_fn(images).mean().item()
+    return {"run": run, "reward_by_scale": rewards}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# RESULTS.md
+
+
+def verdict(ok: Optional[bool]) -> str:
+    return {True: "**holds here**", False: "**does not hold here**", None: "**not measurable here**"}[ok]
+
+
+def gain_per_query(result: dict) -> float:
+    """Held-out reward gained per 100 reward queries, the mean over seeds."""
+    return statistics.mean(100 * (final(r["points"]) - r["points"][0][2]) / r["points"][-1][0] for r in result["runs"])
+
+
+def results_md(args: Args, results: dict, claims: dict, figures: list[str]) -> str:
+    seeds = max(len(r["runs"]) for r in results.values())
+    n_lrs = max(len(r["sweep"]) for r in results.values())
+    budget = {sizes(name, args)[1] * sizes(name, args)[2] for name in results}
+    lines = [
+        "# Results: the six methods side by side on one task",
+        "",
+        "Written by `python benchmarks/compare.py --summarize` from the runs' own files (metrics.jsonl, samples/,",
+        "wall_clock.json). Task: the shipped tiny model (`assets/tiny-sd`, 32 px), reward `colorfulness`, the",
+        "`shapes` prompts (86 for training, 4 held out as the scripts split them), 10 DDIM steps and guidance 5 for",
+        "every method, on the CPU (2 cores shared with other jobs: the seconds are noisy). One reward query is one",
+        "decoded image scored; BRAID's budget is its offline data (queries of the labeler), 0 online queries.",
+        "",
+        f"**This run: {seeds} seed(s), a sweep of {n_lrs} learning rate(s) per method, {sorted(budget)} reward queries"
+        " per run.** The full run (3 seeds, a 3-point sweep, 512 queries) has not been run yet; it is one command:",
+        "`python benchmarks/compare.py` (see the estimate below). The held-out reward is the colourfulness of the",
+        "sample grids (4 held-out prompts x 2 fixed seeds, read back from the PNGs: the same number for every method;",
+        "BRAID's own `eval_reward_mean` is its conservative reward). DRaFT, DDPO and RWR evaluate with DDIM eta 0,",
+        "BRAID with its eta 1 and a fixed seed, so BRAID's start differs from the others'. The wall-clock and",
+        "images/s columns mostly measure the load that other jobs put on the 2 shared cores during each run (load",
+        "average 4 to 7): they do not rank the methods' speed (docs/BENCHMARKS.md does that).",
+        "",
+        "| method | lr | seeds | reward queries (online / offline) | held-out start | held-out end | gain per 100"
+        " queries | wall-clock (s) | images/s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, result in results.items():
+        runs, queries = result["runs"], sizes(name, args)[1] * sizes(name, args)[2]
+        online = f"0 / {queries}" if name.startswith("braid") else f"{queries} / 0"
+        lines.append(
+            f"| {name} | {result['best'][2:]} | {len(runs)} | {online} | {spread([r['points'][0][2] for r in runs])} |"
+            f" {spread([final(r['points']) for r in runs])} | {gain_per_query(result):+.1f} |"
+            f" {spread([r['total_s'] for r in runs])} | {spread([r['images_per_sec'] for r in runs])} |"
+        )
+    full = Args()
+    seconds = sum(statistics.mean(r["total_s"] for r in result["runs"]) for result in results.values())
+    runs_each = len(full.lr_factors) + full.seeds - 1  # the sweep on seed 0, then the other seeds at the best rate
+    estimate = seconds * full.budget / max(budget) * runs_each / 3600
+    missing = [name for name in METHODS if name not in results]
+    lines += ["", f"Estimate of the full run here: these runs took {seconds / 60:.0f} min; at {full.budget} queries"
+              f" ({full.budget / max(budget):g}x longer) and {runs_each} runs per method that is about {estimate:.0f}"
+              " h on this machine as it was loaded" + (f", plus the methods not run ({', '.join(missing)})." if
+              missing else ".")]  # fmt: skip
+    lines += ["", "Learning-rate sweep (seed 0, final held-out reward):", "", "| method | " + " | ".join(
+        f"lr {i + 1}" for i in range(n_lrs)) + " |", "|---|" + "---|" * n_lrs]  # fmt: skip
+    for name, result in results.items():
+        cells = [
+            f"{lr[2:]}: {value:.1f}" for lr, value in sorted(result["sweep"].items(), key=lambda x: float(x[0][2:]))
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells + [""] * (n_lrs - len(cells))) + " |")
+    for file in figures:
+        if file.endswith(".png") and not os.path.basename(file).startswith("samples_"):
+            lines += ["", f"![{os.path.basename(file)}](results/{os.path.basename(file)})"]
+    lines += ["", "## Samples before and after", "", "Held-out prompts (columns) x 2 seeds (rows); left: step 0, right:"
+              " the last step. 3x enlarged.", ""]  # fmt: skip
+    for name in results:
+        lines.append(f"**{name}**  \n![{name}](results/samples_{name}.png)  ")
+    lines += ["", "## The papers' claims, checked", ""] + claims_md(results, claims)
+    lines += [
+        "",
+        "What differs from the papers' setting, and may explain a claim that does not hold here: a 6.5 MB model of",
+        "coloured shapes at 32 px instead of SD 1.4 at 512 px; a budget of tens of reward queries where the papers",
+        "spend thousands (DRaFT) to tens of thousands (DDPO); one seed and the scripts' default learning rates unless",
+        "the tables above say otherwise, so a difference of a few points of colourfulness is within the noise of",
+        "one run; DDPO's advantages fall back to the round's mean and spread (its per-prompt statistics need 16",
+        "samples of a prompt, and 86 prompts share 16 samples a round); BRAID ran with --k 1 (see the note in",
+        "benchmarks/compare.py). DDPO's and RWR's learning rates are their tiny presets' (set for JPEG rewards),",
+        "never swept for colourfulness in this run: DDPO-IS and DDPO-SF, at the same rate and on the same task,",
+        "moved in opposite directions, which one seed cannot tell from the noise of a large step size. No run was",
+        "tuned to make a claim hold.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def claims_md(results: dict, claims: dict) -> list[str]:
+    g = {name: gain_per_query(result) for name, result in results.items()}
+    out = []
+    if {"draft_k1", "draft_full"} <= set(g):
+        ok = g["draft_k1"] > g["draft_full"]
+        out.append(f"(a) DRaFT-1 gains more held-out reward per query than full backpropagation: {verdict(ok)}"
+                   f" ({g['draft_k1']:+.1f} against {g['draft_full']:+.1f} per 100 queries). The paper explains"
+                   " truncation's edge by the gradient through 50 steps growing large and noisy; here the chain has"
+                   " 10 steps and the gradient is clipped to norm 1, so the full gradient may simply be the better"
+                   " one.")  # fmt: skip
+    else:
+        out.append(f"(a) DRaFT-1 against full backpropagation: {verdict(None)} (runs missing).")
+    b = claims.get("b")
+    if b:
+        ratio = b["lv2"]["total_variance"] / b["k1"]["total_variance"]
+        out.append(
+            f"\n(b) DRaFT-LV (n = 2) has a lower-variance gradient than DRaFT-1 with twice the trajectories (both"
+            f" {b['images_per_estimate']} reward queries per estimate, {b['draws']} draws each, fixed LoRA weights):"
+            f" {verdict(ratio < 1)}. Total variance E||g - Eg||^2: LV {b['lv2']['total_variance']:.3g}, K = 1"
+            f" {b['k1']['total_variance']:.3g} (ratio {ratio:.2f}); relative to the squared norm of the mean gradient:"
+            f" LV {b['lv2']['relative_variance']:.2f}, K = 1 {b['k1']['relative_variance']:.2f}; cosine between the two"
+            f" mean gradients {b['cosine_of_means']:.2f}. Time per draw: LV {b['lv2']['seconds'] / b['draws']:.2f} s,"
+            f" K = 1 {b['k1']['seconds'] / b['draws']:.2f} s (LV samples half as many full chains)."
+            f" At equal trajectories instead (the paper's comparison: LV's n copies cost reward queries and last"
+            f" steps, not chains), K = 1 with {b['images_per_estimate'] // 2} trajectories has twice the variance of"
+            f" the measured {b['images_per_estimate']} (the trajectories of a batch are independent draws), about"
+            f" {2 * b['k1']['total_variance']:.3g}: LV is {'lower' if ratio < 2 else 'not lower'} at equal"
+            f" trajectories (ratio {ratio / 2:.2f}). Per reward query, the spread between trajectories (prompts, x_T)"
+            " outweighs the spread between re-noisings of one x_0 that LV averages away."
+        )
+    else:
+        out.append(f"\n(b) DRaFT-LV's gradient variance: {verdict(None)} (run `--claims`).")
+    drafts = [g[n] for n in ("draft_full", "draft_k1", "draft_lv2") if n in g]
+    others = [g[n] for n in ("ddpo_is", "ddpo_sf", "rwr_softmax", "rwr_sparse") if n in g]
+    if drafts and others:
+        ok = min(drafts) > 2 * max(others) and min(drafts) > 0
+        out.append(f"\n(c) DRaFT beats DDPO and RWR per reward query by a wide margin (every DRaFT variant more than"
+                   f" twice the best of DDPO/RWR): {verdict(ok)} (per 100 queries: "
+                   + ", ".join(f"{n} {v:+.1f}" for n, v in g.items() if not n.startswith("braid")) + ").")  # fmt: skip
+    else:
+        out.append(f"\n(c) DRaFT against DDPO and RWR: {verdict(None)} (runs missing).")
+    if "ddpo_is" in g and {"rwr_softmax", "rwr_sparse"} & set(g):
+        ok = g["ddpo_is"] > max(g.get("rwr_softmax", -math.inf), g.get("rwr_sparse", -math.inf))
+        out.append(f" DDPO-IS beats RWR: {verdict(ok)}.")
+    if not {"braid_boot", "braid_bonus", "braid_c0"} & set(results):
+        out.append(f"\n(d) BRAID: {verdict(None)} (runs missing).")
+    for name in ("braid_boot", "braid_bonus"):
+        if name in results:
+            r = results[name]["runs"]
+            end = statistics.mean(statistics.mean(x for x in run["true_reward_mean"][-5:]) for run in r)
+            best = r[0]["offline_best"][-1]
+            out.append(f"\n(d) {name} ends above the offline data's best on the true reward: {verdict(end > best)}"
+                       f" (true reward, last 5 training batches: {end:.1f}; offline best {best:.1f}).")  # fmt: skip
+    if "braid_c0" in results:
+        run = results["braid_c0"]["runs"][0]
+        proxy = run["proxy_reward_mean"][-5:], run["proxy_reward_mean"][:5]
+        true = run["true_reward_mean"][-5:], run["true_reward_mean"][:5]
+        up = statistics.mean(proxy[0]) > statistics.mean(proxy[1])
+        down = statistics.mean(true[0]) < statistics.mean(true[1])
+        out.append(
+            f"\n(d) braid --c 0 raises the proxy and lowers the true reward: {verdict(up and down)} (proxy: first 5"
+            f" steps {statistics.mean(proxy[1]):.1f}, last 5 {statistics.mean(proxy[0]):.1f}; true: first 5"
+            f" {statistics.mean(true[1]):.1f}, last 5 {statistics.mean(true[0]):.1f}; the training batches: 4"
+            f" random prompts and noises a step). On the held-out grids (fixed noise, so a smooth curve) it went"
+            f" from {run['points'][0][2]:.1f} to {final(run['points']):.1f}, "
+            + ", ".join(
+                f"{n} from {results[n]['runs'][0]['points'][0][2]:.1f} to {final(results[n]['runs'][0]['points']):.1f}"
+                for n in ("braid_boot", "braid_bonus")
+                if n in results
+            )
+            + ": the rise of the true reward in training batches does not reach the held-out prompts. --c 0's"
+            f" training batches also end above the offline best ({statistics.mean(true[0]):.1f} against"
+            f" {run['offline_best'][-1]:.1f}), so (d)'s first part does not single out conservatism here."
+        )
+    e = claims.get("e")
+    if e:
+        cells = ", ".join(f"{s}: {v:.1f}" for s, v in e["reward_by_scale"].items())
+        values = list(e["reward_by_scale"].values())
+        ok = all(b >= a for a, b in zip(values, values[1:]))
+        out.append(f"\n(e) The trained DRaFT-1 LoRA in plain diffusers (`load_lora_weights` + `set_adapters`), held-out"
+                   f" colourfulness (4 prompts x 4 seeds) by scale: {cells}. Reward rises with the scale throughout,"
+                   f" past 1: {verdict(ok)}. LoRA: `{e['run']}`.")  # fmt: skip
+    else:
+        out.append(f"\n(e) LoRA scaling: {verdict(None)} (run `--claims` after a draft_k1 run).")
+    return out
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.quick:
+        args.budget, args.batch, args.seeds, args.evals = 16, 4, 1, 2  # BRAID's reward model needs 11+ examples
+    unknown = set(args.methods) - set(METHODS)
+    if unknown:
+        sys.exit(f"unknown methods {sorted(unknown)}: choose from {', '.join(METHODS)}")
+    os.makedirs(args.output_dir, exist_ok=True)
+    model = args.pretrained_model or os.path.join(ROOT, "assets/tiny-sd")
+    if args.claims:
+        path = os.path.join(args.output_dir, "claims.json")
+        claims = json.load(open(path)) if os.path.isfile(path) else {}
+        claims["b"] = claim_b(load_task(None, model), args.draws)
+        found = [read_run(os.path.join(args.output_dir, "draft_k1", lr, "seed0"))[0]
+                 for lr in sorted(os.listdir(os.path.join(args.output_dir, "draft_k1")))] if os.path.isdir(
+            os.path.join(args.output_dir, "draft_k1")) else []  # fmt: skip
+        lora = [f for f in found if f and os.path.isfile(os.path.join(f, "pytorch_lora_weights.safetensors"))]
+        if lora:
+            claims["e"] = claim_e(lora[-1], model)
+        with open(path, "w") as f:
+            json.dump(claims, f, indent=1)
+        print(json.dumps(claims, indent=1))
+    elif args.summarize:
+        results = collect(args)
+        if not results:
+            sys.exit(f"no finished runs under {args.output_dir}")
+        os.makedirs(os.path.join(args.docs_dir, "results"), exist_ok=True)
+        figures = plots(results, os.path.join(args.docs_dir, "results"))
+        path = os.path.join(args.output_dir, "claims.json")
+        claims = json.load(open(path)) if os.path.isfile(path) else {}
+        for file in ("claims.json", "sweep.json"):  # the raw numbers, beside the figures
+            if os.path.isfile(os.path.join(args.output_dir, file)):
+                shutil.copy(os.path.join(args.output_dir, file), os.path.join(args.docs_dir, "results", file))
+        with open(os.path.join(args.docs_dir, "RESULTS.md"), "w") as f:
+            f.write(results_md(args, results, claims, figures))
+        print(f"wrote {args.docs_dir}/RESULTS.md and {len(figures)} figures")
+    else:
+        start = time.time()
+        compare(args)
+        print(f"done in {time.time() - start:.0f} s: python benchmarks/compare.py --summarize --output-dir ...")
