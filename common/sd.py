@@ -45,6 +45,9 @@ def load_sd(model: str = SD14, revision: str | None = None, device="cpu", dtype=
     if scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
         fail(f"'{model}' predicts '{scheduler.config.prediction_type}'; these scripts need a model that predicts "
              "'epsilon' (SD 1.x, SD 2.x base) or 'v_prediction' (SD 2.x at 768 px)")  # fmt: skip
+    # kept on the device, where ddim_step indexes them at every step (no host-device copy per step)
+    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    scheduler.final_alpha_cumprod = scheduler.final_alpha_cumprod.to(device)
     kwargs = dict(revision=revision, torch_dtype=dtype)
     text_encoder = load_or_fail(CLIPTextModel.from_pretrained, model, subfolder="text_encoder", **kwargs)
     unet = load_or_fail(UNet2DConditionModel.from_pretrained, model, subfolder="unet", **kwargs)
