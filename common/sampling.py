@@ -19,8 +19,8 @@ def randn(shape, generator=None, device="cpu") -> torch.Tensor:
     """N(0, I) noise drawn on the generator's device (the same numbers whatever `device` is) and moved to `device`.
     `generator` may be a list of one generator per sample, as in diffusers' pipelines: then each sample's noise
     comes from its own stream, whatever batch it is in (how torchrun ranks reproduce one process's batch)."""
-    if isinstance(generator, list):
-        return torch.cat([randn((1, *shape[1:]), g, device) for g in generator])
+    if isinstance(generator, list):  # drawn where the generators live, then moved in one copy (not one per sample)
+        return torch.cat([randn((1, *shape[1:]), g, g.device) for g in generator]).to(device)
     return torch.randn(shape, generator=generator, device=generator.device if generator else device).to(device)
 
 
