@@ -274,6 +274,8 @@ if __name__ == "__main__":
             step_order = shard(
                 torch.stack(step_order), len(order)
             )  # (N, T): for each of this rank's samples, its order of steps
+            # drawn on the CPU (the same draws on every device), indexing on the device: one copy, not one per step
+            order, step_order = order.to(device), step_order.to(device)
             for b in range(num_batches):
                 index = order[b * args.train_batch_size : (b + 1) * args.train_batch_size]
                 for j in range(num_train_timesteps):
