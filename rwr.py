@@ -52,7 +52,8 @@ def denoising_loss(unet, scheduler, latents, prompt_embeds, timesteps, noise, we
     target = noise
     if scheduler.config.prediction_type == "v_prediction":
         target = abar.sqrt() * noise - (1 - abar).sqrt() * latents
-    output = unet(noisy_latents.to(unet.dtype), timesteps, encoder_hidden_states=prompt_embeds.to(unet.dtype)).sample
+    dtype = unet.conv_in.weight.dtype  # not unet.dtype: diffusers walks every module to answer that
+    output = unet(noisy_latents.to(dtype), timesteps, encoder_hidden_states=prompt_embeds.to(dtype)).sample
     return (weights * ((output.float() - target) ** 2).mean(dim=(1, 2, 3))).mean()
 
 

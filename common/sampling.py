@@ -19,8 +19,8 @@ def randn(shape, generator=None, device="cpu") -> torch.Tensor:
     """N(0, I) noise drawn on the generator's device (the same numbers whatever `device` is) and moved to `device`.
     `generator` may be a list of one generator per sample, as in diffusers' pipelines: then each sample's noise
     comes from its own stream, whatever batch it is in (how torchrun ranks reproduce one process's batch)."""
-    if isinstance(generator, list):
-        return torch.cat([randn((1, *shape[1:]), g, device) for g in generator])
+    if isinstance(generator, list):  # drawn where the generators live, then moved in one copy (not one per sample)
+        return torch.cat([randn((1, *shape[1:]), g, g.device) for g in generator]).to(device)
     return torch.randn(shape, generator=generator, device=generator.device if generator else device).to(device)
 
 
@@ -69,9 +69,10 @@ def ddim_step(scheduler, eps, t, latents, eta: float = 0.0, prev_latents=None, g
     t = torch.as_tensor(t, device=latents.device)
     prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     shape = (-1,) + (1,) * (latents.ndim - 1) if t.ndim else ()  # t may hold one timestep per sample: (B, 1, 1, 1)
-    abar_t = abar[t].view(shape)
+    # indexed with 1-d tensors: indexing with a 0-d tensor reads it back to the host (.item(), a sync on CUDA)
+    abar_t = abar[t.flatten()].view(shape)
     final = scheduler.final_alpha_cumprod.to(latents.device)  # abar "before" t_1: alphas_cumprod[0] for SD
-    abar_prev = torch.where(prev_t >= 0, abar[prev_t.clamp(min=0)], final).view(shape)
+    abar_prev = torch.where(prev_t >= 0, abar[prev_t.clamp(min=0).flatten()], final).view(shape)
     if scheduler.config.prediction_type == "v_prediction":
         v = eps
         pred_x0 = abar_t.sqrt() * latents - (1 - abar_t).sqrt() * v

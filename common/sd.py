@@ -48,6 +48,9 @@ def load_sd(model: str = SD14, revision: str | None = None, device="cpu", dtype=
     if num_steps > scheduler.config.num_train_timesteps:
         steps = scheduler.config.num_train_timesteps
         fail(f"--num-steps must be at most the scheduler's {steps} training timesteps, got {num_steps}")
+    # kept on the device, where ddim_step indexes them at every step (no host-device copy per step)
+    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    scheduler.final_alpha_cumprod = scheduler.final_alpha_cumprod.to(device)
     kwargs = dict(revision=revision, torch_dtype=dtype)
     text_encoder = load_or_fail(CLIPTextModel.from_pretrained, model, subfolder="text_encoder", **kwargs)
     unet = load_or_fail(UNet2DConditionModel.from_pretrained, model, subfolder="unet", **kwargs)

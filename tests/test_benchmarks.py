@@ -89,3 +89,48 @@ def test_compare_quick_runs_resumes_and_summarizes(tiny_sd_path, tmp_path):
     except ImportError:
         return  # CI installs only requirements.txt: no curves, and the summary says so
     assert {"reward_vs_queries.png", "reward_vs_seconds.png"} <= figures
+
+
+def test_peers_benchmark_runs_both_pairs_on_tiny_sd(tmp_path):
+    """benchmarks/peers.py on tiny settings (2 DDIM steps, batches of 2): every run ends, both sides do the same work
+    and the report is written. TRL is a benchmark-only dependency; CI installs it (.ci/run)."""
+    pytest.importorskip(
+        "trl", reason="TRL is not installed: pip install --no-deps -r benchmarks/requirements-peers.txt"
+    )
+    command = [sys.executable, "benchmarks/peers.py", "--num-steps", "2", "--ddpo-epochs", "3", "--draft-steps", "3",
+               "--repeats", "1", "--samples-per-epoch", "4", "--sample-batch-size", "2", "--train-batch-size", "2",
+               "--batch-size", "2", "--out", str(tmp_path / "peers.json")]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "peers.json").read_text())
+    assert [s["pair"] for s in report["summary"]] == ["ddpo", "draft1"]
+    for pair, table in report["same_work"].items():
+        assert "| NO |" not in "\n".join(table) and any("unet_evaluations" in line for line in table), pair
+    runs = [run for pair in report["runs"].values() for side in pair.values() for run in side]
+    assert len(runs) == 4 and all(run["images_per_sec"] > 0 and run["eval_reward"][0] > 0 for run in runs)
+    assert "| ddpo.py vs DDPOTrainer |" in result.stdout
+
+
+def test_peers_counts_recomputations_apart_and_stops_on_different_work():
+    """The same-work check: a UNet input seen again in the first iteration is a recomputation, not more work; any
+    setting or work that differs between the sides ends the benchmark."""
+    from benchmarks.peers import Meter, check_same_work
+
+    meter, unet = Meter(), torch.nn.Identity()
+    latents, embeds = torch.randn(4, 4, 8, 8), torch.randn(4, 77, 32)
+    meter.mark()  # the first iteration starts
+    meter.unet_call(unet, (latents, torch.tensor(981)), {"encoder_hidden_states": embeds})
+    meter.unet_call(unet, (latents.clone(), torch.tensor(981), embeds), {})  # checkpointing's recomputation
+    meter.unet_call(unet, (latents, torch.tensor([1, 21, 41, 61])), {"encoder_hidden_states": embeds})
+    meter.mark()  # the second: no longer recorded
+    meter.unet_call(unet, (latents * 2, torch.tensor(1)), {"encoder_hidden_states": embeds})
+    meter.mark()
+    result = meter.result(images_per_iteration=4)
+    assert result["work"]["unet_evaluations"] == 2 and result["work"]["rows"] == 8 and result["recomputations"] == 1
+    assert result["work"]["timesteps"] == "5: 981 ... 1" and result["work"]["latent_shape"] == [4, 8, 8]
+    ours = {"settings": {"num_steps": 20, "lr": 3e-4}, "work": result["work"], "eval_reward": [110.5, 111.0],
+            "recomputations": 1}  # fmt: skip
+    check_same_work("ddpo", ours, {**ours, "recomputations": 0})  # recomputations are not compared
+    for theirs in ({**ours, "settings": {"num_steps": 20, "lr": 1e-3}}, {**ours, "eval_reward": [109.0, 111.0]}):
+        with pytest.raises(SystemExit, match="do not do the same work"):
+            check_same_work("ddpo", ours, theirs)

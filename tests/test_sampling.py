@@ -187,3 +187,18 @@ def test_one_timestep_per_sample_equals_separate_steps(sd):
                 batched.mean[i : i + 1], single.mean, rtol=1e-4, atol=1e-4
             )  # fp32 rounding / sqrt(abar)
             torch.testing.assert_close(batched.log_prob[i : i + 1], single.log_prob, rtol=1e-4, atol=1e-4)
+
+
+def test_the_ddim_loop_reads_nothing_back_to_the_host(sd):
+    """No .item() in sampling at eta 0 and 1, nor in a step with one timestep per sample (DDPO's training): on CUDA
+    each would stall the host until the device is done. Indexing with a 0-d tensor is one, so ddim_step avoids it."""
+    prompt_embeds, negative_embeds = embeds(sd)
+    generators = [torch.Generator().manual_seed(i) for i in range(2)]
+    latents = initial_latents(sd, 2, RESOLUTION, generators)
+    with torch.no_grad(), torch.profiler.profile() as profile:
+        for eta in (0.0, 1.0):
+            sample(sd, latents, prompt_embeds, negative_embeds, 2, GUIDANCE, eta, generators, trajectory=True)
+        ddim_step(sd.scheduler, latents, sd.scheduler.timesteps[[0, 1]], latents, 1.0, prev_latents=latents)
+    ops = [event.key for event in profile.key_averages()]
+    assert "aten::mkldnn_convolution" in ops or "aten::convolution" in ops  # the profiler saw the UNet
+    assert "aten::_local_scalar_dense" not in ops  # what .item() runs
