@@ -6,7 +6,8 @@ Clark, Vicol, Swersky and Fleet, 2023, arXiv 2309.17400 (the DRaFT-LV variant).
 
 Sample x_0 with DDIM (eta = 0) without gradient; then n times: re-noise the detached x_0 to x_{t_1} with fresh
 noise, take the last DDIM step again with gradient, decode and score; maximise the sum of the n rewards. The n
-last steps share one sampling chain, so the gradient costs little more than DRaFT-1's (unverified: ~10%).
+last steps share one sampling chain, so a step costs far less than n DRaFT-1 steps (the paper: ~10% more than one;
+measured at n = 2 on tiny-sd on the CPU: 1.31x one, docs/BENCHMARKS.md).
 Defaults follow the paper's small-scale setup (LoRA rank 8, AdamW lr 4e-4, weight decay 0.1, batch 4, 2k steps:
 unverified against their code, which is not public); the gradient-norm clip of 1.0 is ours.
 """

@@ -84,8 +84,8 @@ class Args:
     """DDPO: images per sampling batch"""
     train_batch_size: int = 4
     """DDPO: trajectories per training batch (one optimizer step each)"""
-    ddpo_learning_rate: float = 3e-4
-    """DDPO: AdamW learning rate"""
+    ddpo_learning_rate: float = 3e-2
+    """DDPO: AdamW learning rate (ddpo.py --preset tiny's, so that 6 epochs move the held-out reward; not the speed)"""
     batch_size: int = 4
     """DRaFT-1: images per optimizer step"""
     draft_learning_rate: float = 4e-4
@@ -121,6 +121,16 @@ def split_prompts(args: Args) -> tuple[list[str], list[str]]:
     return [p for i, p in enumerate(prompts) if i not in held_out], [prompts[i] for i in held_out] or prompts[:4]
 
 
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    try:  # Linux: the CPU's model name
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def rss() -> int:
     """This process's resident set, in bytes (Linux)."""
     with open("/proc/self/statm") as f:
@@ -134,6 +144,7 @@ class Meter:
         self.starts, self.cpu_starts, self.rewards, self.seen = [], [], {}, set()
         self.work = {"unet_evaluations": 0, "rows": 0, "latent_shape": None, "embeds_shape": None, "timesteps": set()}
         self.recomputations, self.rss_start, self.rss_peak, self.done = 0, 0, 0, False
+        self.passes = []  # per iteration: UNet passes and rows with autograd off, and on (recomputations included)
 
     def loop(self, iterable, *args, **kwargs):
         """Stands in for tqdm around a training loop: marks the start of each iteration and the end of the last."""
@@ -148,6 +159,7 @@ class Meter:
             torch.cuda.synchronize()
         self.starts.append(time.perf_counter())
         self.cpu_starts.append(time.process_time())
+        self.passes.append({"passes": 0, "rows": 0, "grad_passes": 0, "grad_rows": 0})
         if len(self.starts) == 1:
             self.rss_start = self.rss_peak = rss()
             threading.Thread(target=self.watch_rss, daemon=True).start()
@@ -158,11 +170,15 @@ class Meter:
             time.sleep(0.01)
 
     def unet_call(self, unet, args, kwargs):
-        """A forward pre-hook on the UNet: records the first iteration's evaluations (positional or keyword inputs)."""
-        if len(self.starts) != 1:
-            return
+        """A forward pre-hook on the UNet: counts every pass, and records the first iteration's evaluations."""
         sample, timestep, embeds = (list(args) + [None] * 3)[:3]
         sample = kwargs.get("sample", sample)
+        if self.passes:
+            grad = "grad_" if torch.is_grad_enabled() else ""
+            self.passes[-1][grad + "passes"] += 1
+            self.passes[-1][grad + "rows"] += len(sample)
+        if len(self.starts) != 1:
+            return
         timestep = torch.as_tensor(kwargs.get("timestep", timestep)).flatten().tolist()
         embeds = kwargs.get("encoder_hidden_states", embeds)
         key = (tuple(sample.shape), tuple(timestep), float(sample.double().sum()))
@@ -183,15 +199,18 @@ class Meter:
         seconds = [b - a for a, b in zip(self.starts, self.starts[1:])]
         cpu_seconds = [b - a for a, b in zip(self.cpu_starts, self.cpu_starts[1:])]
         timed, cpu_timed = seconds[1:-1] or seconds, cpu_seconds[1:-1] or cpu_seconds
+        passes = self.passes[: len(seconds)][1:-1] or self.passes[: len(seconds)]  # those of the timed iterations
         timesteps = sorted(self.work["timesteps"], reverse=True)
         return {
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+            "device": device_name(),
             "threads": torch.get_num_threads(),
             "seconds": seconds,
             "images_per_sec": images_per_iteration * len(timed) / sum(timed),
             "images_per_cpu_sec": images_per_iteration * len(cpu_timed) / sum(cpu_timed),
             "work": {**self.work, "timesteps": f"{len(timesteps)}: {timesteps[0]} ... {timesteps[-1]}"},
             "recomputations": self.recomputations,
+            "cpu_seconds": cpu_timed,
+            "unet_passes": passes,
             "peak_cuda_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30,
             "rss_rise_gb": (self.rss_peak - self.rss_start) / 2**30,
@@ -208,28 +227,37 @@ def optimizer_settings(param_groups: list[dict]) -> dict:
     }
 
 
-def run_ours(pair: str, args: Args, model: str, meter: Meter) -> dict:
-    """Our script, run in this process as `python script.py ...`, with the meter on its UNet and its training loop."""
+def run_script(script: str, flags: dict, meter: Meter) -> tuple[dict, list[dict]]:
+    """`python script --flag value ...` in this process, with the meter on its UNet and around its training loop.
+    Returns the script's globals at its end and its metrics.jsonl."""
     import tqdm.auto
 
     import common.sd
 
-    load_sd = common.sd.load_sd
+    load_sd, progress_bar = common.sd.load_sd, tqdm.auto.tqdm
 
-    def load_sd_metered(*a, **kwargs):
-        sd = load_sd(*a, **kwargs)
+    def load_sd_metered(*args, **kwargs):
+        sd = load_sd(*args, **kwargs)
         sd.unet.register_forward_pre_hook(meter.unet_call, with_kwargs=True)
         return sd
 
-    script = PAIRS[pair][0]
-    progress_bar = tqdm.auto.tqdm
-
-    def tqdm_metered(*a, **kwargs):  # the script's tqdm, around its training loop, is the meter's loop
+    def tqdm_metered(*args, **kwargs):  # the script's own tqdm, around its training loop, is the meter's loop
         called_from_script = sys._getframe(1).f_globals.get("__file__") == os.path.join(ROOT, script)
-        return meter.loop(a[0]) if called_from_script else progress_bar(*a, **kwargs)
+        return meter.loop(args[0]) if called_from_script and "desc" not in kwargs else progress_bar(*args, **kwargs)
 
     # the script imports both by name when it starts (as in benchmarks/levers.py)
     common.sd.load_sd, tqdm.auto.tqdm = load_sd_metered, tqdm_metered
+    with tempfile.TemporaryDirectory() as output_dir:
+        flags = {**flags, "output_dir": output_dir}
+        sys.argv = [script, *(x for name, value in flags.items() for x in (f"--{name.replace('_', '-')}", str(value)))]
+        run = runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+        (run_dir,) = os.listdir(output_dir)
+        with open(os.path.join(output_dir, run_dir, "metrics.jsonl")) as f:
+            return run, [json.loads(line) for line in f]
+
+
+def run_ours(pair: str, args: Args, model: str, meter: Meter) -> dict:
+    """Our script, run in this process as `python script.py ...`, with the meter on its UNet and its training loop."""
     flags = dict(
         pretrained_model=model,
         reward="colorfulness",
@@ -262,13 +290,7 @@ def run_ours(pair: str, args: Args, model: str, meter: Meter) -> dict:
             batch_size=args.batch_size,
             learning_rate=args.draft_learning_rate,
         )
-    with tempfile.TemporaryDirectory() as output_dir:
-        flags["output_dir"] = output_dir
-        sys.argv = [script, *(x for name, value in flags.items() for x in (f"--{name.replace('_', '-')}", str(value)))]
-        run = runpy.run_path(os.path.join(ROOT, script), run_name="__main__")  # its globals at the end
-        (run_dir,) = os.listdir(output_dir)
-        with open(os.path.join(output_dir, run_dir, "metrics.jsonl")) as f:
-            metrics = [json.loads(line) for line in f]
+    run, metrics = run_script(PAIRS[pair][0], flags, meter)
     a = run["args"]
     settings = {
         "image_size": a.resolution,

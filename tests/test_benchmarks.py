@@ -134,3 +134,17 @@ def test_peers_counts_recomputations_apart_and_stops_on_different_work():
     for theirs in ({**ours, "settings": {"num_steps": 20, "lr": 1e-3}}, {**ours, "eval_reward": [109.0, 111.0]}):
         with pytest.raises(SystemExit, match="do not do the same work"):
             check_same_work("ddpo", ours, theirs)
+
+
+def test_per_unet_call_benchmark_counts_a_scripts_unet_passes(tmp_path):
+    """benchmarks/per_unet_call.py on its DRaFT-1 case: per step, 19 passes without autograd and the last step's pass
+    with it, plus its recomputation in the backward pass (checkpointed), batch 4 with guidance (8 rows each)."""
+    command = [sys.executable, "benchmarks/per_unet_call.py", "--cases", "draft_k", "--repeats", "1",
+               "--out", str(tmp_path / "out.json")]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = json.loads((tmp_path / "out.json").read_text())["runs"]["draft_k"]
+    assert run["unet_passes"] and all(
+        passes == {"passes": 19, "rows": 152, "grad_passes": 2, "grad_rows": 16} for passes in run["unet_passes"]
+    )
+    assert len(run["cpu_seconds"]) == 10 and "| draft_k | draft_k.py --k 1" in result.stdout
