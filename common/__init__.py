@@ -34,9 +34,8 @@ def out_of_memory_or_lost_rank(exc_type, exc, traceback) -> None:
             "ran out of memory: lower the batch size (--batch-size, or --sample-batch-size and --train-batch-size),"
             " --resolution or, for DRaFT-K and BRAID, --k, and raise --grad-accum-steps to keep the same batch"
         )
-    if isinstance(exc, RuntimeError) and re.search(
-        r"timed out|timeout|connection (closed|reset) by peer", message, re.I
-    ):
+    lost_peer = re.search(r"timed out|timeout|connection (closed|reset) by peer", message, re.I)
+    if isinstance(exc, RuntimeError) and lost_peer and os.environ.get("WORLD_SIZE", "1") != "1":  # under torchrun
         fail_now(
             "another process of this torchrun job stopped answering (it died, was stopped, or waited longer than"
             f" DIST_TIMEOUT_S = {os.environ.get('DIST_TIMEOUT_S', 1800)} s), so this one stops too ({message[:120]})"
