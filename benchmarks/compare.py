@@ -41,10 +41,8 @@ sys.path.insert(0, ROOT)
 # the held-out grids come from the same sampler (the tiny presets differ: RWR's uses guidance 1, DRaFT's 20 steps)
 TASK = ["--preset", "tiny", "--prompts", "shapes", "--resolution", "32", "--num-steps", "10", "--guidance-scale", "5"]
 REWARD = ["--reward", "colorfulness"]
-# BRAID with --k 1 (its gradient and KL through the last step only, as DRaFT-1): its default, all 10 steps, costs
-# ~10x more CPU time per step than DRaFT-1, more than the shared CPU had; the claims checked on it are about the
-# conservative reward, not the truncation
-BRAID = ["--labeler", "colorfulness", "--k", "1"]
+# BRAID at its defaults (gradient and KL through all 10 steps, as draft_full.py), labelled by the true reward
+BRAID = ["--labeler", "colorfulness"]
 # name: (script, flags, default learning rate, counter). RWR's beta: its preset's 30 is for a reward in kB with a
 # spread of 0.07 (beta x spread ~ 2); colourfulness spreads by ~40, so 0.05 keeps beta x spread ~ 2
 METHODS = {
@@ -59,6 +57,11 @@ METHODS = {
     "braid_bonus": ("braid.py", [*BRAID, "--conservatism", "bonus"], 1e-3, "step"),
     "braid_c0": ("braid.py", [*BRAID, "--c", "0"], 1e-3, "step"),
 }
+# not in the comparison: claim (e)'s second LoRA, trained for another reward (DDPO's tiny preset: JPEG size)
+PARTNER = {"ddpo_jpeg": ("ddpo.py", ["--reward", "jpeg_compressibility", "--estimator", "is"], 3e-2, "epoch")}
+RUNS = METHODS | PARTNER
+# claim (d): braid_boot at its best learning rate, one flag at a time from its defaults (c 1, kl-weight 0.01)
+BRAID_SWEEP = {"c": [0.0, 0.5, 1.0, 2.0, 4.0], "kl_weight": [0.0, 0.01, 0.1, 1.0]}
 
 
 @dataclass
@@ -90,13 +93,18 @@ class Args:
     """measure claims (b) and (e) (writes {output_dir}/claims.json; (e) needs a finished draft_k1 run)"""
     docs_dir: str = "docs"
     """where --summarize writes RESULTS.md and results/"""
-    draws: int = 32
+    draws: int = 256
     """--claims: gradient draws per estimator for claim (b)"""
+    braid_sweep: bool = True
+    """after the methods: claim (d)'s sweep of BRAID's --c and --kl-weight (seed 0, braid_boot's best learning rate)"""
+    threads: int = 1
+    """torch threads per run (OMP_NUM_THREADS): on the tiny model a second thread gains ~10%, so 1 keeps the seconds
+    comparable whatever else the machine does"""
 
 
 def sizes(name: str, args: Args) -> tuple[list[str], int, int]:
     """The method's size flags for the budget, its number of steps or epochs, and its reward queries per unit."""
-    script, _, _, counter = METHODS[name]
+    script, _, _, counter = RUNS[name]
     if counter == "epoch":  # DDPO, RWR: samples_per_epoch images per epoch, trained on in minibatches of `batch`
         per_unit = 4 * args.batch
         flags = ["--samples-per-epoch", per_unit, "--sample-batch-size", per_unit, "--train-batch-size", args.batch]
@@ -133,25 +141,28 @@ def read_run(folder: str) -> tuple[Optional[str], list[dict]]:
         return os.path.join(folder, runs[-1]), [json.loads(line) for line in f if line.strip()]
 
 
-def run_one(args: Args, name: str, lr: float, seed: int) -> str:
-    """Runs `python script ...` for one (method, lr, seed) unless it already finished; returns its run folder."""
-    script, flags, _, counter = METHODS[name]
+def run_one(args: Args, name: str, lr: float, seed: int, folder: Optional[str] = None, more=()) -> str:
+    """Runs `python script ...` for one (method, lr, seed) unless it already finished; returns its run folder.
+    `folder` and `more` (flags) for the runs outside the comparison: claim (d)'s sweep, claim (e)'s second LoRA."""
+    script, flags, _, counter = RUNS[name]
     size_flags, units, _ = sizes(name, args)
-    folder = run_dir(args, name, lr, seed)
+    folder = folder or run_dir(args, name, lr, seed)
     found, lines = read_run(folder)
     if lines and lines[-1][counter] == units:
         print(f"skip {name} lr {lr:g} seed {seed}: finished ({found})")
         return found
     shutil.rmtree(folder, ignore_errors=True)  # half-written: start it again
     os.makedirs(folder)
-    command = [sys.executable, script, *TASK, *flags, *size_flags, "--learning-rate", f"{lr:g}", "--seed", str(seed),
-               "--exp-name", name, "--output-dir", os.path.abspath(folder), *shlex.split(args.extra)]  # fmt: skip
+    command = [sys.executable, script, *TASK, *flags, *map(str, more), *size_flags, "--learning-rate", f"{lr:g}",
+               "--seed", str(seed), "--exp-name", name, "--output-dir", os.path.abspath(folder),
+               *shlex.split(args.extra)]  # fmt: skip
     if args.pretrained_model:
         command += ["--pretrained-model", args.pretrained_model]
     print(f"run {name} lr {lr:g} seed {seed}: {' '.join(command[1:])}", flush=True)
     start, times = time.time(), []
     with open(os.path.join(folder, "log.txt"), "w") as log:
-        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        threads = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=os.environ | threads)
         while process.poll() is None:  # note when each metrics line appears: the wall-clock of each step
             time.sleep(0.25)
             _, lines = read_run(folder)
@@ -179,7 +190,7 @@ def held_out_reward(grid_png: str) -> float:
 
 def curve(args: Args, name: str, folder: str) -> dict:
     """One run's held-out reward at each evaluation, against reward queries and seconds, from its files."""
-    counter, (_, units, per_unit) = METHODS[name][3], sizes(name, args)
+    counter, (_, units, per_unit) = RUNS[name][3], sizes(name, args)
     _, lines = read_run(os.path.dirname(folder))
     with open(os.path.join(folder, "wall_clock.json")) as f:
         clock = json.load(f)
@@ -223,8 +234,28 @@ def compare(args: Args) -> None:
                 failed.append(name)
         with open(path, "w") as f:
             json.dump({"args": vars(args), "sweep": sweep}, f, indent=1)
+    if args.braid_sweep and not args.quick and "braid_boot" in sweep:
+        for flag, value in [("c", c) for c in BRAID_SWEEP["c"]] + [("kl_weight", k) for k in BRAID_SWEEP["kl_weight"]]:
+            try:
+                run_one(args, "braid_boot", sweep["braid_boot"]["best_lr"], 0, **braid_point(args, flag, value))
+            except RuntimeError as e:
+                print(e)
+                failed.append(f"braid sweep {flag} {value:g}")
+    if "draft_k1" in sweep and not args.quick:  # claim (e)'s second LoRA, for another reward
+        try:
+            run_one(args, "ddpo_jpeg", PARTNER["ddpo_jpeg"][2], 0, folder=os.path.join(args.output_dir, "ddpo_jpeg"))
+        except RuntimeError as e:
+            print(e)
+            failed.append("ddpo_jpeg")
     if failed:
         sys.exit(f"failed: {', '.join(failed)} (their log.txt says why)")
+
+
+def braid_point(args: Args, flag: str, value: float) -> dict:
+    """One point of claim (d)'s sweep: its folder and flags (the other flag at its default)."""
+    c, kl = (value, 0.01) if flag == "c" else (1.0, value)
+    folder = os.path.join(args.output_dir, "braid_sweep", f"c{c:g}_kl{kl:g}")
+    return dict(folder=folder, more=["--c", f"{c:g}", "--kl-weight", f"{kl:g}"])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -386,8 +417,11 @@ def claim_b(task, draws: int, images: int = 4) -> dict:
     return out
 
 
-def claim_e(run: str, pretrained_model: str, scales=(0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)) -> dict:
-    """The trained LoRA in plain diffusers at scales 0 to 1.5: held-out colourfulness (4 prompts x 4 seeds)."""
+def claim_e(run: str, pretrained_model: str, partner: Optional[str] = None, scales=(0, 0.25, 0.5, 0.75, 1, 1.25, 1.5),
+            mixes=((0, 0), (1, 0), (0, 1), (1, 1), (0.5, 0.5), (1, 0.5), (0.5, 1))) -> dict:  # fmt: skip
+    """The trained LoRA in plain diffusers at scales 0 to 1.5: held-out colourfulness (4 prompts x 4 seeds). With
+    `partner` (a LoRA trained for JPEG compressibility), both loaded as two adapters and mixed by `set_adapters`
+    weights: both rewards at each pair of weights (colourfulness LoRA, JPEG LoRA)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from common.prompts import load_prompts
@@ -399,13 +433,25 @@ def claim_e(run: str, pretrained_model: str, scales=(0.0, 0.25, 0.5, 0.75, 1.0, 
     pipe.load_lora_weights(run, adapter_name="draft")
     prompts = load_prompts("shapes")
     held_out = [prompts[round((i + 0.5) * len(prompts) / 4)] for i in range(4)] * 4
-    reward_fn, rewards = make_reward("colorfulness"), {}
+    reward_fn, jpeg_fn, rewards = make_reward("colorfulness"), make_reward("jpeg_compressibility"), {}
+
+    def images():
+        return pipe(held_out, num_inference_steps=10, guidance_scale=5.0, height=32, width=32, output_type="pt",
+                    generator=[torch.Generator().manual_seed(i // 4) for i in range(16)]).images  # fmt: skip
+
     for scale in scales:
         pipe.set_adapters("draft", scale)
-        images = pipe(held_out, num_inference_steps=10, guidance_scale=5.0, height=32, width=32, output_type="pt",
-                      generator=[torch.Generator().manual_seed(i // 4) for i in range(16)]).images  # fmt: skip
-        rewards[f"{scale:g}"] = reward_fn(images).mean().item()
-    return {"run": run, "reward_by_scale": rewards}
+        rewards[f"{scale:g}"] = reward_fn(images()).mean().item()
+    out = {"run": run, "reward_by_scale": rewards}
+    if partner:
+        pipe.load_lora_weights(partner, adapter_name="jpeg")
+        out |= {"partner": partner, "mix": []}
+        for w_colour, w_jpeg in mixes:
+            pipe.set_adapters(["draft", "jpeg"], [w_colour, w_jpeg])
+            x = images()
+            out["mix"].append({"weights": [w_colour, w_jpeg], "colorfulness": reward_fn(x).mean().item(),
+                               "jpeg_compressibility": jpeg_fn(x).mean().item()})  # fmt: skip
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -591,17 +637,20 @@ if __name__ == "__main__":
     if unknown:
         sys.exit(f"unknown methods {sorted(unknown)}: choose from {', '.join(METHODS)}")
     os.makedirs(args.output_dir, exist_ok=True)
+    torch.set_num_threads(args.threads)  # --claims computes in this process
     model = args.pretrained_model or os.path.join(ROOT, "assets/tiny-sd")
     if args.claims:
         path = os.path.join(args.output_dir, "claims.json")
         claims = json.load(open(path)) if os.path.isfile(path) else {}
         claims["b"] = claim_b(load_task(None, model), args.draws)
-        found = [read_run(os.path.join(args.output_dir, "draft_k1", lr, "seed0"))[0]
-                 for lr in sorted(os.listdir(os.path.join(args.output_dir, "draft_k1")))] if os.path.isdir(
-            os.path.join(args.output_dir, "draft_k1")) else []  # fmt: skip
-        lora = [f for f in found if f and os.path.isfile(os.path.join(f, "pytorch_lora_weights.safetensors"))]
-        if lora:
-            claims["e"] = claim_e(lora[-1], model)
+        sweep_path, lora = os.path.join(args.output_dir, "sweep.json"), None
+        if os.path.isfile(sweep_path) and "draft_k1" in json.load(open(sweep_path))["sweep"]:
+            lr = json.load(open(sweep_path))["sweep"]["draft_k1"]["best_lr"]
+            lora = read_run(run_dir(args, "draft_k1", lr, 0))[0]
+        partner = read_run(os.path.join(args.output_dir, "ddpo_jpeg"))[0]
+        if lora and os.path.isfile(os.path.join(lora, "pytorch_lora_weights.safetensors")):
+            claims["e"] = claim_e(lora, model, partner if partner and os.path.isfile(
+                os.path.join(partner, "pytorch_lora_weights.safetensors")) else None)  # fmt: skip
         with open(path, "w") as f:
             json.dump(claims, f, indent=1)
         print(json.dumps(claims, indent=1))
