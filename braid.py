@@ -19,7 +19,6 @@ and images or features (common/offline_data.py reads and checks both). Without i
 """
 
 import json
-import math
 import os
 import random
 import time
@@ -28,7 +27,6 @@ from typing import Literal, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -38,7 +36,7 @@ from tqdm.auto import tqdm
 from common import check, check_args, cli, fail
 from common.checkpoint import find_checkpoint, open_run_dir, save_checkpoint
 from common.distributed import average_gradients, cleanup, gather, sample_generators, setup, shard
-from common.offline_data import check_offline_data, load_offline_data, reject
+from common.offline_data import check_offline_data, load_offline_data, synthesise_offline_data
 from common.prompts import load_prompts, sample_prompts
 from common.rewards import REWARDS, ClipImageFeatures, make_reward
 from common.sampling import check_stochastic, ddim_step, decode, initial_latents, predict_noise, sample, save_grid
@@ -148,32 +146,6 @@ def sample_with_kl(sd, latents, prompt_embeds, negative_embeds, num_steps, guida
                 kl = kl + ((step.mean - mean_pre) ** 2).mean(dim=(1, 2, 3)) / (2 * step.std**2)
         latents = step.latents
     return latents, kl
-
-
-@torch.no_grad()
-def synthesise_offline_data(sd, labeler, prompts, negative_embeds, args, generator) -> dict:
-    """The offline dataset when no file is given: `args.offline_size` images of the pretrained model on the training
-    prompts, scored y = labeler(x) + label_noise N(0, 1); only the scores below `args.offline_quantile` are kept, so
-    that extrapolation matters. Under torchrun each rank samples its slice of every batch."""
-    world_size = dist.get_world_size() if dist.is_initialized() else 1
-    images, true_rewards, data_prompts = [], [], []
-    global_batch = world_size * args.batch_size
-    for _ in tqdm(range(math.ceil(args.offline_size / global_batch)), desc="synthesising offline data",
-                  disable=os.environ.get("RANK", "0") != "0"):  # fmt: skip
-        batch_prompts = sample_prompts(prompts, global_batch, generator)
-        generators = sample_generators(args.batch_size, generator)
-        latents = initial_latents(sd, args.batch_size, args.resolution, generators, sd.unet.device)
-        x0, _ = sample(sd, latents, encode_prompts(sd, shard(batch_prompts, args.batch_size)), negative_embeds,
-                       args.num_steps, args.guidance_scale, args.eta, generator=generators)  # fmt: skip
-        batch_images = decode(sd, x0)
-        true_rewards.append(gather(labeler(batch_images, shard(batch_prompts, args.batch_size))).cpu())
-        images.append(gather((batch_images * 255).round().byte()).cpu())
-        data_prompts += batch_prompts
-    true_rewards = torch.cat(true_rewards)[: args.offline_size].float()
-    scores = true_rewards + args.label_noise * torch.randn(len(true_rewards), generator=generator)
-    keep = scores <= torch.quantile(scores, args.offline_quantile)
-    images, prompts = torch.cat(images)[: args.offline_size][keep], [p for p, k in zip(data_prompts, keep) if k]
-    return {"images": images, "scores": scores[keep], "true_rewards": true_rewards[keep], "prompts": prompts}
 
 
 @dataclass
@@ -291,9 +263,7 @@ if __name__ == "__main__":
     check(args, "reward_model_steps", args.reward_model_steps >= 1, "at least 1")
     check(args, "reward_model_lr", 0 < args.reward_model_lr <= 1, "in (0, 1]")
     check(args, "val_fraction", 0 < args.val_fraction < 1, "in (0, 1)")
-    check(
-        args, "bonus_lambda", 0 < args.bonus_lambda < float("inf"), "above 0 (it keeps the bonus's matrix invertible)"
-    )
+    check(args, "bonus_lambda", 0 < args.bonus_lambda < float("inf"), "above 0 (it keeps Sigma invertible)")
     if args.offline_data is None and args.labeler not in REWARDS:
         fail(f"unknown labeler '{args.labeler}'; choose one of: {', '.join(REWARDS)}")
     if args.conservatism == "boot" and args.ensemble_size < 2:
@@ -352,13 +322,8 @@ if __name__ == "__main__":
     source, featurize = args.offline_data or cache, ImageFeatures(args.feature_model, sd.vae).to(device)
     with torch.no_grad():
         blank = torch.zeros(1, 3, args.resolution, args.resolution, device=device)  # tells the feature dimension
-        check_offline_data(data, source, featurize(blank).shape[1])
-        scores, num_val = data["scores"].float().to(device), max(1, int(args.val_fraction * len(data["scores"])))
-        reject(source, [  # a head fitted on one example is NaN (the std of one number); equal scores teach nothing
-            (len(scores) - num_val < 10, f"has {len(scores)} scored examples and --val-fraction holds {num_val} out:"
-                                         " the reward model needs at least 10 others to fit on"),
-            (len(scores.unique()) == 1, "has all its scores equal: the reward model would have nothing to learn"),
-        ])  # fmt: skip
+        num_val = check_offline_data(data, source, featurize(blank).shape[1], args.val_fraction)
+        scores = data["scores"].float().to(device)
         if "features" in data:
             features = data["features"].float().to(device)
         else:

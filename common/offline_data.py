@@ -1,7 +1,7 @@
-"""BRAID's offline data from a file: a folder of images with a scores.csv of `file,score` lines, or a .pt file holding
-{"scores": (N,)} and either {"images": uint8 (N, 3, H, W)} or {"features": (N, D)} (and maybe {"true_rewards": (N,)}).
-Data plumbing, not the method: every malformed file ends the run with one sentence naming the file and the line or
-key (docs/braid.md lists the rules)."""
+"""BRAID's offline data: synthesised by the pretrained model and a noisy labeler, or from a file (a folder of images
+with a scores.csv of `file,score` lines, or a .pt file holding {"scores": (N,)} and either {"images": uint8 (N, 3, H,
+W)} or {"features": (N, D)}, and maybe {"true_rewards": (N,)}). Data plumbing, not the method: every malformed file
+ends the run with one sentence naming the file and the line or key (docs/braid.md lists the rules)."""
 
 import csv
 import math
@@ -9,9 +9,15 @@ import os
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
+from tqdm.auto import tqdm
 
 from common import fail
+from common.distributed import gather, sample_generators, shard
+from common.prompts import sample_prompts
+from common.sampling import decode, initial_latents, sample
+from common.sd import encode_prompts
 
 
 def reject(where: str, checks) -> None:
@@ -64,9 +70,10 @@ def load_offline_data(path: str, resolution: int):
     return {"images": images, "scores": torch.tensor(scores)}
 
 
-def check_offline_data(data, source: str, feature_dim: int) -> None:
+def check_offline_data(data, source: str, feature_dim: int, val_fraction: float) -> int:
     """End the run with one sentence naming the file and the key unless the offline data (a .pt file's, a folder's
-    or synthesised) is a dict of 'scores' and 'images' or 'features' (and maybe 'true_rewards') of these forms."""
+    or synthesised) is a dict of 'scores' and 'images' or 'features' (and maybe 'true_rewards') of these forms, with
+    enough distinct scores to fit on besides the validation split. Returns the size of that split."""
     if not (isinstance(data, dict) and "scores" in data and ("images" in data or "features" in data)):
         fail(f"{source} must hold a dict with 'scores' and either 'images' or 'features', not a {type(data).__name__}"
              + (f" with keys {list(data)}" if isinstance(data, dict) else ""))  # fmt: skip
@@ -89,3 +96,36 @@ def check_offline_data(data, source: str, feature_dim: int) -> None:
             fail(f"{source}: '{key}' must be {form}, got {got}")
         if key in data and x.is_floating_point() and not x.float().isfinite().all():  # float(): 1e39 is inf
             fail(f"{source}: '{key}' holds a NaN or infinity at {(~x.float().isfinite()).nonzero()[0].tolist()}")
+    num_val = max(1, int(val_fraction * n))
+    reject(source, [  # a head fitted on one example is NaN (the std of one number); equal scores teach nothing
+        (n - num_val < 10, f"has {n} scored examples and --val-fraction holds {num_val} out: the reward model needs"
+                           " at least 10 others to fit on"),
+        (len(data["scores"].unique()) == 1, "has all its scores equal: the reward model would have nothing to learn"),
+    ])  # fmt: skip
+    return num_val
+
+
+@torch.no_grad()
+def synthesise_offline_data(sd, labeler, prompts, negative_embeds, args, generator) -> dict:
+    """The offline dataset when no file is given: `args.offline_size` images of the pretrained model on the training
+    prompts, scored y = labeler(x) + label_noise N(0, 1); only the scores below `args.offline_quantile` are kept, so
+    that extrapolation matters. Under torchrun each rank samples its slice of every batch."""
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    images, true_rewards, data_prompts = [], [], []
+    global_batch = world_size * args.batch_size
+    for _ in tqdm(range(math.ceil(args.offline_size / global_batch)), desc="synthesising offline data",
+                  disable=os.environ.get("RANK", "0") != "0"):  # fmt: skip
+        batch_prompts = sample_prompts(prompts, global_batch, generator)
+        generators = sample_generators(args.batch_size, generator)
+        latents = initial_latents(sd, args.batch_size, args.resolution, generators, sd.unet.device)
+        x0, _ = sample(sd, latents, encode_prompts(sd, shard(batch_prompts, args.batch_size)), negative_embeds,
+                       args.num_steps, args.guidance_scale, args.eta, generator=generators)  # fmt: skip
+        batch_images = decode(sd, x0)
+        true_rewards.append(gather(labeler(batch_images, shard(batch_prompts, args.batch_size))).cpu())
+        images.append(gather((batch_images * 255).round().byte()).cpu())
+        data_prompts += batch_prompts
+    true_rewards = torch.cat(true_rewards)[: args.offline_size].float()
+    scores = true_rewards + args.label_noise * torch.randn(len(true_rewards), generator=generator)
+    keep = scores <= torch.quantile(scores, args.offline_quantile)
+    images, prompts = torch.cat(images)[: args.offline_size][keep], [p for p, k in zip(data_prompts, keep) if k]
+    return {"images": images, "scores": scores[keep], "true_rewards": true_rewards[keep], "prompts": prompts}
