@@ -1,14 +1,20 @@
 """The SD-1.4-scale benchmark's code path, on tiny shapes on the CPU (the GPU numbers live in docs/BENCHMARKS.md)."""
 
+import dataclasses
 import json
+import math
 import os
+import runpy
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from scripts import ROOT
+from scripts import ROOT, definitions, read_metrics, run_script
+
+NO_TRL = "TRL is not installed: pip install --no-deps -r benchmarks/requirements-peers.txt"  # benchmark-only (.ci/run)
 
 
 def test_sd14_scale_benchmark_runs_on_tiny_shapes(tmp_path):
@@ -94,9 +100,7 @@ def test_compare_quick_runs_resumes_and_summarizes(tiny_sd_path, tmp_path):
 def test_peers_benchmark_runs_both_pairs_on_tiny_sd(tmp_path):
     """benchmarks/peers.py on tiny settings (2 DDIM steps, batches of 2): every run ends, both sides do the same work
     and the report is written. TRL is a benchmark-only dependency; CI installs it (.ci/run)."""
-    pytest.importorskip(
-        "trl", reason="TRL is not installed: pip install --no-deps -r benchmarks/requirements-peers.txt"
-    )
+    pytest.importorskip("trl", reason=NO_TRL)
     command = [sys.executable, "benchmarks/peers.py", "--num-steps", "2", "--ddpo-epochs", "3", "--draft-steps", "3",
                "--repeats", "1", "--samples-per-epoch", "4", "--sample-batch-size", "2", "--train-batch-size", "2",
                "--batch-size", "2", "--out", str(tmp_path / "peers.json")]  # fmt: skip
@@ -148,3 +152,45 @@ def test_per_unet_call_benchmark_counts_a_scripts_unet_passes(tmp_path):
         passes == {"passes": 19, "rows": 152, "grad_passes": 2, "grad_rows": 16} for passes in run["unet_passes"]
     )
     assert len(run["cpu_seconds"]) == 10 and "| draft_k | draft_k.py --k 1" in result.stdout
+
+
+def test_trl_ddpo_task_writes_the_scripts_run_folder_with_their_evaluation(tiny_sd_path, tmp_path, monkeypatch):
+    """benchmarks/trl_ddpo_task.py (TRL's DDPOTrainer with ddpo.py's flags) for 2 epochs on the random tiny model: the
+    metrics lines and grids that compare.py reads, and at epoch 0 (the untrained model, LoRA B = 0) the very grid that
+    ddpo.py draws, so that its held-out reward means what the scripts' does."""
+    pytest.importorskip("trl", reason=NO_TRL)
+    from benchmarks.compare import held_out_reward
+
+    tiny = ["--preset", "tiny", "--pretrained-model", tiny_sd_path, "--prompts", "shapes", "--reward", "colorfulness",
+            "--resolution", "16", "--num-steps", "4", "--guidance-scale", "5", "--samples-per-epoch", "4",
+            "--sample-batch-size", "2", "--train-batch-size", "2", "--seed", "3", "--save-every", "2"]  # fmt: skip
+    command = [sys.executable, "benchmarks/trl_ddpo_task.py", *tiny, "--estimator", "is", "--num-epochs", "2",
+               "--sample-every", "2", "--learning-rate", "0.03", "--exp-name", "trl",
+               "--output-dir", str(tmp_path / "trl")]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir, metrics = read_metrics(tmp_path / "trl")
+    assert os.path.basename(run_dir).startswith("colorfulness__trl__3__")
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    assert all(m["images_per_sec"] > 0 and m["reward_mean"] > 0 and math.isfinite(m["loss"]) for m in metrics)
+    assert sorted(os.listdir(os.path.join(run_dir, "samples"))) == ["epoch_000000.png", "epoch_000002.png"]
+    grid = os.path.join(run_dir, "samples", "epoch_000002.png")
+    assert metrics[-1]["eval_reward_mean"] == pytest.approx(held_out_reward(grid), rel=0.02)  # 8-bit PNG
+    assert os.path.isfile(os.path.join(run_dir, "checkpoints", "epoch_000002", "pytorch_lora_weights.safetensors"))
+
+    run_script("ddpo.py", [*tiny, "--num-epochs", "1", "--output-dir", str(tmp_path / "ddpo")], monkeypatch)
+    ddpo_dir, _ = read_metrics(tmp_path / "ddpo")
+    ours, theirs = (Path(run, "samples", "epoch_000000.png").read_bytes() for run in (run_dir, ddpo_dir))
+    assert ours == theirs
+
+
+def test_trl_ddpo_task_defaults_are_ddpo_tiny_preset():
+    """Its flags' defaults are `ddpo.py --preset tiny`'s, and what it has no flag for is ddpo.py's default."""
+    pytest.importorskip("trl", reason=NO_TRL)
+    ddpo, task = definitions("ddpo.py"), runpy.run_path(os.path.join(ROOT, "benchmarks", "trl_ddpo_task.py"))
+    tiny = dataclasses.replace(ddpo["Args"](), preset="tiny", **ddpo["PRESETS"]["tiny"])
+    ours = task["Args"]()
+    for field in dataclasses.fields(ours):
+        if field.name != "exp_name":
+            assert getattr(ours, field.name) == getattr(tiny, field.name), field.name
+    assert {k: getattr(tiny, k) for k in task["FROM_DDPO"]} == task["FROM_DDPO"]
