@@ -18,6 +18,7 @@ half-written one is started again, so an interrupted sweep resumes. wall_clock.j
 when each line appeared (seconds since the process started: loading, offline data and evaluations included).
 """
 
+import importlib.util
 import json
 import math
 import os
@@ -56,6 +57,8 @@ METHODS = {
     "braid_boot": ("braid.py", [*BRAID, "--conservatism", "boot"], 1e-3, "step"),
     "braid_bonus": ("braid.py", [*BRAID, "--conservatism", "bonus"], 1e-3, "step"),
     "braid_c0": ("braid.py", [*BRAID, "--c", "0"], 1e-3, "step"),
+    # a reference row: TRL 0.23.1's DDPOTrainer on the same task, evaluated as ddpo.py is (needs TRL installed)
+    "trl_ddpo": ("benchmarks/trl_ddpo_task.py", [*REWARD, "--estimator", "is"], 3e-2, "epoch"),
 }
 # not in the comparison: claim (e)'s second LoRA, trained for another reward (DDPO's tiny preset: JPEG size)
 PARTNER = {"ddpo_jpeg": ("ddpo.py", ["--reward", "jpeg_compressibility", "--estimator", "is"], 3e-2, "epoch")}
@@ -636,6 +639,9 @@ if __name__ == "__main__":
     unknown = set(args.methods) - set(METHODS)
     if unknown:
         sys.exit(f"unknown methods {sorted(unknown)}: choose from {', '.join(METHODS)}")
+    if "trl_ddpo" in args.methods and importlib.util.find_spec("trl") is None and not args.summarize:
+        print("TRL is not installed: no trl_ddpo row (pip install --no-deps -r benchmarks/requirements-peers.txt)")
+        args.methods.remove("trl_ddpo")
     os.makedirs(args.output_dir, exist_ok=True)
     torch.set_num_threads(args.threads)  # --claims computes in this process
     model = args.pretrained_model or os.path.join(ROOT, "assets/tiny-sd")
