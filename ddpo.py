@@ -137,6 +137,9 @@ class Args:
     """clip advantages to [-adv_clip_max, adv_clip_max]"""
     timestep_fraction: float = 1.0
     """fraction of each trajectory's timesteps trained on (shuffled per sample)"""
+    timesteps_per_call: int = 1
+    """trained timesteps of each trajectory per UNet call: the same gradient from fewer, larger calls (faster where
+    a call has fixed costs, as on the CPU; activation memory grows with it)"""
     per_prompt_buffer: int = 16
     """rewards kept per prompt for its advantage statistics"""
     per_prompt_min_count: int = 16
@@ -160,6 +163,10 @@ if __name__ == "__main__":
     check(args, "adv_clip_max", 0 < args.adv_clip_max <= float("inf"), "a positive number")
     check(args, "timestep_fraction", 0 < args.timestep_fraction <= 1, "in (0, 1]")
     check(args, "timestep_fraction", args.num_steps * args.timestep_fraction >= 1, "at least 1 / --num-steps")
+    num_train_timesteps = int(args.num_steps * args.timestep_fraction)
+    check(args, "timesteps_per_call", args.timesteps_per_call >= 1, "at least 1")
+    check(args, "timesteps_per_call", num_train_timesteps % args.timesteps_per_call == 0,
+          f"a divisor of the trained timesteps per trajectory ({num_train_timesteps})")  # fmt: skip
     check(args, "per_prompt_buffer", args.per_prompt_buffer >= 1, "at least 1")
     check(args, "per_prompt_min_count", args.per_prompt_min_count >= 1, "at least 1")
     if args.estimator == "sf" and args.num_inner_epochs != 1:
@@ -270,7 +277,6 @@ if __name__ == "__main__":
         advantages = shard(advantages.clamp(-args.adv_clip_max, args.adv_clip_max), args.samples_per_epoch)
 
         # ALGO LOGIC: policy-gradient steps on the stored transitions (x_t, x_{t-1}), timesteps shuffled per sample
-        num_train_timesteps = int(args.num_steps * args.timestep_fraction)
         num_batches = args.samples_per_epoch // args.train_batch_size
         batches_per_update = num_batches if args.estimator == "sf" else args.grad_accum_steps  # SF: one step an epoch
         losses, approx_kls, clipfracs, grad_norms = [], [], [], []
@@ -284,18 +290,19 @@ if __name__ == "__main__":
             order, step_order = order.to(device), step_order.to(device)
             for b in range(num_batches):
                 index = order[b * args.train_batch_size : (b + 1) * args.train_batch_size]
-                for j in range(num_train_timesteps):
-                    step_index = step_order[index, j]  # (B,): one step of each trajectory
+                for j in range(0, num_train_timesteps, args.timesteps_per_call):
+                    step_index = step_order[index, j : j + args.timesteps_per_call]  # (B, J): its next J steps
+                    rows = index[:, None].expand_as(step_index).flatten()  # (B J,): each trajectory J times
+                    step_index = step_index.flatten()  # (B J,)
                     t = timesteps[step_index]
-                    x_t, x_prev = samples["latents"][index, step_index], samples["latents"][index, step_index + 1]
-                    eps = predict_noise(sd.unet, x_t, t, samples["prompt_embeds"][index], negative_embeds,
+                    x_t, x_prev = samples["latents"][rows, step_index], samples["latents"][rows, step_index + 1]
+                    eps = predict_noise(sd.unet, x_t, t, samples["prompt_embeds"][rows], negative_embeds,
                                         args.guidance_scale)  # fmt: skip
-                    log_prob = ddim_step(sd.scheduler, eps, t, x_t, args.eta, prev_latents=x_prev).log_prob  # (B,)
-                    old_log_prob = samples["log_probs"][index, step_index]
-                    loss, ratio = policy_loss(
-                        args.estimator, log_prob, old_log_prob, advantages[index], args.clip_range
-                    )
-                    (loss / (num_train_timesteps * batches_per_update)).backward()
+                    log_prob = ddim_step(sd.scheduler, eps, t, x_t, args.eta, prev_latents=x_prev).log_prob  # (B J,)
+                    old_log_prob = samples["log_probs"][rows, step_index]
+                    loss, ratio = policy_loss(args.estimator, log_prob, old_log_prob, advantages[rows], args.clip_range)
+                    # the mean over this call's J steps, weighted as J of the num_train_timesteps
+                    (loss * args.timesteps_per_call / (num_train_timesteps * batches_per_update)).backward()
                     # kept on the device and read once an epoch: no host-device sync per UNet call
                     losses.append(loss.detach())
                     approx_kls.append(0.5 * ((log_prob - old_log_prob) ** 2).mean().detach())

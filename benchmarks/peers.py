@@ -86,6 +86,8 @@ class Args:
     """DDPO: trajectories per training batch (one optimizer step each)"""
     ddpo_learning_rate: float = 3e-2
     """DDPO: AdamW learning rate (ddpo.py --preset tiny's, so that 6 epochs move the held-out reward; not the speed)"""
+    ddpo_timesteps_per_call: int = 1
+    """DDPO: ddpo.py's --timesteps-per-call (TRL always trains one timestep per UNet call: the same rows, more calls)"""
     batch_size: int = 4
     """DRaFT-1: images per optimizer step"""
     draft_learning_rate: float = 4e-4
@@ -281,6 +283,7 @@ def run_ours(pair: str, args: Args, model: str, meter: Meter) -> dict:
             sample_batch_size=args.sample_batch_size,
             train_batch_size=args.train_batch_size,
             learning_rate=args.ddpo_learning_rate,
+            timesteps_per_call=args.ddpo_timesteps_per_call,
         )
     else:
         flags.update(
@@ -322,6 +325,7 @@ def run_ours(pair: str, args: Args, model: str, meter: Meter) -> dict:
         images = a.batch_size * a.grad_accum_steps
     return {
         **meter.result(images),
+        "timesteps_per_call": getattr(a, "timesteps_per_call", 1),
         "settings": settings,
         "rewards": [m["reward_mean"] for m in metrics],
         "eval_reward": [metrics[0]["eval_reward_mean"], metrics[-1]["eval_reward_mean"]],
@@ -473,14 +477,18 @@ def same(a, b) -> bool:
 def check_same_work(pair: str, ours: dict, theirs: dict) -> list[str]:
     """The table of what both sides hold and compute; ends the benchmark if any line differs."""
     lines = [f"| {pair} | ours | TRL | same |", "|-|-|-|-|"]
+    batched = ours.get("timesteps_per_call", 1) > 1  # the same rows in fewer UNet calls: the calls are not compared
     compared = [
         *((k, ours["settings"][k], theirs["settings"].get(k)) for k in ours["settings"]),
-        *((k, ours["work"][k], theirs["work"][k]) for k in ours["work"]),
+        *((k, ours["work"][k], theirs["work"][k]) for k in ours["work"] if not (batched and k == "unet_evaluations")),
         ("eval reward before training", ours["eval_reward"][0], theirs["eval_reward"][0]),
     ]
     for name, a, b in compared:
         lines.append(f"| {name} | {a} | {b} | {'yes' if same(a, b) else 'NO'} |")
     lines.append(f"| (recomputed UNet calls: not compared) | {ours['recomputations']} | {theirs['recomputations']} | |")
+    if batched:
+        lines.append(f"| (UNet calls, ours {ours['timesteps_per_call']} timesteps a call: not compared) |"
+                     f" {ours['work']['unet_evaluations']} | {theirs['work']['unet_evaluations']} | |")  # fmt: skip
     print("\n".join(lines), flush=True)
     if not all(same(a, b) for _, a, b in compared):
         raise SystemExit(f"{pair}: the two sides do not do the same work (the lines marked NO above)")

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from safetensors.torch import load_file
 
 from common.sd import load_sd
 from scripts import (
@@ -122,6 +123,24 @@ def test_ddpo_ratio_is_one_before_the_first_update(tiny_sd_path, tmp_path, monke
                            "--output-dir", str(tmp_path)], monkeypatch)  # fmt: skip
     _, (metrics,) = read_metrics(tmp_path)
     assert metrics["clipfrac"] == 0.0 and metrics["approx_kl"] < 1e-10
+
+
+def test_ddpo_timesteps_per_call_changes_no_number(tiny_sd_path, tmp_path, monkeypatch):
+    """The 4 trained steps of each trajectory in 4 UNet calls or in one: the same loss, gradient and update (one
+    optimizer step an epoch), float rounding apart."""
+    loras = {}
+    for calls in ("1", "4"):
+        out = tmp_path / calls
+        run_script("ddpo.py", ["--pretrained-model", tiny_sd_path, *TINY, "--train-batch-size", "4", "--num-epochs",
+                               "1", "--timesteps-per-call", calls, "--output-dir", str(out)], monkeypatch)  # fmt: skip
+        run_dir, (metrics,) = read_metrics(out)
+        loras[calls] = (metrics, load_file(os.path.join(run_dir, "pytorch_lora_weights.safetensors")))
+    (one, lora_one), (four, lora_four) = loras["1"], loras["4"]
+    assert one["grad_norm"] > 0 and four["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5)
+    assert four["loss"] == pytest.approx(one["loss"], abs=1e-6)  # ~0: a mean of advantages (~1) that cancel
+    # Adam's first step is about lr * sign(g) (lr 3e-4): where g is ~1e-8, rounding moves a weight by up to ~1e-5
+    assert all(torch.allclose(lora_one[k], lora_four[k], atol=3e-5) for k in lora_one)
+    assert any((lora_one[k] != 0).any() for k in lora_one)
 
 
 @pytest.mark.parametrize("script, bad, message", [

@@ -39,6 +39,7 @@ METHOD_BAD = [
     ("ddpo.py", ["--adv-clip-max", "-1"], "--adv-clip-max must be a positive number, got -1.0"),
     ("ddpo.py", ["--timestep-fraction", "0"], "--timestep-fraction must be in (0, 1], got 0.0"),
     ("ddpo.py", ["--per-prompt-buffer", "0"], "--per-prompt-buffer must be at least 1, got 0"),
+    ("ddpo.py", ["--timesteps-per-call", "3"], "--timesteps-per-call must be a divisor of the trained timesteps"),
     ("rwr.py", ["--beta", "-1"], "--beta must be at least 0 (0: uniform weights), got -1.0"),
     ("braid.py", ["--c", "-1"], "--c must be at least 0 (0: the non-conservative baseline), got -1.0"),
     ("braid.py", ["--kl-weight", "nan"], "--kl-weight must be at least 0, got nan"),
