@@ -288,13 +288,57 @@ def collect(args: Args) -> dict:
     return results
 
 
+def braid_sweep(args: Args) -> list[dict]:
+    """Claim (d)'s finished sweep points: for each, the held-out reward (true, from the grids) at the start and the
+    end, and over the last 5 training batches the true reward, the proxy (the heads' mean) and the KL."""
+    points = []
+    for flag, values in BRAID_SWEEP.items():
+        for value in values:
+            found, lines = read_run(braid_point(args, flag, value)["folder"])
+            if not lines or lines[-1]["step"] != sizes("braid_boot", args)[1]:
+                continue
+            last = lines[-5:]
+            held_out = curve(args, "braid_boot", found)["points"]
+            points.append({"flag": flag, "value": value, "start": held_out[0][2], "end": final(held_out),
+                           "true": statistics.mean(x["true_reward_mean"] for x in last),
+                           "proxy": statistics.mean(x["proxy_reward_mean"] for x in last),
+                           "kl": statistics.mean(x["kl"] for x in last),
+                           "offline_best": lines[-1]["offline_best"]})  # fmt: skip
+    return points
+
+
 def spread(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.1f}"
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
-def plots(results: dict, out: str) -> list[str]:
+def plot_braid_sweep(points: list[dict], out: str, plt) -> str:
+    """Claim (d): proxy and true reward at the end of training against --c and against --kl-weight."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, flag in zip(axes, BRAID_SWEEP):
+        row = [p for p in points if p["flag"] == flag]
+        x = [p["value"] for p in row]
+        for key, label, style in [("proxy", "proxy (heads' mean), last 5 batches", "o-"),
+                                  ("true", "true reward, last 5 batches", "s-"),
+                                  ("end", "true reward, held-out grid at the end", "^-")]:  # fmt: skip
+            ax.plot(x, [p[key] for p in row], style, label=label)
+        if row:
+            ax.axhline(row[0]["offline_best"], color="grey", ls="--", label="offline data's best (true)")
+            ax.axhline(row[0]["start"], color="grey", ls=":", label="held-out grid at the start")
+        ax.set_xscale("symlog", linthresh=0.01 if flag == "kl_weight" else 0.5)
+        ax.set_xlabel(f"--{flag.replace('_', '-')} (the other flag at its default)")
+        ax.set_ylabel("colourfulness")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(out, "braid_sweep.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plots(results: dict, out: str, sweep_points=()) -> list[str]:
     """Held-out reward against reward queries and against seconds, all methods in one figure each (seeds: the mean,
     and a band from the lowest to the highest seed); before/after grids per method. Returns the files written."""
     from PIL import Image
@@ -338,6 +382,8 @@ def plots(results: dict, out: str) -> list[str]:
         fig.savefig(os.path.join(out, file), dpi=110)
         plt.close(fig)
         written.append(os.path.join(out, file))
+    if sweep_points:
+        written.append(plot_braid_sweep(sweep_points, out, plt))
     return written
 
 
@@ -470,27 +516,49 @@ def gain_per_query(result: dict) -> float:
     return statistics.mean(100 * (final(r["points"]) - r["points"][0][2]) / r["points"][-1][0] for r in result["runs"])
 
 
-def results_md(args: Args, results: dict, claims: dict, figures: list[str]) -> str:
+def run_seconds(output_dir: str) -> float:
+    """The seconds all runs under `output_dir` took (their wall_clock.json totals: sweeps and extra runs included)."""
+    total = 0.0
+    for folder, _, files in os.walk(output_dir):
+        if "wall_clock.json" in files:
+            with open(os.path.join(folder, "wall_clock.json")) as f:
+                total += json.load(f)["total"]
+    return total
+
+
+def results_md(args: Args, results: dict, claims: dict, figures: list[str], sweep_points: list[dict]) -> str:
     seeds = max(len(r["runs"]) for r in results.values())
     n_lrs = max(len(r["sweep"]) for r in results.values())
-    budget = {sizes(name, args)[1] * sizes(name, args)[2] for name in results}
+    budget = sorted({sizes(name, args)[1] * sizes(name, args)[2] for name in results})
+    full = Args()
+    is_full = seeds >= full.seeds and n_lrs >= len(full.lr_factors) and budget == [full.budget]
     lines = [
         "# Results: the six methods side by side on one task",
         "",
         "Written by `python benchmarks/compare.py --summarize` from the runs' own files (metrics.jsonl, samples/,",
         "wall_clock.json). Task: the shipped tiny model (`assets/tiny-sd`, 32 px), reward `colorfulness`, the",
         "`shapes` prompts (86 for training, 4 held out as the scripts split them), 10 DDIM steps and guidance 5 for",
-        "every method, on the CPU (2 cores shared with other jobs: the seconds are noisy). One reward query is one",
-        "decoded image scored; BRAID's budget is its offline data (queries of the labeler), 0 online queries.",
+        "every method, on the CPU with one torch thread per run. One reward query is one decoded image scored;",
+        "BRAID's budget is its offline data (queries of the labeler), 0 online queries.",
         "",
-        f"**This run: {seeds} seed(s), a sweep of {n_lrs} learning rate(s) per method, {sorted(budget)} reward queries"
-        " per run.** The full run (3 seeds, a 3-point sweep, 512 queries) has not been run yet; it is one command:",
-        "`python benchmarks/compare.py` (see the estimate below). The held-out reward is the colourfulness of the",
-        "sample grids (4 held-out prompts x 2 fixed seeds, read back from the PNGs: the same number for every method;",
-        "BRAID's own `eval_reward_mean` is its conservative reward). DRaFT, DDPO and RWR evaluate with DDIM eta 0,",
-        "BRAID with its eta 1 and a fixed seed, so BRAID's start differs from the others'. The wall-clock and",
-        "images/s columns mostly measure the load that other jobs put on the 2 shared cores during each run (load",
-        "average 4 to 7): they do not rank the methods' speed (docs/BENCHMARKS.md does that).",
+        f"**This run: {seeds} seed(s) at each method's best learning rate, chosen by a sweep of {n_lrs} rate(s) on"
+        f" seed 0; {budget} reward queries per run; {run_seconds(args.output_dir) / 60:.0f} min of run time in all"
+        " (sweeps and the runs of claims (d) and (e) included).**"
+        + (
+            " This is the full run: `python benchmarks/compare.py`, then `--claims`, then `--summarize`."
+            if is_full
+            else f" The full run ({full.seeds} seeds, {len(full.lr_factors)}-point sweep, {full.budget} queries) is"
+            " `python benchmarks/compare.py`."
+        ),
+        "",
+        "The held-out reward is the colourfulness of the sample grids (4 held-out prompts x 2 fixed seeds, read back",
+        "from the PNGs: the same number for every method; BRAID's own `eval_reward_mean` is its conservative reward).",
+        "DRaFT, DDPO and RWR evaluate with DDIM eta 0, BRAID with its eta 1 and a fixed seed, so BRAID's start differs",
+        "from the others'. Spreads are the standard deviation over seeds. The seconds are one thread's on a 2-core",
+        "machine whose other core did other work part of the time: they rank the methods' cost per query only",
+        "roughly (docs/BENCHMARKS.md measures speed under control). `trl_ddpo` is a reference row: TRL 0.23.1's",
+        "`DDPOTrainer` on the same task with ddpo.py's settings (`benchmarks/trl_ddpo_task.py`), evaluated by the",
+        "same grids.",
         "",
         "| method | lr | seeds | reward queries (online / offline) | held-out start | held-out end | gain per 100"
         " queries | wall-clock (s) | images/s |",
@@ -499,61 +567,56 @@ def results_md(args: Args, results: dict, claims: dict, figures: list[str]) -> s
     for name, result in results.items():
         runs, queries = result["runs"], sizes(name, args)[1] * sizes(name, args)[2]
         online = f"0 / {queries}" if name.startswith("braid") else f"{queries} / 0"
+        label = f"{name} (reference)" if name == "trl_ddpo" else name
         lines.append(
-            f"| {name} | {result['best'][2:]} | {len(runs)} | {online} | {spread([r['points'][0][2] for r in runs])} |"
+            f"| {label} | {result['best'][2:]} | {len(runs)} | {online} | {spread([r['points'][0][2] for r in runs])} |"
             f" {spread([final(r['points']) for r in runs])} | {gain_per_query(result):+.1f} |"
             f" {spread([r['total_s'] for r in runs])} | {spread([r['images_per_sec'] for r in runs])} |"
         )
-    full = Args()
-    seconds = sum(statistics.mean(r["total_s"] for r in result["runs"]) for result in results.values())
-    runs_each = len(full.lr_factors) + full.seeds - 1  # the sweep on seed 0, then the other seeds at the best rate
-    estimate = seconds * full.budget / max(budget) * runs_each / 3600
-    missing = [name for name in METHODS if name not in results]
-    lines += ["", f"Estimate of the full run here: these runs took {seconds / 60:.0f} min; at {full.budget} queries"
-              f" ({full.budget / max(budget):g}x longer) and {runs_each} runs per method that is about {estimate:.0f}"
-              " h on this machine as it was loaded" + (f", plus the methods not run ({', '.join(missing)})." if
-              missing else ".")]  # fmt: skip
-    lines += ["", "Learning-rate sweep (seed 0, final held-out reward):", "", "| method | " + " | ".join(
-        f"lr {i + 1}" for i in range(n_lrs)) + " |", "|---|" + "---|" * n_lrs]  # fmt: skip
+    header = "| method | " + " | ".join(f"lr {i + 1}" for i in range(n_lrs)) + " |"
+    lines += ["", "Learning-rate sweep (seed 0, final held-out reward; the best is kept):", "", header,
+              "|---|" + "---|" * n_lrs]  # fmt: skip
     for name, result in results.items():
         cells = [
             f"{lr[2:]}: {value:.1f}" for lr, value in sorted(result["sweep"].items(), key=lambda x: float(x[0][2:]))
         ]
         lines.append(f"| {name} | " + " | ".join(cells + [""] * (n_lrs - len(cells))) + " |")
     for file in figures:
-        if file.endswith(".png") and not os.path.basename(file).startswith("samples_"):
+        if file.endswith(".png") and os.path.basename(file).startswith("reward_vs_"):
             lines += ["", f"![{os.path.basename(file)}](results/{os.path.basename(file)})"]
     lines += ["", "## Samples before and after", "", "Held-out prompts (columns) x 2 seeds (rows); left: step 0, right:"
-              " the last step. 3x enlarged.", ""]  # fmt: skip
+              " the last step, of seed 0's run. 3x enlarged.", ""]  # fmt: skip
     for name in results:
         lines.append(f"**{name}**  \n![{name}](results/samples_{name}.png)  ")
-    lines += ["", "## The papers' claims, checked", ""] + claims_md(results, claims)
+    lines += ["", "## The papers' claims, checked", ""] + claims_md(results, claims, sweep_points)
     lines += [
         "",
         "What differs from the papers' setting, and may explain a claim that does not hold here: a 6.5 MB model of",
-        "coloured shapes at 32 px instead of SD 1.4 at 512 px; a budget of tens of reward queries where the papers",
-        "spend thousands (DRaFT) to tens of thousands (DDPO); one seed and the scripts' default learning rates unless",
-        "the tables above say otherwise, so a difference of a few points of colourfulness is within the noise of",
-        "one run; DDPO's advantages fall back to the round's mean and spread (its per-prompt statistics need 16",
-        "samples of a prompt, and 86 prompts share 16 samples a round); BRAID ran with --k 1 (see the note in",
-        "benchmarks/compare.py). DDPO's and RWR's learning rates are their tiny presets' (set for JPEG rewards),",
-        "never swept for colourfulness in this run: DDPO-IS and DDPO-SF, at the same rate and on the same task,",
-        "moved in opposite directions, which one seed cannot tell from the noise of a large step size. No run was",
-        "tuned to make a claim hold.",
+        "coloured shapes at 32 px instead of SD 1.4 at 512 px; 10 sampling steps instead of 50; a budget of hundreds",
+        "of reward queries where the papers spend thousands (DRaFT) to tens of thousands (DDPO); a reward (colour",
+        "statistics of the pixels) that a small change of the output moves a lot. DDPO's advantages fall back to the",
+        "round's mean and spread (its per-prompt statistics need 16 samples of a prompt, and 86 prompts share 16",
+        "samples a round). Learning rates were swept on seed 0 over 3 points (0.3x, 1x, 3x each method's default);",
+        "a method whose best rate is at the edge of the sweep may do better further out. No run was tuned to make a",
+        "claim hold.",
     ]
     return "\n".join(lines) + "\n"
 
 
-def claims_md(results: dict, claims: dict) -> list[str]:
+def per_seed(result: dict, key: str, first: bool) -> float:
+    """The mean over seeds of a training metric's mean over the first (or last) 5 steps."""
+    return statistics.mean(statistics.mean(r[key][:5] if first else r[key][-5:]) for r in result["runs"])
+
+
+def claims_md(results: dict, claims: dict, sweep_points: list[dict]) -> list[str]:
     g = {name: gain_per_query(result) for name, result in results.items()}
     out = []
     if {"draft_k1", "draft_full"} <= set(g):
         ok = g["draft_k1"] > g["draft_full"]
         out.append(f"(a) DRaFT-1 gains more held-out reward per query than full backpropagation: {verdict(ok)}"
-                   f" ({g['draft_k1']:+.1f} against {g['draft_full']:+.1f} per 100 queries). The paper explains"
-                   " truncation's edge by the gradient through 50 steps growing large and noisy; here the chain has"
-                   " 10 steps and the gradient is clipped to norm 1, so the full gradient may simply be the better"
-                   " one.")  # fmt: skip
+                   f" ({g['draft_k1']:+.1f} against {g['draft_full']:+.1f} per 100 queries, the mean over seeds)."
+                   " The paper explains truncation's edge by the gradient through 50 steps growing large and noisy;"
+                   " here the chain has 10 steps and the gradient is clipped to norm 1.")  # fmt: skip
     else:
         out.append(f"(a) DRaFT-1 against full backpropagation: {verdict(None)} (runs missing).")
     b = claims.get("b")
@@ -567,13 +630,16 @@ def claims_md(results: dict, claims: dict) -> list[str]:
             f" LV {b['lv2']['relative_variance']:.2f}, K = 1 {b['k1']['relative_variance']:.2f}; cosine between the two"
             f" mean gradients {b['cosine_of_means']:.2f}. Time per draw: LV {b['lv2']['seconds'] / b['draws']:.2f} s,"
             f" K = 1 {b['k1']['seconds'] / b['draws']:.2f} s (LV samples half as many full chains)."
-            f" At equal trajectories instead (the paper's comparison: LV's n copies cost reward queries and last"
-            f" steps, not chains), K = 1 with {b['images_per_estimate'] // 2} trajectories has twice the variance of"
-            f" the measured {b['images_per_estimate']} (the trajectories of a batch are independent draws), about"
+            f" At equal trajectories instead (LV's n copies cost reward queries and last steps, not chains), K = 1"
+            f" with {b['images_per_estimate'] // 2} trajectories has twice the variance of the measured"
+            f" {b['images_per_estimate']} (the trajectories of a batch are independent draws), about"
             f" {2 * b['k1']['total_variance']:.3g}: LV is {'lower' if ratio < 2 else 'not lower'} at equal"
-            f" trajectories (ratio {ratio / 2:.2f}). Per reward query, the spread between trajectories (prompts, x_T)"
-            " outweighs the spread between re-noisings of one x_0 that LV averages away."
+            f" trajectories (ratio {ratio / 2:.2f})."
         )
+        if {"draft_lv2", "draft_k1"} <= set(g):  # both score 4 images a step: per query is per step
+            ahead = verdict(g["draft_lv2"] > g["draft_k1"])
+            out.append(f" Reward per step (both runs score 4 images a step): LV {g['draft_lv2']:+.1f}, K = 1"
+                       f" {g['draft_k1']:+.1f} per 100 queries; LV ahead: {ahead}.")  # fmt: skip
     else:
         out.append(f"\n(b) DRaFT-LV's gradient variance: {verdict(None)} (run `--claims`).")
     drafts = [g[n] for n in ("draft_full", "draft_k1", "draft_lv2") if n in g]
@@ -588,46 +654,61 @@ def claims_md(results: dict, claims: dict) -> list[str]:
     if "ddpo_is" in g and {"rwr_softmax", "rwr_sparse"} & set(g):
         ok = g["ddpo_is"] > max(g.get("rwr_softmax", -math.inf), g.get("rwr_sparse", -math.inf))
         out.append(f" DDPO-IS beats RWR: {verdict(ok)}.")
-    if not {"braid_boot", "braid_bonus", "braid_c0"} & set(results):
-        out.append(f"\n(d) BRAID: {verdict(None)} (runs missing).")
-    for name in ("braid_boot", "braid_bonus"):
-        if name in results:
-            r = results[name]["runs"]
-            end = statistics.mean(statistics.mean(x for x in run["true_reward_mean"][-5:]) for run in r)
-            best = r[0]["offline_best"][-1]
-            out.append(f"\n(d) {name} ends above the offline data's best on the true reward: {verdict(end > best)}"
-                       f" (true reward, last 5 training batches: {end:.1f}; offline best {best:.1f}).")  # fmt: skip
-    if "braid_c0" in results:
-        run = results["braid_c0"]["runs"][0]
-        proxy = run["proxy_reward_mean"][-5:], run["proxy_reward_mean"][:5]
-        true = run["true_reward_mean"][-5:], run["true_reward_mean"][:5]
-        up = statistics.mean(proxy[0]) > statistics.mean(proxy[1])
-        down = statistics.mean(true[0]) < statistics.mean(true[1])
-        out.append(
-            f"\n(d) braid --c 0 raises the proxy and lowers the true reward: {verdict(up and down)} (proxy: first 5"
-            f" steps {statistics.mean(proxy[1]):.1f}, last 5 {statistics.mean(proxy[0]):.1f}; true: first 5"
-            f" {statistics.mean(true[1]):.1f}, last 5 {statistics.mean(true[0]):.1f}; the training batches: 4"
-            f" random prompts and noises a step). On the held-out grids (fixed noise, so a smooth curve) it went"
-            f" from {run['points'][0][2]:.1f} to {final(run['points']):.1f}, "
-            + ", ".join(
-                f"{n} from {results[n]['runs'][0]['points'][0][2]:.1f} to {final(results[n]['runs'][0]['points']):.1f}"
-                for n in ("braid_boot", "braid_bonus")
-                if n in results
-            )
-            + ": the rise of the true reward in training batches does not reach the held-out prompts. --c 0's"
-            f" training batches also end above the offline best ({statistics.mean(true[0]):.1f} against"
-            f" {run['offline_best'][-1]:.1f}), so (d)'s first part does not single out conservatism here."
-        )
+    out += claim_d_md(results, sweep_points)
     e = claims.get("e")
     if e:
         cells = ", ".join(f"{s}: {v:.1f}" for s, v in e["reward_by_scale"].items())
         values = list(e["reward_by_scale"].values())
         ok = all(b >= a for a, b in zip(values, values[1:]))
-        out.append(f"\n(e) The trained DRaFT-1 LoRA in plain diffusers (`load_lora_weights` + `set_adapters`), held-out"
-                   f" colourfulness (4 prompts x 4 seeds) by scale: {cells}. Reward rises with the scale throughout,"
-                   f" past 1: {verdict(ok)}. LoRA: `{e['run']}`.")  # fmt: skip
+        out.append(f"\n(e) The trained DRaFT-1 LoRA (seed 0, best learning rate) in plain diffusers"
+                   f" (`load_lora_weights` + `set_adapters`), held-out colourfulness (4 prompts x 4 seeds) by scale:"
+                   f" {cells}. Reward rises with the scale throughout, past 1: {verdict(ok)}.")  # fmt: skip
+        if e.get("mix"):
+            out += ["", "Two LoRAs for two rewards, mixed by `set_adapters` weights: the DRaFT-1 colourfulness LoRA"
+                    " and a DDPO-IS LoRA trained for JPEG compressibility (`ddpo.py --reward jpeg_compressibility`,"
+                    " the same budget; its reward is minus the JPEG size in kB, so higher is smaller files). Held-out"
+                    " images (4 prompts x 4 seeds):", "", "| weights (colour, JPEG) | colourfulness | JPEG"
+                    " compressibility |", "|---|---|---|"]  # fmt: skip
+            for m in e["mix"]:
+                out.append(f"| {m['weights'][0]:g}, {m['weights'][1]:g} | {m['colorfulness']:.1f} |"
+                           f" {m['jpeg_compressibility']:.3f} |")  # fmt: skip
     else:
         out.append(f"\n(e) LoRA scaling: {verdict(None)} (run `--claims` after a draft_k1 run).")
+    return out
+
+
+def claim_d_md(results: dict, sweep_points: list[dict]) -> list[str]:
+    """Claim (d): BRAID's conservative runs against the offline data's best, --c 0's proxy and true reward, and the
+    sweep of --c and --kl-weight (the training batches' true reward: the labeler, without its label noise)."""
+    out = []
+    if not {"braid_boot", "braid_bonus", "braid_c0"} & set(results):
+        return [f"\n(d) BRAID: {verdict(None)} (runs missing)."]
+    for name in ("braid_boot", "braid_bonus"):
+        if name in results:
+            runs = results[name]["runs"]
+            above = sum(statistics.mean(r["true_reward_mean"][-5:]) > r["offline_best"][-1] for r in runs)
+            end, best = per_seed(results[name], "true_reward_mean", False), per_seed(results[name], "offline_best", 0)
+            ok = verdict(above == len(runs))
+            out.append(f"\n(d) {name} ends above the offline data's best on the true reward: {ok}"
+                       f" ({above} of {len(runs)} seeds; true reward of the last 5 training batches {end:.1f}, the"
+                       f" offline data's best {best:.1f}, means over seeds).")  # fmt: skip
+    if "braid_c0" in results:
+        c0 = results["braid_c0"]
+        proxy = per_seed(c0, "proxy_reward_mean", True), per_seed(c0, "proxy_reward_mean", False)
+        true = per_seed(c0, "true_reward_mean", True), per_seed(c0, "true_reward_mean", False)
+        ok = proxy[1] > proxy[0] and true[1] < true[0]
+        out.append(f"\n(d) braid --c 0 raises the proxy and lowers the true reward: {verdict(ok)} (means over seeds of"
+                   f" the first and last 5 training batches: proxy {proxy[0]:.1f} -> {proxy[1]:.1f}, true"
+                   f" {true[0]:.1f} -> {true[1]:.1f}).")  # fmt: skip
+    if sweep_points:
+        out += ["", "The sweep (braid_boot, seed 0, its best learning rate; one flag at a time from c 1, kl-weight"
+                " 0.01): the last 5 training batches' proxy (the heads' mean), true reward and KL, and the held-out"
+                " grid's true reward at the end.", "", "![braid_sweep.png](results/braid_sweep.png)", "",
+                "| flag | value | proxy | true | held-out end | KL | proxy - true |",
+                "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for p in sweep_points:
+            out.append(f"| {p['flag']} | {p['value']:g} | {p['proxy']:.1f} | {p['true']:.1f} | {p['end']:.1f} |"
+                       f" {p['kl']:.3g} | {p['proxy'] - p['true']:+.1f} |")  # fmt: skip
     return out
 
 
@@ -665,14 +746,15 @@ if __name__ == "__main__":
         if not results:
             sys.exit(f"no finished runs under {args.output_dir}")
         os.makedirs(os.path.join(args.docs_dir, "results"), exist_ok=True)
-        figures = plots(results, os.path.join(args.docs_dir, "results"))
+        sweep_points = braid_sweep(args)
+        figures = plots(results, os.path.join(args.docs_dir, "results"), sweep_points)
         path = os.path.join(args.output_dir, "claims.json")
         claims = json.load(open(path)) if os.path.isfile(path) else {}
         for file in ("claims.json", "sweep.json"):  # the raw numbers, beside the figures
             if os.path.isfile(os.path.join(args.output_dir, file)):
                 shutil.copy(os.path.join(args.output_dir, file), os.path.join(args.docs_dir, "results", file))
         with open(os.path.join(args.docs_dir, "RESULTS.md"), "w") as f:
-            f.write(results_md(args, results, claims, figures))
+            f.write(results_md(args, results, claims, figures, sweep_points))
         print(f"wrote {args.docs_dir}/RESULTS.md and {len(figures)} figures")
     else:
         start = time.time()
