@@ -278,16 +278,20 @@ if __name__ == "__main__":
             conservative, proxy = braid["ConservativeReward"]([head], 1.0, data[:n], defaults.bonus_lambda)(queries)
             ours_bonus = proxy - conservative  # braid.py subtracts c * its bonus
             ratio = seiko_bonus / ours_bonus
-            f = head(data[:n])[1].double()  # (N, 16): its mean and covariance explain the ratio (docs/braid.md)
-            mean, cov = f.mean(0), torch.cov(f.T)
+            # what makes the ratio differ from sqrt(N - 1): the same two widths without lambda (written here, in
+            # float64) leave the centring alone; and the features' covariance, against SEIKO's lambda
+            f, q = head(data[:n])[1].double(), head(queries)[1].double()  # (N, 16), (Q, 16)
+            cov = torch.cov(f.T)
+            width = lambda matrix: ((q @ torch.linalg.inv(matrix)) * q).sum(-1).sqrt()  # noqa: E731
+            without_lambda = (width(cov) / width(f.T @ f)).median().item()
             eigenvalues = torch.linalg.eigvalsh(cov)
             results["bonus"].append({
                 "n": n, "ratio_median": ratio.median().item(), "ratio_min": ratio.min().item(),
                 "ratio_max": ratio.max().item(), "ratio_over_sqrt_n_minus_1": ratio.median().item() / math.sqrt(n - 1),
+                "without_lambda_over_sqrt_n_minus_1": without_lambda / math.sqrt(n - 1),
                 "seiko_bonus_median": seiko_bonus.median().item(), "ours_bonus_median": ours_bonus.median().item(),
                 "seiko_clipped": int((optimistic - proxy_seiko >= ucb.train.osm_clipping).sum()),
                 "proxy_max_abs_diff": (proxy - proxy_seiko).abs().max().item(),  # the same head on both sides
-                "mean_mahalanobis_sq": (mean @ torch.linalg.solve(cov, mean)).item(),
                 "cov_eigenvalue_min": eigenvalues[0].item(), "cov_eigenvalue_max": eigenvalues[-1].item(),
             })  # fmt: skip
 
@@ -336,11 +340,12 @@ if __name__ == "__main__":
     print(f"   SEIKO's reward term is |r - {ucb.aesthetic_target}|: above {ucb.aesthetic_target} its reward weight is"
           f" {seiko_loss['reward_weight_above_target']:.4g}")  # fmt: skip
     print(f"   the path KL of one case: SEIKO {loss['path_kl']['seiko']:.6g}, ours {loss['path_kl']['ours']:.6g}")
-    print("2. the bonus, N: SEIKO's, ours (medians); SEIKO's / ours: median (min-max), / sqrt(N - 1); SEIKO clipped")
+    print("2. the bonus, N: SEIKO's, ours (medians); SEIKO's / ours: median (min-max), / sqrt(N - 1), the same"
+          " without lambda; SEIKO clipped")  # fmt: skip
     for b in results["bonus"]:
         print(f"   {b['n']:>6}: {b['seiko_bonus_median']:.4g}, {b['ours_bonus_median']:.4g}; {b['ratio_median']:.4g}"
-              f" ({b['ratio_min']:.4g}-{b['ratio_max']:.4g}), {b['ratio_over_sqrt_n_minus_1']:.3g};"
-              f" {b['seiko_clipped']}")  # fmt: skip
+              f" ({b['ratio_min']:.4g}-{b['ratio_max']:.4g}), {b['ratio_over_sqrt_n_minus_1']:.3g},"
+              f" {b['without_lambda_over_sqrt_n_minus_1']:.3g}; {b['seiko_clipped']}")  # fmt: skip
     eigenvalues = [x for b in results["bonus"] for x in (b["cov_eigenvalue_min"], b["cov_eigenvalue_max"])]
     print(f"   the features' covariance has eigenvalues {min(eigenvalues):.2g} to {max(eigenvalues):.2g}"
           f" (SEIKO's lambda: {ucb.train.osm_lambda})")  # fmt: skip
