@@ -170,6 +170,8 @@ if __name__ == "__main__":
         fail("--seiko-dir must name a checkout of zhaoyl18/SEIKO (git clone https://github.com/zhaoyl18/SEIKO)")
     if not (seiko / "online" / "online_main.py").is_file():
         fail(f"--seiko-dir {args.seiko_dir} is not a checkout of zhaoyl18/SEIKO: it has no online/online_main.py")
+    if min(args.sizes) < 2 or args.queries < 1:
+        fail("--sizes must all be at least 2 (a covariance needs two points) and --queries at least 1")
     git = subprocess.run(["git", "-C", str(seiko), "rev-parse", "HEAD"], capture_output=True, text=True)
     results = {"seiko_commit": git.stdout.strip() if (seiko / ".git").exists() else None, "torch": torch.__version__}
     generator = torch.Generator().manual_seed(args.seed)
@@ -261,8 +263,9 @@ if __name__ == "__main__":
     # heads hold the same weights: braid.fit_head's, fitted on SEIKO's synthetic labels (its LAION labeler plus noise,
     # `D_explored.update`). Features: unit vectors in 768 dimensions, as L2-normalised CLIP embeddings are; the
     # queries are not in the data.
-    features = F.normalize(torch.randn(max(args.sizes) + args.queries, 768, generator=generator), dim=1)
-    data, queries = features[: max(args.sizes)], features[max(args.sizes) :]
+    num_data = max(*args.sizes, 1024)  # the heads are fitted on the first 1024
+    features = F.normalize(torch.randn(num_data + args.queries, 768, generator=generator), dim=1)
+    data, queries = features[:num_data], features[num_data:]
     dataset = code["D_explored"](ucb, "cpu")
     dataset.update(data)  # labels: y = labeler(x) + 0.1 N(0, 1)
     labels = dataset.y[:, 0]
