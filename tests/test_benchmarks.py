@@ -8,6 +8,7 @@ import runpy
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -194,3 +195,23 @@ def test_trl_ddpo_task_defaults_are_ddpo_tiny_preset():
         if field.name != "exp_name":
             assert getattr(ours, field.name) == getattr(tiny, field.name), field.name
     assert {k: getattr(tiny, k) for k in task["FROM_DDPO"]} == task["FROM_DDPO"]
+
+
+def test_seiko_conventions_without_seiko(tmp_path):
+    """benchmarks/seiko_conventions.py needs a checkout of SEIKO (not shipped): without one it ends with one sentence.
+    Its loaders are checked here on a stand-in file and on braid.py's loss line, which it executes."""
+    from benchmarks.seiko_conventions import definitions, statement
+
+    command = [sys.executable, "benchmarks/seiko_conventions.py", "--seiko-dir", str(tmp_path)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-3000:]
+    assert "is not a checkout of zhaoyl18/SEIKO" in result.stderr
+    # only the named definitions run: not the file's imports of what is not installed
+    (tmp_path / "seiko.py").write_text("import wandb\n\ndef f(x):\n    return 2 * x\n\ndef g():\n    pass\n")
+    assert definitions(tmp_path / "seiko.py", ["f"], {})["f"](3) == 6
+    with pytest.raises(SystemExit):
+        definitions(tmp_path / "seiko.py", ["h"], {})
+    rewards, kl = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 5.0])
+    namespace = {"rewards": rewards, "kl": kl, "args": SimpleNamespace(kl_weight=0.5, grad_accum_steps=2)}
+    exec(statement(Path(ROOT) / "braid.py", "loss = (-rewards"), namespace)
+    assert namespace["loss"].item() == ((-rewards + 0.5 * kl).mean() / 2).item()
