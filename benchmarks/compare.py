@@ -82,6 +82,8 @@ class Args:
     """seeds per method at its best learning rate"""
     lr_factors: list[float] = field(default_factory=lambda: [0.3, 1.0, 3.0])
     """the sweep: each method's default learning rate times these, on seed 0; the best final held-out reward wins"""
+    extend: int = 2
+    """if the best rate is at an edge of the sweep, up to this many more points past it (at the sweep's last ratio)"""
     evals: int = 8
     """held-out evaluations (sample grids) per run, besides the one at the start"""
     quick: bool = False
@@ -223,20 +225,27 @@ def compare(args: Args) -> None:
         lrs = [METHODS[name][2] * f for f in factors]
         try:
             results = {lr: final(curve(args, name, run_one(args, name, lr, 0))["points"]) for lr in lrs}
+            for _ in range(args.extend if len(factors) > 1 else 0):  # the best at an edge: one more point past it
+                best, ratio = best_lr(results), factors[-1] / factors[-2]
+                if best not in (min(results), max(results)):
+                    break
+                lr = best * ratio if best == max(results) else best / ratio
+                results[lr] = final(curve(args, name, run_one(args, name, lr, 0))["points"])
         except RuntimeError as e:  # one method's failure leaves the others' runs to do
             print(e)
             failed.append(name)
             continue
-        best = max(results, key=lambda lr: results[lr] if math.isfinite(results[lr]) else -math.inf)
-        sweep[name] = {"lrs": {f"{lr:g}": r for lr, r in results.items()}, "best_lr": best}
+        best = best_lr(results)
+        sweep[name] = {"lrs": {f"{lr:g}": r for lr, r in sorted(results.items())}, "best_lr": best}
         for seed in range(1, args.seeds):
             try:
                 run_one(args, name, best, seed)
             except RuntimeError as e:
                 print(e)
                 failed.append(name)
+        written = json.load(open(path))["sweep"] if os.path.isfile(path) else {}  # another process may share it
         with open(path, "w") as f:
-            json.dump({"args": vars(args), "sweep": sweep}, f, indent=1)
+            json.dump({"args": vars(args), "sweep": written | {name: sweep[name]}}, f, indent=1)
     if args.braid_sweep and not args.quick and "braid_boot" in sweep:
         for flag, value in [("c", c) for c in BRAID_SWEEP["c"]] + [("kl_weight", k) for k in BRAID_SWEEP["kl_weight"]]:
             try:
@@ -252,6 +261,10 @@ def compare(args: Args) -> None:
             failed.append("ddpo_jpeg")
     if failed:
         sys.exit(f"failed: {', '.join(failed)} (their log.txt says why)")
+
+
+def best_lr(results: dict) -> float:
+    return max(results, key=lambda lr: results[lr] if math.isfinite(results[lr]) else -math.inf)
 
 
 def braid_point(args: Args, flag: str, value: float) -> dict:
