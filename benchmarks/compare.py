@@ -312,11 +312,13 @@ def braid_sweep(args: Args) -> list[dict]:
                 continue
             last = lines[-5:]
             held_out = curve(args, "braid_boot", found)["points"]
+            state = os.path.join(found, "checkpoints", f"step_{lines[-1]['step']:06d}", "state.pt")
             points.append({"flag": flag, "value": value, "start": held_out[0][2], "end": final(held_out),
                            "true": statistics.mean(x["true_reward_mean"] for x in last),
                            "proxy": statistics.mean(x["proxy_reward_mean"] for x in last),
                            "kl": statistics.mean(x["kl"] for x in last),
-                           "offline_best": lines[-1]["offline_best"]})  # fmt: skip
+                           "offline_best": lines[-1]["offline_best"],
+                           "lr": torch.load(state, weights_only=False)["args"]["learning_rate"]})  # fmt: skip
     return points
 
 
@@ -714,9 +716,11 @@ def claim_d_md(results: dict, sweep_points: list[dict]) -> list[str]:
                    f" the first and last 5 training batches: proxy {proxy[0]:.1f} -> {proxy[1]:.1f}, true"
                    f" {true[0]:.1f} -> {true[1]:.1f}).")  # fmt: skip
     if sweep_points:
-        out += ["", "The sweep (braid_boot, seed 0, its best learning rate; one flag at a time from c 1, kl-weight"
-                " 0.01): the last 5 training batches' proxy (the heads' mean), true reward and KL, and the held-out"
-                " grid's true reward at the end.", "", "![braid_sweep.png](results/braid_sweep.png)", "",
+        lrs = ", ".join(sorted({f"{p['lr']:g}" for p in sweep_points}))
+        out += ["", f"The sweep (braid_boot, seed 0, learning rate {lrs}: the best of the first three points of its"
+                " learning-rate sweep; one flag at a time from c 1, kl-weight 0.01): the last 5 training batches'"
+                " proxy (the heads' mean), true reward and KL, and the held-out grid's true reward at the end.", "",
+                "![braid_sweep.png](results/braid_sweep.png)", "",
                 "| flag | value | proxy | true | held-out end | KL | proxy - true |",
                 "|---|---|---|---|---|---|---|"]  # fmt: skip
         for p in sweep_points:
