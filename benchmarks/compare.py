@@ -546,7 +546,8 @@ def results_md(args: Args, results: dict, claims: dict, figures: list[str], swee
     n_lrs = max(len(r["sweep"]) for r in results.values())
     budget = sorted({sizes(name, args)[1] * sizes(name, args)[2] for name in results})
     full = Args()
-    is_full = seeds >= full.seeds and n_lrs >= len(full.lr_factors) and budget == [full.budget]
+    fewest = min(len(r["runs"]) for r in results.values())
+    is_full = fewest >= full.seeds and n_lrs >= len(full.lr_factors) and budget == [full.budget]
     lines = [
         "# Results: the six methods side by side on one task",
         "",
@@ -556,9 +557,9 @@ def results_md(args: Args, results: dict, claims: dict, figures: list[str], swee
         "every method, on the CPU with one torch thread per run. One reward query is one decoded image scored;",
         "BRAID's budget is its offline data (queries of the labeler), 0 online queries.",
         "",
-        f"**This run: {seeds} seed(s) at each method's best learning rate, chosen by a sweep of {n_lrs} rate(s) on"
-        f" seed 0; {budget} reward queries per run; {run_seconds(args.output_dir) / 60:.0f} min of run time in all"
-        " (sweeps and the runs of claims (d) and (e) included).**"
+        f"**This run: {fewest}-{seeds} seed(s) at each method's best learning rate, chosen by a sweep of up to"
+        f" {n_lrs} rates on seed 0; {budget} reward queries per run; {run_seconds(args.output_dir) / 60:.0f} min"
+        " of run time in all (sweeps and the runs of claims (d) and (e) included).**"
         + (
             " This is the full run: `python benchmarks/compare.py`, then `--claims`, then `--summarize`."
             if is_full
