@@ -389,7 +389,8 @@ def plots(results: dict, out: str, sweep_points=()) -> list[str]:
             (line,) = ax.plot(x, y.mean(0), style, marker=".", label=f"{name} (lr {result['best'][2:]})")
             if len(runs) > 1:
                 ax.fill_between(x, y.min(0), y.max(0), color=line.get_color(), alpha=0.2)
-        ax.set_xlabel(label + (" (BRAID: offline labels)" if axis == 0 else ""))
+        braid = " (BRAID, dashed: all its offline labels come first; drawn against its training progress)"
+        ax.set_xlabel(label + (braid if axis == 0 else ""))
         ax.set_ylabel("held-out colourfulness (4 prompts x 2 seeds)")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
