@@ -10,8 +10,10 @@ frozen image features, penalised away from the data (a bootstrap ensemble's mean
 one head minus c times an uncertainty bonus), and (2) a KL penalty to the pretrained model. Fine-tuning
 backpropagates r_c(x_0) - alpha KL through the sampler (eta = 1) into the LoRA, as DRaFT does. The path KL is
 sum_t ||mean_theta(x_t) - mean_pre(x_t)||^2 / (2 sigma_t^2), mean over latent dims, with mean_pre from the UNet with
-its LoRA disabled. --c 0 is the non-conservative baseline (STRL in the paper). Defaults follow the group's sibling
-code SEIKO (AdamW lr 1e-3, weight decay 0.1, grad clip 5, KL weight 0.01, guidance 7.5; unverified for BRAID).
+its LoRA disabled. --c 0 is the non-conservative baseline (STRL in the paper). The optimiser's numbers and the KL
+weight's are those of the group's sibling code SEIKO (AdamW lr 1e-3, weight decay 0.1, grad clip 5, KL weight 0.01,
+guidance 7.5), not its scale: SEIKO also weights the reward by 0.01 (docs/braid.md measures the conversion); c and
+the KL weight were kept after a sweep on the tiny task (docs/RESULTS.md). Unverified for BRAID's own experiments.
 
 Offline data (--offline-data): a folder of images with a scores.csv of `file,score` lines, or a .pt file of scores
 and images or features (common/offline_data.py reads and checks both). Without it, the data is synthesised with

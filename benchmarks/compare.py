@@ -1,10 +1,10 @@
-"""The six methods side by side on one task (issue 15): the shipped tiny model, colourfulness, the `shapes` prompts.
+"""The six methods side by side on one task: the shipped tiny model, colourfulness, the `shapes` prompts.
 
-    python benchmarks/compare.py                       # the full run: LR sweep on seed 0, then 3 seeds at the best LR
-    python benchmarks/compare.py --seeds 1 --budget 128 --lr-factors 1   # what fitted in an evening on 2 cores
-    python benchmarks/compare.py --quick               # a smoke run: tiny budget, 1 seed, no sweep
-    python benchmarks/compare.py --summarize           # docs/RESULTS.md and docs/results/*.png from the runs' files
-    python benchmarks/compare.py --claims              # claims (b) and (e): gradient variance, LoRA scale
+    python benchmarks/compare.py --jobs 2     # the full run: LR sweep on seed 0, 3 seeds at the best LR, the claims'
+                                              # runs; 147 min of one-thread runs on a 2-core machine: ~80 min at 2 jobs
+    python benchmarks/compare.py --claims     # claims (b) and (e): gradient variance, LoRA scale and mix (~3 min)
+    python benchmarks/compare.py --summarize  # docs/RESULTS.md and docs/results/*.png from the runs' files
+    python benchmarks/compare.py --quick      # a smoke run: tiny budget, 1 seed, no sweep
 
 Every method runs as users run it (`python script.py --preset tiny ...` in a subprocess) and is read back from its
 run folder (metrics.jsonl, samples/). One budget of reward queries for all: one decoded image scored by the reward
@@ -27,7 +27,9 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -105,6 +107,8 @@ class Args:
     """--claims: gradient draws per estimator for claim (b)"""
     braid_sweep: bool = True
     """after the methods: claim (d)'s sweep of BRAID's --c and --kl-weight (seed 0, braid_boot's best learning rate)"""
+    jobs: int = 1
+    """methods run side by side (each one thread: --jobs 2 on 2 cores halves the time of the full run)"""
     threads: int = 1
     """torch threads per run (OMP_NUM_THREADS): on the tiny model a second thread gains ~10%, so 1 keeps the seconds
     comparable whatever else the machine does"""
@@ -221,12 +225,13 @@ def final(points) -> float:
 
 
 def compare(args: Args) -> None:
-    """The sweep on seed 0, then the seeds at each method's best learning rate; writes sweep.json."""
+    """The sweep on seed 0, then the seeds at each method's best learning rate, `--jobs` methods at a time; then
+    claim (d)'s BRAID sweep (after braid_boot) and claim (e)'s second LoRA (after draft_k1). Writes sweep.json."""
     factors = [1.0] if args.quick else args.lr_factors
     path = os.path.join(args.output_dir, "sweep.json")
-    sweep = json.load(open(path))["sweep"] if os.path.isfile(path) else {}
-    failed = []
-    for name in args.methods:
+    lock, failed = threading.Lock(), []
+
+    def method(name: str) -> None:  # one method's runs, one after the other
         lrs = [METHODS[name][2] * f for f in factors]
         try:
             results = {lr: final(curve(args, name, run_one(args, name, lr, 0))["points"]) for lr in lrs}
@@ -239,31 +244,30 @@ def compare(args: Args) -> None:
         except RuntimeError as e:  # one method's failure leaves the others' runs to do
             print(e)
             failed.append(name)
-            continue
+            return
         best = best_lr(results)
-        sweep[name] = {"lrs": {f"{lr:g}": r for lr, r in sorted(results.items())}, "best_lr": best}
-        for seed in range(1, args.seeds):
+        extra = []  # the claims' runs that need this method's best learning rate or run
+        if name == "braid_boot" and args.braid_sweep and not args.quick:
+            extra = [("braid_boot", best, braid_point(args, flag, value), f"braid sweep {flag} {value:g}")
+                     for flag, values in BRAID_SWEEP.items() for value in values]  # fmt: skip
+        if name == "draft_k1" and not args.quick:
+            extra = [("ddpo_jpeg", PARTNER["ddpo_jpeg"][2], {"folder": os.path.join(args.output_dir, "claim_e_jpeg")},
+                      "ddpo_jpeg")]  # fmt: skip
+        runs = [(name, best, {"seed": seed}, name) for seed in range(1, args.seeds)] + extra
+        for run_name, lr, where, label in runs:
             try:
-                run_one(args, name, best, seed)
+                run_one(args, run_name, lr, where.pop("seed", 0), **where)
             except RuntimeError as e:
                 print(e)
-                failed.append(name)
-        written = json.load(open(path))["sweep"] if os.path.isfile(path) else {}  # another process may share it
-        with open(path, "w") as f:
-            json.dump({"args": vars(args), "sweep": written | {name: sweep[name]}}, f, indent=1)
-    if args.braid_sweep and not args.quick and "braid_boot" in sweep:
-        for flag, value in [("c", c) for c in BRAID_SWEEP["c"]] + [("kl_weight", k) for k in BRAID_SWEEP["kl_weight"]]:
-            try:
-                run_one(args, "braid_boot", sweep["braid_boot"]["best_lr"], 0, **braid_point(args, flag, value))
-            except RuntimeError as e:
-                print(e)
-                failed.append(f"braid sweep {flag} {value:g}")
-    if "draft_k1" in sweep and not args.quick:  # claim (e)'s second LoRA, for another reward
-        try:
-            run_one(args, "ddpo_jpeg", PARTNER["ddpo_jpeg"][2], 0, folder=os.path.join(args.output_dir, "claim_e_jpeg"))
-        except RuntimeError as e:
-            print(e)
-            failed.append("ddpo_jpeg")
+                failed.append(label)
+        with lock:  # read first: another process (or method) may have written its own lines
+            written = json.load(open(path))["sweep"] if os.path.isfile(path) else {}
+            entry = {"lrs": {f"{lr:g}": r for lr, r in sorted(results.items())}, "best_lr": best}
+            with open(path, "w") as f:
+                json.dump({"args": vars(args), "sweep": written | {name: entry}}, f, indent=1)
+
+    with ThreadPoolExecutor(args.jobs) as pool:  # each run is a subprocess: threads only wait for them
+        list(pool.map(method, args.methods))
     if failed:
         sys.exit(f"failed: {', '.join(failed)} (their log.txt says why)")
 
@@ -567,7 +571,8 @@ def results_md(args: Args, results: dict, claims: dict, figures: list[str], swee
         f" {n_lrs} rates on seed 0; {budget} reward queries per run; {run_seconds(args.output_dir) / 60:.0f} min"
         " of run time in all (sweeps and the runs of claims (d) and (e) included).**"
         + (
-            " This is the full run: `python benchmarks/compare.py`, then `--claims`, then `--summarize`."
+            " This is the full run: `python benchmarks/compare.py --jobs 2` (two one-thread runs at a time on 2"
+            " cores: about half that time), then `--claims`, then `--summarize`."
             if is_full
             else f" The full run ({full.seeds} seeds, {len(full.lr_factors)}-point sweep, {full.budget} queries) is"
             " `python benchmarks/compare.py`."

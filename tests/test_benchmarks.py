@@ -63,12 +63,14 @@ def test_a_script_runs_with_levers(tiny_sd_path, tmp_path):
 
 
 def test_compare_quick_runs_resumes_and_summarizes(tiny_sd_path, tmp_path):
-    """benchmarks/compare.py --quick on the random tiny model, a method counted in steps and one in epochs: the runs,
-    a second call that skips them as finished, and the summary (its curves only where matplotlib is installed).
+    """benchmarks/compare.py --quick on the random tiny model, a method counted in steps and one in epochs, side by
+    side (--jobs 2): the runs, a second call that skips them as finished, both in sweep.json, and the summary (its
+    curves only where matplotlib is installed).
     BRAID is left out: its reward model's fit alone would double the time (the full run exercises it)."""
     out, docs = str(tmp_path / "runs"), str(tmp_path / "docs")
     command = [sys.executable, "benchmarks/compare.py", "--quick", "--output-dir", out, "--pretrained-model",
-               tiny_sd_path, "--extra=--resolution 16 --num-steps 4", "--methods", "draft_k1", "ddpo_is"]  # fmt: skip
+               tiny_sd_path, "--extra=--resolution 16 --num-steps 4", "--methods", "draft_k1", "ddpo_is",
+               "--jobs", "2"]  # fmt: skip
     for _ in range(2):
         result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
