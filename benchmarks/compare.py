@@ -567,9 +567,10 @@ def results_md(args: Args, results: dict, claims: dict, figures: list[str], swee
         "every method, on the CPU with one torch thread per run. One reward query is one decoded image scored;",
         "BRAID's budget is its offline data (queries of the labeler), 0 online queries.",
         "",
-        f"**This run: {fewest}-{seeds} seed(s) at each method's best learning rate, chosen by a sweep of up to"
-        f" {n_lrs} rates on seed 0; {budget} reward queries per run; {run_seconds(args.output_dir) / 60:.0f} min"
-        " of run time in all (sweeps and the runs of claims (d) and (e) included).**"
+        f"**This run: {fewest if fewest == seeds else f'{fewest}-{seeds}'} seed(s) at each method's best learning"
+        f" rate, chosen by a sweep of up to {n_lrs} rates on seed 0; {budget} reward queries per run;"
+        f" {run_seconds(args.output_dir) / 60:.0f} min of run time in all (sweeps and the runs of claims (d) and"
+        " (e) included).**"
         + (
             " This is the full run: `python benchmarks/compare.py --jobs 2` (two one-thread runs at a time on 2"
             " cores: about half that time), then `--claims`, then `--summarize`."
