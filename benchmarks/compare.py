@@ -1,7 +1,7 @@
 """The six methods side by side on one task: the shipped tiny model, colourfulness, the `shapes` prompts.
 
     python benchmarks/compare.py --jobs 2     # the full run: LR sweep on seed 0, 3 seeds at the best LR, the claims'
-                                              # runs; 147 min of one-thread runs on a 2-core machine: ~80 min at 2 jobs
+                                              # runs: 147 min of one-thread runs here, an estimated 80 at 2 jobs
     python benchmarks/compare.py --claims     # claims (b) and (e): gradient variance, LoRA scale and mix (~3 min)
     python benchmarks/compare.py --summarize  # docs/RESULTS.md and docs/results/*.png from the runs' files
     python benchmarks/compare.py --quick      # a smoke run: tiny budget, 1 seed, no sweep
