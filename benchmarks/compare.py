@@ -39,6 +39,7 @@ import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from common import fail  # noqa: E402  (the repository's root is on the path only from here)
 
 # the task, the same for every method (flags after --preset tiny). Guidance 5 and 10 DDIM steps for all, so that
 # the held-out grids come from the same sampler (the tiny presets differ: RWR's uses guidance 1, DRaFT's 20 steps)
@@ -763,7 +764,10 @@ if __name__ == "__main__":
         args.budget, args.batch, args.seeds, args.evals = 16, 4, 1, 2  # BRAID's reward model needs 11+ examples
     unknown = set(args.methods) - set(METHODS)
     if unknown:
-        sys.exit(f"unknown methods {sorted(unknown)}: choose from {', '.join(METHODS)}")
+        fail(f"unknown methods {sorted(unknown)}: choose from {', '.join(METHODS)}")
+    for name in ("jobs", "threads", "seeds", "budget", "batch", "evals"):
+        if getattr(args, name) < 1:
+            fail(f"--{name} must be at least 1, got {getattr(args, name)}")
     if "trl_ddpo" in args.methods and importlib.util.find_spec("trl") is None and not args.summarize:
         print("TRL is not installed: no trl_ddpo row (pip install --no-deps -r benchmarks/requirements-peers.txt)")
         args.methods.remove("trl_ddpo")
@@ -788,7 +792,7 @@ if __name__ == "__main__":
     elif args.summarize:
         results = collect(args)
         if not results:
-            sys.exit(f"no finished runs under {args.output_dir}")
+            fail(f"no finished runs under {args.output_dir}: run `python benchmarks/compare.py` first")
         os.makedirs(os.path.join(args.docs_dir, "results"), exist_ok=True)
         sweep_points = braid_sweep(args)
         figures = plots(results, os.path.join(args.docs_dir, "results"), sweep_points)

@@ -100,6 +100,18 @@ def test_compare_quick_runs_resumes_and_summarizes(tiny_sd_path, tmp_path):
     assert {"reward_vs_queries.png", "reward_vs_seconds.png"} <= figures
 
 
+@pytest.mark.parametrize("bad, message", [
+    (["--jobs", "0"], "--jobs must be at least 1, got 0"),
+    (["--methods", "ppo"], "unknown methods ['ppo']"),
+    (["--summarize"], "no finished runs under"),
+])  # fmt: skip
+def test_compare_bad_input_ends_with_one_sentence(bad, message, tmp_path):
+    command = [sys.executable, "benchmarks/compare.py", "--output-dir", str(tmp_path / "runs"), "--docs-dir",
+               str(tmp_path / "docs"), *bad]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
 def test_peers_benchmark_runs_both_pairs_on_tiny_sd(tmp_path):
     """benchmarks/peers.py on tiny settings (2 DDIM steps, batches of 2): every run ends, both sides do the same work
     and the report is written. TRL is a benchmark-only dependency; CI installs it (.ci/run)."""
