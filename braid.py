@@ -6,18 +6,12 @@ Uehara, Zhao, Hajiramezanali, Scalia, Eraslan, Lal, Levine and Biancalani, 2024,
     python braid.py --preset tiny               # the shipped tiny model: a CPU run in minutes
 
 Offline: no reward function, only a static dataset of (image, score). "Doubly conservative": (1) a reward model on
-frozen image features, penalised away from the data (a bootstrap ensemble's mean minus c times its spread, or
-one head minus c times an uncertainty bonus), and (2) a KL penalty to the pretrained model. Fine-tuning
-backpropagates r_c(x_0) - alpha KL through the sampler (eta = 1) into the LoRA, as DRaFT does. The path KL is
-sum_t ||mean_theta(x_t) - mean_pre(x_t)||^2 / (2 sigma_t^2), mean over latent dims, with mean_pre from the UNet with
-its LoRA disabled. --c 0 is the non-conservative baseline (STRL in the paper). The optimiser's numbers and the KL
-weight's are those of the group's sibling code SEIKO (AdamW lr 1e-3, weight decay 0.1, grad clip 5, KL weight 0.01,
-guidance 7.5), not its scale: SEIKO also weights the reward by 0.01 (docs/braid.md measures the conversion); c and
-the KL weight were kept after a sweep on the tiny task (docs/RESULTS.md). Unverified for BRAID's own experiments.
-
-Offline data (--offline-data): a folder of images with a scores.csv of `file,score` lines, or a .pt file of scores
-and images or features (common/offline_data.py reads and checks both). Without it, the data is synthesised with
---labeler and cached as {run folder}/offline_data.pt.
+frozen image features, penalised away from the data (a bootstrap ensemble's mean minus c times its spread, or one
+head minus c times an uncertainty bonus), and (2) a KL penalty to the pretrained model. Fine-tuning backpropagates
+r_c(x_0) - alpha KL through the sampler (eta = 1) into the LoRA, as DRaFT does, with the path KL
+sum_t ||mean_theta(x_t) - mean_pre(x_t)||^2 / (2 sigma_t^2) (mean over latent dims; mean_pre: the LoRA switched off).
+--c 0 is the non-conservative baseline (STRL in the paper). Optimiser and KL weight: SEIKO's numbers (the authors'
+code), not its reward scale (docs/braid.md); c and KL weight kept after a sweep (docs/RESULTS.md); unverified at scale.
 """
 
 import json
@@ -31,34 +25,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from common import check, check_args, cli, fail
 from common.checkpoint import find_checkpoint, open_run_dir, save_checkpoint
 from common.distributed import average_gradients, cleanup, gather, sample_generators, setup, shard
-from common.offline_data import check_offline_data, load_offline_data, synthesise_offline_data
+from common.offline_data import offline_dataset, offline_features
 from common.prompts import load_prompts, sample_prompts
-from common.rewards import REWARDS, ClipImageFeatures, make_reward
+from common.rewards import REWARDS, ImageFeatures, make_reward
 from common.sampling import check_stochastic, ddim_step, decode, initial_latents, predict_noise, sample, save_grid
 from common.sd import SD14, add_lora, encode_prompts, load_lora, load_sd, save_lora
-
-
-class ImageFeatures(nn.Module):
-    """Frozen, differentiable image features: L2-normalised CLIP image embeddings (as the aesthetic predictor
-    uses), or "vae": the pipeline's own VAE latents average-pooled to 4 x 4 (no extra download)."""
-
-    def __init__(self, feature_model: str, vae):
-        super().__init__()
-        self.vae = vae if feature_model == "vae" else None
-        self.clip = ClipImageFeatures(feature_model).requires_grad_(False).eval() if self.vae is None else None
-
-    def forward(self, images):  # (B, 3, H, W) in [0, 1] -> (B, D)
-        if self.clip is not None:
-            return self.clip(images).float()
-        latents = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist.mean.float()
-        return F.adaptive_avg_pool2d(latents * self.vae.config.scaling_factor, 4).flatten(1)  # (B, 4 * 16)
 
 
 class RewardHead(nn.Module):
@@ -117,25 +94,10 @@ class ConservativeReward(nn.Module):
         return proxy - self.c * bonus, proxy
 
 
-def predict_noise_pretrained(unet, *args):
-    """predict_noise with the LoRA switched off: the pretrained model's guided noise. Checkpointed, with the switch
-    inside the checkpointed function, so that the recomputation in the backward pass is pretrained too."""
-
-    def pretrained(*args):
-        unet.disable_adapters()
-        try:
-            return predict_noise(unet, *args)
-        finally:
-            unet.enable_adapters()
-
-    return checkpoint(pretrained, *args, use_reentrant=False)
-
-
 def sample_with_kl(sd, latents, prompt_embeds, negative_embeds, num_steps, guidance_scale, eta, k, generator):
     """DDIM at eta > 0 from x_T = `latents`, the last k steps with gradient (as DRaFT-K), and over those steps the
-    path KL to the pretrained model: sum_t ||mean_theta(x_t) - mean_pre(x_t)||^2 / (2 sigma_t^2), the mean over
-    latent dims; mean_pre from the same UNet with its LoRA off, on the same x_t (which carries the gradient of the
-    earlier steps) and with the same guidance. Returns x_0 and the KL, (B,)."""
+    path KL of the module docstring, mean_pre from the same UNet with its LoRA off, on the same x_t (which carries
+    the gradient of the earlier steps) and with the same guidance. Returns x_0 and the KL, (B,)."""
     sd.scheduler.set_timesteps(num_steps, device=latents.device)
     kl = torch.zeros(len(latents), device=latents.device)
     for i, t in enumerate(sd.scheduler.timesteps):
@@ -143,7 +105,8 @@ def sample_with_kl(sd, latents, prompt_embeds, negative_embeds, num_steps, guida
             eps = predict_noise(sd.unet, latents, t, prompt_embeds, negative_embeds, guidance_scale, checkpointed=True)
             step = ddim_step(sd.scheduler, eps, t, latents, eta, generator=generator)
             if torch.is_grad_enabled():
-                eps_pre = predict_noise_pretrained(sd.unet, latents, t, prompt_embeds, negative_embeds, guidance_scale)
+                eps_pre = predict_noise(sd.unet, latents, t, prompt_embeds, negative_embeds, guidance_scale,
+                                        checkpointed=True, pretrained=True)  # fmt: skip
                 mean_pre = ddim_step(sd.scheduler, eps_pre, t, latents, eta, prev_latents=step.latents).mean
                 kl = kl + ((step.mean - mean_pre) ** 2).mean(dim=(1, 2, 3)) / (2 * step.std**2)
         latents = step.latents
@@ -199,7 +162,7 @@ class Args:
 
     # Algorithm specific arguments
     offline_data: Optional[str] = None
-    """offline dataset (see the docstring); without it, one is synthesised with --labeler"""
+    """a folder of images with a scores.csv of file,score lines, or a .pt file (docs/braid.md); default: synthesised"""
     offline_size: int = 1024
     """synthesised data: images sampled from the pretrained model"""
     labeler: str = "aesthetic"
@@ -244,8 +207,7 @@ class Args:
     """clip the LoRA gradient to this norm"""
 
 
-# --preset tiny: the shipped tiny text-to-image model (assets/tiny-sd: coloured shapes at 32 px) on the CPU, with
-# its own VAE as the feature model (no CLIP download) and the colourfulness reward as the labeler
+# --preset tiny: the shipped tiny text-to-image model (assets/tiny-sd) on the CPU, its VAE's features (no CLIP download)
 PRESETS = {"sd14": {}, "tiny": dict(pretrained_model="assets/tiny-sd", labeler="colorfulness", prompts="shapes",
                                     feature_model="vae", resolution=32, num_steps=20, guidance_scale=5.0,
                                     offline_size=256, offline_quantile=0.5, train_steps=40)}  # fmt: skip
@@ -257,12 +219,10 @@ if __name__ == "__main__":
     args.k = args.k or args.num_steps
     check(args, "k", 1 <= args.k <= args.num_steps, f"between 1 and --num-steps ({args.num_steps})")
     check(args, "eta", args.eta > 0, "above 0 for BRAID, so that every step is Gaussian and the path KL defined")
-    check(args, "offline_size", args.offline_size >= 1, "at least 1")
     check(args, "c", 0 <= args.c < float("inf"), "at least 0 (0: the non-conservative baseline)")
     check(args, "kl_weight", 0 <= args.kl_weight < float("inf"), "at least 0")
     check(args, "label_noise", 0 <= args.label_noise < float("inf"), "at least 0")
     check(args, "offline_quantile", 0 < args.offline_quantile <= 1, "in (0, 1]")
-    check(args, "reward_model_steps", args.reward_model_steps >= 1, "at least 1")
     check(args, "reward_model_lr", 0 < args.reward_model_lr <= 1, "in (0, 1]")
     check(args, "val_fraction", 0 < args.val_fraction < 1, "in (0, 1)")
     check(args, "bonus_lambda", 0 < args.bonus_lambda < float("inf"), "above 0 (it keeps Sigma invertible)")
@@ -308,47 +268,30 @@ if __name__ == "__main__":
     check_stochastic(sd.scheduler, args.num_steps, "BRAID's path KL")
     negative_embeds = encode_prompts(sd, [""])  # (1, 77, D), the unconditional embedding, computed once
 
-    # ALGO LOGIC: the offline dataset, from a file or synthesised by the pretrained model and a noisy labeler
-    cache = os.path.join(run_dir, "offline_data.pt")
+    # the offline dataset: --offline-data, or images of the pretrained model scored by the labeler plus noise (the
+    # labeler's reward is logged as the true one); common/offline_data.py reads, synthesises and checks it
     labeler = make_reward(args.labeler, device, dtype) if args.offline_data is None else None
-    if args.offline_data is None and not os.path.isfile(cache):
-        data = synthesise_offline_data(
-            sd, labeler, train_prompts, negative_embeds, args, torch.Generator().manual_seed(args.seed + 1)
-        )
-        if rank == 0:
-            torch.save(data, cache)  # a resumed run reads the same data
-    else:
-        data = load_offline_data(cache if args.offline_data is None else args.offline_data, args.resolution)
+    data, source = offline_dataset(args, run_dir, sd, labeler, train_prompts, negative_embeds)
 
     # ALGO LOGIC: the conservative reward model on frozen features, with a held-out split for its error
-    source, featurize = args.offline_data or cache, ImageFeatures(args.feature_model, sd.vae).to(device)
-    with torch.no_grad():
-        blank = torch.zeros(1, 3, args.resolution, args.resolution, device=device)  # tells the feature dimension
-        num_val = check_offline_data(data, source, featurize(blank).shape[1], args.val_fraction)
-        scores = data["scores"].float().to(device)
-        if "features" in data:
-            features = data["features"].float().to(device)
-        else:
-            features = torch.cat([featurize(batch.to(device).float() / 255) for batch in data["images"].split(32)])
-    model_rng = torch.Generator().manual_seed(args.seed + 2)
-    order = torch.randperm(len(scores), generator=model_rng)
-    val, train = order[:num_val].to(device), order[num_val:].to(device)
+    featurize = ImageFeatures(args.feature_model, sd.vae).to(device)
+    model_rng = torch.Generator().manual_seed(args.seed + 2)  # the split, the resamples, the heads' minibatches
+    features, scores, val, train = offline_features(data, source, featurize, args, model_rng)
     if args.conservatism == "boot":
         resamples = [train[torch.randint(len(train), (len(train),), generator=model_rng).to(device)]
                      for _ in range(args.ensemble_size)]  # fmt: skip
     else:
         resamples = [train]
-    heads = [
-        fit_head(features[i], scores[i], args.reward_model_steps, args.reward_model_lr, model_rng) for i in resamples
-    ]
+    heads = [fit_head(features[i], scores[i], args.reward_model_steps, args.reward_model_lr, model_rng)
+             for i in resamples]  # fmt: skip
     conservative = ConservativeReward(heads, args.c, features[train], args.bonus_lambda).to(device)
+    labels = data.get("true_rewards", data["scores"])  # the offline data's true rewards where known
+    best, median = labels.max().item(), labels.median().item()
     with torch.no_grad():
         val_mse = F.mse_loss(conservative(features[val])[1], scores[val]).item()
-        best = data["true_rewards" if "true_rewards" in data else "scores"].max().item()
-        median = data["true_rewards" if "true_rewards" in data else "scores"].median().item()
-    torch.save(conservative.state_dict(), os.path.join(run_dir, "reward_model.pt"))
-    print(f"reward model: validation MSE {val_mse:.4g} on {num_val} held-out examples; offline data best {best:.4g}, "
-          f"median {median:.4g} ({'true reward' if 'true_rewards' in data else 'score'})")  # fmt: skip
+    if rank == 0:
+        torch.save(conservative.state_dict(), os.path.join(run_dir, "reward_model.pt"))
+        print(f"reward model: validation MSE {val_mse:.4g}; offline data: best {best:.4g}, median {median:.4g}")
 
     def reward_fn(images, prompts=None):
         return conservative(featurize(images))[0]
@@ -393,8 +336,7 @@ if __name__ == "__main__":
             generators = sample_generators(args.batch_size, rng)
             prompt_embeds = encode_prompts(sd, batch_prompts)  # (B, 77, D)
             latents = initial_latents(sd, args.batch_size, args.resolution, generators, device)  # x_T, (B, 4, h, w)
-            # ALGO LOGIC: DRaFT-style backpropagation through the last K steps (all by default) at eta = 1, with the
-            # path KL to the pretrained model over those steps; the conservative reward of the decoded images
+            # ALGO LOGIC: backpropagation through the last K steps at eta = 1, with their path KL; conservative reward
             x0, kl = sample_with_kl(sd, latents, prompt_embeds, negative_embeds, args.num_steps, args.guidance_scale,
                                     args.eta, args.k, generators)  # fmt: skip
             images = decode(sd, x0, checkpoint_vae=True)
@@ -404,9 +346,8 @@ if __name__ == "__main__":
             rewards_seen.append(rewards.detach())
             proxies_seen.append(proxy_rewards.detach())
             kls_seen.append(kl.detach())
-            if labeler is not None:
-                with torch.no_grad():
-                    true_seen.append(labeler(images.detach(), batch_prompts))
+            if labeler is not None:  # on detached images: no graph
+                true_seen.append(labeler(images.detach(), batch_prompts))
             loss_total += loss.detach()
         average_gradients(lora_params)  # the mean over ranks: every rank takes the same step
         grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, args.max_grad_norm)

@@ -105,7 +105,7 @@ def at_least_1(x) -> bool:
     return x >= 1
 
 
-# the flags most scripts share, and what each allows (NaN fails every comparison, so it is refused too)
+# the flags most scripts share and the counts of any, and what each allows (NaN fails every comparison, so is refused)
 SHARED_FLAGS = {
     "exp_name": (lambda x: bool(re.fullmatch(r"[\w.+-]+", x)) and set(x) != {"."}, "letters, digits, _ . + -"),
     "seed": (lambda x: 0 <= x < 2**32, "between 0 and 2**32 - 1"),
@@ -120,7 +120,8 @@ SHARED_FLAGS = {
     "weight_decay": (lambda x: 0 <= x < float("inf"), "at least 0"),
     "max_grad_norm": (lambda x: 0 < x < float("inf"), "a positive number"),
     **{size: (at_least_1, "at least 1") for size in ("batch_size", "sample_batch_size", "train_batch_size",
-       "samples_per_epoch", "grad_accum_steps", "num_inner_epochs", "train_steps", "num_epochs")},
+       "samples_per_epoch", "grad_accum_steps", "num_inner_epochs", "train_steps", "num_epochs", "offline_size",
+       "reward_model_steps")},
 }  # fmt: skip
 
 

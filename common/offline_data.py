@@ -105,11 +105,38 @@ def check_offline_data(data, source: str, feature_dim: int, val_fraction: float)
     return num_val
 
 
+def offline_dataset(args, run_dir: str, sd, labeler, prompts, negative_embeds):
+    """`args.offline_data` loaded, or without it (`labeler` given) the data synthesised into the run folder, or read
+    back from there when resuming. Returns the data and the file they come from."""
+    source = args.offline_data or os.path.join(run_dir, "offline_data.pt")
+    if labeler is None or os.path.isfile(source):
+        return load_offline_data(source, args.resolution), source
+    generator = torch.Generator().manual_seed(args.seed + 1)
+    return synthesise_offline_data(sd, labeler, prompts, negative_embeds, args, generator, save_to=source), source
+
+
 @torch.no_grad()
-def synthesise_offline_data(sd, labeler, prompts, negative_embeds, args, generator) -> dict:
+def offline_features(data, source: str, featurize, args, generator):
+    """The checked data's (check_offline_data) features (N, D), from the file or of its images by `featurize`, and
+    scores (N,), both on featurize's device, and a random split of their indices: `args.val_fraction` held out to
+    measure the reward model's error, the rest to fit it."""
+    device = next(featurize.parameters()).device
+    blank = torch.zeros(1, 3, args.resolution, args.resolution, device=device)  # tells the feature dimension
+    num_val = check_offline_data(data, source, featurize(blank).shape[1], args.val_fraction)
+    if "features" in data:
+        features = data["features"].float().to(device)
+    else:
+        features = torch.cat([featurize(batch.to(device).float() / 255) for batch in data["images"].split(32)])
+    order = torch.randperm(len(features), generator=generator).to(device)
+    return features, data["scores"].float().to(device), order[:num_val], order[num_val:]
+
+
+@torch.no_grad()
+def synthesise_offline_data(sd, labeler, prompts, negative_embeds, args, generator, save_to: str) -> dict:
     """The offline dataset when no file is given: `args.offline_size` images of the pretrained model on the training
     prompts, scored y = labeler(x) + label_noise N(0, 1); only the scores below `args.offline_quantile` are kept, so
-    that extrapolation matters. Under torchrun each rank samples its slice of every batch."""
+    that extrapolation matters. Under torchrun each rank samples its slice of every batch; rank 0 saves the data to
+    `save_to` (a resumed run reads them from there)."""
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     images, true_rewards, data_prompts = [], [], []
     global_batch = world_size * args.batch_size
@@ -128,4 +155,7 @@ def synthesise_offline_data(sd, labeler, prompts, negative_embeds, args, generat
     scores = true_rewards + args.label_noise * torch.randn(len(true_rewards), generator=generator)
     keep = scores <= torch.quantile(scores, args.offline_quantile)
     images, prompts = torch.cat(images)[: args.offline_size][keep], [p for p, k in zip(data_prompts, keep) if k]
-    return {"images": images, "scores": scores[keep], "true_rewards": true_rewards[keep], "prompts": prompts}
+    data = {"images": images, "scores": scores[keep], "true_rewards": true_rewards[keep], "prompts": prompts}
+    if os.environ.get("RANK", "0") == "0":
+        torch.save(data, save_to)
+    return data

@@ -61,6 +61,22 @@ class ClipImageFeatures(nn.Module):
         return embeds / embeds.norm(dim=-1, keepdim=True)
 
 
+class ImageFeatures(nn.Module):
+    """Frozen, differentiable image features for a reward model fitted on them (BRAID's): ClipImageFeatures of a CLIP
+    id or path, or "vae": the pipeline's own VAE latents average-pooled to 4 x 4 (no extra download)."""
+
+    def __init__(self, feature_model: str, vae):
+        super().__init__()
+        self.vae = vae if feature_model == "vae" else None
+        self.clip = ClipImageFeatures(feature_model).requires_grad_(False).eval() if self.vae is None else None
+
+    def forward(self, images):  # (B, 3, H, W) in [0, 1] -> (B, D)
+        if self.clip is not None:
+            return self.clip(images).float()
+        latents = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist.mean.float()
+        return F.adaptive_avg_pool2d(latents * self.vae.config.scaling_factor, 4).flatten(1)  # (B, 4 * 16)
+
+
 class Aesthetic(nn.Module):
     """LAION 'improved aesthetic predictor': L2-normalised CLIP ViT-L/14 image embeddings into an MLP head
     (768-1024-128-64-16-1, dropouts, no activations), weights sac+logos+ava1-l14-linearMSE."""

@@ -32,14 +32,23 @@ def initial_latents(sd, batch_size: int, resolution: int, generator=None, device
     return randn((batch_size, sd.unet.config.in_channels, size, size), generator, device)
 
 
-def predict_noise(unet, latents, t, prompt_embeds, negative_embeds, guidance_scale: float, checkpointed=False):
+def predict_noise(unet, latents, t, prompt_embeds, negative_embeds, guidance_scale: float, checkpointed=False,
+                  pretrained=False):  # fmt: skip
     """eps = eps_u + w (eps_c - eps_u) from one batched UNet call on [uncond; cond]. As in diffusers, there is
     no guidance (one call on cond) when w <= 1. `negative_embeds` may be one row; it is broadcast. `checkpointed`
     (with autograd on): keep only the inputs and recompute the UNet call in the backward pass, to save memory.
+    `pretrained`: the pretrained model's prediction, from the same UNet with its LoRA switched off (inside the
+    checkpointed call, so that the recomputation is the pretrained model's too).
     For a v-prediction model this is the guided v, which is the guided eps turned into v (the map is affine in v)."""
     if checkpointed and torch.is_grad_enabled():
         args = (unet, latents, t, prompt_embeds, negative_embeds, guidance_scale)
-        return checkpoint(predict_noise, *args, use_reentrant=False)
+        return checkpoint(predict_noise, *args, pretrained=pretrained, use_reentrant=False)
+    if pretrained:
+        unet.disable_adapters()
+        try:
+            return predict_noise(unet, latents, t, prompt_embeds, negative_embeds, guidance_scale)
+        finally:
+            unet.enable_adapters()
     dtype = unet.conv_in.weight.dtype  # not unet.dtype: diffusers walks every parameter to answer that
     if guidance_scale <= 1.0:
         return unet(latents.to(dtype), t, encoder_hidden_states=prompt_embeds.to(dtype)).sample.float()

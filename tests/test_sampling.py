@@ -136,6 +136,27 @@ def test_checkpointing_gives_the_same_gradient(lora_sd):
         torch.testing.assert_close(g_ckpt, g, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_pretrained_prediction_is_the_model_without_its_lora_forward_and_backward(lora_sd, tiny_sd_path, checkpointed):
+    # BRAID's KL reference: with the LoRA switched off, also in checkpointing's recomputation in the backward pass
+    # (were the switch outside the checkpointed call, the recomputed activations would be the LoRA model's)
+    pretrained, (prompt_embeds, negative_embeds) = load_sd(tiny_sd_path), embeds(lora_sd)
+    x_t = initial_latents(lora_sd, 2, RESOLUTION, torch.Generator().manual_seed(0))
+    t, results = torch.tensor(501), []
+    lora_sd.unet.zero_grad(set_to_none=True)
+    for sd, flag in ((lora_sd, True), (pretrained, False)):
+        x = x_t.clone().requires_grad_()
+        eps = predict_noise(sd.unet, x, t, prompt_embeds, negative_embeds, GUIDANCE, checkpointed, pretrained=flag)
+        (eps**2).sum().backward()
+        results.append((eps.detach(), x.grad))
+    (eps, grad), (eps_pre, grad_pre) = results
+    torch.testing.assert_close(eps, eps_pre)
+    torch.testing.assert_close(grad, grad_pre)
+    assert all(p.grad is None for n, p in lora_sd.unet.named_parameters() if "lora_" in n)  # nothing reaches the LoRA
+    with torch.no_grad():  # and the LoRA is switched on again (the test's LoRA changes the prediction)
+        assert not torch.allclose(predict_noise(lora_sd.unet, x_t, t, prompt_embeds, negative_embeds, GUIDANCE), eps)
+
+
 def test_sample_builds_no_graph(lora_sd):
     prompt_embeds, negative_embeds = embeds(lora_sd)
     latents = initial_latents(lora_sd, 2, RESOLUTION, torch.Generator().manual_seed(0)).requires_grad_()
