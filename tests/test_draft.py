@@ -58,10 +58,10 @@ def record_gradient_window(monkeypatch) -> list[bool]:
     of evaluations and the checkpoint's recomputations in the backward pass do not)."""
     seen, original = [], common.sampling.predict_noise
 
-    def recording_predict_noise(*args, checkpointed=False):
+    def recording_predict_noise(*args, checkpointed=False, **kwargs):
         if checkpointed:
             seen.append(torch.is_grad_enabled())
-        return original(*args, checkpointed=checkpointed)
+        return original(*args, checkpointed=checkpointed, **kwargs)
 
     monkeypatch.setattr(common.sampling, "predict_noise", recording_predict_noise)
     return seen
@@ -82,11 +82,11 @@ def test_each_trajectory_backpropagates_through_its_own_last_k_steps(window, tin
     K steps; with --k-min, K is drawn per trajectory in [k_min, k] and differs between them."""
     probes, original = [], common.sampling.predict_noise
 
-    def probing_predict_noise(unet, latents, *args, checkpointed=False):
+    def probing_predict_noise(unet, latents, *args, checkpointed=False, **kwargs):
         if checkpointed:  # the training loop's calls, not the checkpoint's recomputations
             probes.append(torch.zeros_like(latents, requires_grad=True))
             latents = latents + probes[-1]
-        return original(unet, latents, *args, checkpointed=checkpointed)
+        return original(unet, latents, *args, checkpointed=checkpointed, **kwargs)
 
     monkeypatch.setattr(common.sampling, "predict_noise", probing_predict_noise)
     run_script("draft_k.py", ["--pretrained-model", tiny_sd_path, *TINY, "--num-steps", "6", "--batch-size", "4",
@@ -110,10 +110,10 @@ def test_draft_lv_uses_n_distinct_noises_on_a_constant_x0(tiny_sd_path, tmp_path
     inputs = []
     original = common.sampling.predict_noise
 
-    def recording_predict_noise(unet, latents, *args, checkpointed=False):
+    def recording_predict_noise(unet, latents, *args, checkpointed=False, **kwargs):
         if torch.is_grad_enabled() and checkpointed:  # the loop's calls, not the checkpoint's own
             inputs.append(latents)
-        return original(unet, latents, *args, checkpointed=checkpointed)
+        return original(unet, latents, *args, checkpointed=checkpointed, **kwargs)
 
     monkeypatch.setattr(common.sampling, "predict_noise", recording_predict_noise)
     run_script("draft_lv.py", ["--pretrained-model", tiny_sd_path, *TINY, "--n", "3", "--train-steps", "1",
