@@ -105,7 +105,7 @@ def at_least_1(x) -> bool:
     return x >= 1
 
 
-# the flags most scripts share and the counts of any, and what each allows (NaN fails every comparison, so is refused)
+# the flags most scripts share, and any script's counts, with what each allows (NaN fails every comparison: refused)
 SHARED_FLAGS = {
     "exp_name": (lambda x: bool(re.fullmatch(r"[\w.+-]+", x)) and set(x) != {"."}, "letters, digits, _ . + -"),
     "seed": (lambda x: 0 <= x < 2**32, "between 0 and 2**32 - 1"),
