@@ -97,8 +97,8 @@ def test_a_deterministic_last_step_is_refused_for_ddpo_and_braid(tiny_sd_path, t
     config = DDIMScheduler.load_config(tiny_sd_path, subfolder="scheduler")
     DDIMScheduler.from_config(config, set_alpha_to_one=True).save_pretrained(model / "scheduler")
     for script in ("ddpo.py", "braid.py"):
-        err = expect_exit_2(script, ["--pretrained-model", str(model), *TINY[script]], "needs sigma > 0 at every DDIM",
-                            monkeypatch, capsys)  # fmt: skip
+        err = expect_exit_2(script, ["--pretrained-model", str(model), *TINY[script], "--output-dir", str(tmp_path)],
+                            "needs sigma > 0 at every DDIM", monkeypatch, capsys)  # fmt: skip
         assert "'set_alpha_to_one': True" in err
 
 
