@@ -463,6 +463,11 @@ def run_child(side: str, pair: str, args: Args, model: str) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--child", side, pair, model, json.dumps(asdict(args))]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    last = (result.stderr.strip().splitlines() or [""])[-1]
+    if result.returncode == 2 and last.startswith("error: "):  # a script refused a setting: its one sentence
+        from common import fail
+
+        fail(f"the {side} run of {pair}: {last.removeprefix('error: ')}")
     if result.returncode != 0 or not lines:
         raise SystemExit(f"the {side} run of {pair} failed:\n{result.stderr[-3000:]}")
     return json.loads(lines[-1].removeprefix("RESULT "))
@@ -540,14 +545,20 @@ if __name__ == "__main__":
         print("RESULT " + json.dumps({"side": side, "pair": pair, **result}), flush=True)
         raise SystemExit(0)
     args = tyro.cli(Args)
+    from common import fail
+
     try:
         trl_version = version("trl")
     except PackageNotFoundError:
-        raise SystemExit("TRL is not installed: pip install --no-deps -r benchmarks/requirements-peers.txt")
+        fail("TRL is not installed: pip install --no-deps -r benchmarks/requirements-peers.txt")
     if trl_version != "0.23.1":
-        raise SystemExit(f"this benchmark compares with TRL 0.23.1 (found {trl_version}): see requirements-peers.txt")
+        fail(f"this benchmark compares with TRL 0.23.1 (found {trl_version}): see benchmarks/requirements-peers.txt")
     if set(args.pairs) - set(PAIRS):
-        raise SystemExit(f"unknown pair(s) {sorted(set(args.pairs) - set(PAIRS))}; choose from: {', '.join(PAIRS)}")
+        fail(f"unknown pair(s) {sorted(set(args.pairs) - set(PAIRS))}; choose from: {', '.join(PAIRS)}")
+    for name in ("repeats", "ddpo_epochs", "draft_steps", "threads"):  # the first and last iterations are not timed
+        least = {"repeats": 1, "threads": 0}.get(name, 3)
+        if getattr(args, name) < least:
+            fail(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
     if args.sd14:
         from benchmarks.sd14_scale import build_models
 

@@ -62,8 +62,12 @@ if __name__ == "__main__":
         print("RESULT " + json.dumps(meter.result(images_per_iteration=1)), flush=True)
         raise SystemExit(0)
     args = tyro.cli(Args)
+    from common import fail
+
     if set(args.cases) - set(CASES):
-        raise SystemExit(f"unknown case(s) {sorted(set(args.cases) - set(CASES))}; choose from: {', '.join(CASES)}")
+        fail(f"unknown case(s) {sorted(set(args.cases) - set(CASES))}; choose from: {', '.join(CASES)}")
+    if args.repeats < 1 or args.threads < 1:
+        fail(f"--repeats and --threads must be at least 1, got {args.repeats} and {args.threads}")
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(args.threads))
     runs = {case: [] for case in args.cases}
     for repeat in range(args.repeats):

@@ -112,6 +112,21 @@ def test_compare_bad_input_ends_with_one_sentence(bad, message, tmp_path):
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize("bad, message", [
+    (["benchmarks/per_unet_call.py", "--cases", "nope"], "unknown case(s) ['nope']"),
+    (["benchmarks/per_unet_call.py", "--repeats", "0"], "--repeats and --threads must be at least 1"),
+    (["benchmarks/peers.py", "--draft-steps", "2"], "--draft-steps must be at least 3, got 2"),
+    (["benchmarks/peers.py", "--pairs", "ddpo", "--ddpo-timesteps-per-call", "3"],  # ddpo.py's own refusal, passed on
+     "the ours run of ddpo: --timesteps-per-call must be a divisor of the trained timesteps"),
+])  # fmt: skip
+def test_peers_and_per_unet_call_bad_input_ends_with_one_sentence(bad, message, tmp_path):
+    if "peers.py" in bad[0]:
+        pytest.importorskip("trl", reason=NO_TRL)
+    command = [sys.executable, *bad, "--out", str(tmp_path / "out.json")]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
 def test_peers_benchmark_runs_both_pairs_on_tiny_sd(tmp_path):
     """benchmarks/peers.py on tiny settings (2 DDIM steps, batches of 2): every run ends, both sides do the same work
     and the report is written. TRL is a benchmark-only dependency; CI installs it (.ci/run)."""
