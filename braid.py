@@ -14,28 +14,23 @@ sum_t ||mean_theta(x_t) - mean_pre(x_t)||^2 / (2 sigma_t^2) (mean over latent di
 code), not its reward scale (docs/braid.md); c and KL weight kept after a sweep (docs/RESULTS.md); unverified at scale.
 """
 
-import json
 import os
-import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.tensorboard import SummaryWriter
-from tqdm.auto import tqdm
 
-from common import check, check_args, cli, fail
-from common.checkpoint import find_checkpoint, open_run_dir, save_checkpoint
-from common.distributed import average_gradients, cleanup, gather, sample_generators, setup, shard
-from common.offline_data import offline_dataset, offline_features
-from common.prompts import load_prompts, sample_prompts
-from common.rewards import REWARDS, ImageFeatures, make_reward
-from common.sampling import check_stochastic, ddim_step, decode, initial_latents, predict_noise, sample, save_grid
-from common.sd import SD14, add_lora, encode_prompts, load_lora, load_sd, save_lora
+from common import check, cli
+from common.distributed import gather, sample_generators, shard
+from common.models import SD14, load_model
+from common.offline_data import load_offline_data, offline_features, sample_images
+from common.prompts import load_prompts, sample_prompts, split_prompts
+from common.rewards import ImageFeatures, make_reward
+from common.run import Run
+from common.sampling import ddim_step
 
 
 class RewardHead(nn.Module):
@@ -94,20 +89,21 @@ class ConservativeReward(nn.Module):
         return proxy - self.c * bonus, proxy
 
 
-def sample_with_kl(sd, latents, prompt_embeds, negative_embeds, num_steps, guidance_scale, eta, k, generator):
+def sample_with_kl(model, latents, cond, num_steps, guidance_scale, eta, k, generator):
     """DDIM at eta > 0 from x_T = `latents`, the last k steps with gradient (as DRaFT-K), and over those steps the
-    path KL of the module docstring, mean_pre from the same UNet with its LoRA off, on the same x_t (which carries
-    the gradient of the earlier steps) and with the same guidance. Returns x_0 and the KL, (B,)."""
-    sd.scheduler.set_timesteps(num_steps, device=latents.device)
+    path KL of the module docstring, mean_pre from the same denoiser with its LoRA off, on the same x_t (which carries
+    the gradient of the earlier steps) and with the same guidance. A step without noise (into a flow's x_0) has no
+    KL term. Returns x_0 and the KL, (B,)."""
+    schedule = model.schedule(num_steps)
+    noisy = (schedule.step_std(eta) > 0).tolist()
     kl = torch.zeros(len(latents), device=latents.device)
-    for i, t in enumerate(sd.scheduler.timesteps):
+    for i, t in enumerate(schedule.timesteps):
         with torch.set_grad_enabled(i >= num_steps - k):
-            eps = predict_noise(sd.unet, latents, t, prompt_embeds, negative_embeds, guidance_scale, checkpointed=True)
-            step = ddim_step(sd.scheduler, eps, t, latents, eta, generator=generator)
-            if torch.is_grad_enabled():
-                eps_pre = predict_noise(sd.unet, latents, t, prompt_embeds, negative_embeds, guidance_scale,
-                                        checkpointed=True, pretrained=True)  # fmt: skip
-                mean_pre = ddim_step(sd.scheduler, eps_pre, t, latents, eta, prev_latents=step.latents).mean
+            output = model.predict(latents, t, cond, guidance_scale, checkpointed=True)
+            step = ddim_step(schedule, i, output, latents, eta, generator=generator)
+            if torch.is_grad_enabled() and noisy[i]:
+                output_pre = model.predict(latents, t, cond, guidance_scale, checkpointed=True, pretrained=True)
+                mean_pre = ddim_step(schedule, i, output_pre, latents, eta, prev_latents=step.latents).mean
                 kl = kl + ((step.mean - mean_pre) ** 2).mean(dim=(1, 2, 3)) / (2 * step.std**2)
         latents = step.latents
     return latents, kl
@@ -124,7 +120,7 @@ class Args:
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
-    """if toggled, cuda will be enabled by default"""
+    """use a CUDA device when there is one (--no-cuda: the CPU)"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "diffusion-reward-finetuning"
@@ -142,11 +138,11 @@ class Args:
 
     # Model, reward and prompts
     pretrained_model: str = SD14
-    """hub id or local folder of a Stable Diffusion 1.x or 2.x pipeline (epsilon or v-prediction)"""
+    """hub id or local folder of a diffusers pipeline: Stable Diffusion 1.x or 2.x"""
     revision: Optional[str] = None
     """the model's revision on the hub"""
-    prompts: str = "simple_animals"
-    """the prompt set (simple_animals, nouns_activities, shapes)"""
+    prompts: Literal["simple_animals", "nouns_activities", "shapes"] = "simple_animals"
+    """the prompt set"""
     prompt_file: Optional[str] = None
     """a file of prompts, one per line, instead of --prompts"""
     num_steps: int = 50
@@ -157,15 +153,16 @@ class Args:
     """DDIM eta: 1 makes every step Gaussian, so that the path KL to the pretrained model is defined"""
     resolution: int = 512
     """image height and width in pixels"""
-    mixed_precision: Optional[Literal["bf16", "no"]] = None
-    """bf16 or no (fp32) for the frozen weights; the LoRA stays fp32 (default: bf16 on CUDA, fp32 on the CPU)"""
+    mixed_precision: Literal["auto", "bf16", "no"] = "auto"
+    """dtype of the frozen weights: bf16, no (fp32), or auto (bf16 on CUDA, fp32 on the CPU); the LoRA stays fp32"""
 
     # Algorithm specific arguments
     offline_data: Optional[str] = None
     """a folder of images with a scores.csv of file,score lines, or a .pt file (docs/braid.md); default: synthesised"""
     offline_size: int = 1024
     """synthesised data: images sampled from the pretrained model"""
-    labeler: str = "aesthetic"
+    labeler: Literal["aesthetic", "pickscore", "hpsv2", "colorfulness", "jpeg_compressibility",
+                     "jpeg_incompressibility"] = "aesthetic"  # fmt: skip
     """synthesised data: the reward that labels it (the 'true' reward, logged as true_reward_mean)"""
     label_noise: float = 0.1
     """synthesised data: scores are labeler + label_noise * N(0, 1)"""
@@ -190,9 +187,9 @@ class Args:
     kl_weight: float = 0.01
     """alpha, the weight of the path KL to the pretrained model"""
     k: Optional[int] = None
-    """backpropagate through the last K steps only (default: all)"""
+    """backpropagate through the last K steps only (default: all; at least 1)"""
     lora_rank: int = 4
-    """rank of the LoRA on the UNet's attention projections"""
+    """rank of the LoRA on the denoiser's attention projections"""
     learning_rate: float = 1e-3
     """AdamW learning rate"""
     weight_decay: float = 0.1
@@ -214,132 +211,85 @@ PRESETS = {"sd14": {}, "tiny": dict(pretrained_model="assets/tiny-sd", labeler="
 
 
 if __name__ == "__main__":
-    args = cli(Args, PRESETS)
-    check_args(args)
+    args = cli(Args, PRESETS)  # --help, --preset, --resume's own flags; every shared value checked
+    check(args, "k", args.k is None or 1 <= args.k <= args.num_steps, f"between 1 and --num-steps ({args.num_steps})")
     args.k = args.k or args.num_steps
-    check(args, "k", 1 <= args.k <= args.num_steps, f"between 1 and --num-steps ({args.num_steps})")
     check(args, "eta", args.eta > 0, "above 0 for BRAID, so that every step is Gaussian and the path KL defined")
     check(args, "c", 0 <= args.c < float("inf"), "at least 0 (0: the non-conservative baseline)")
     check(args, "kl_weight", 0 <= args.kl_weight < float("inf"), "at least 0")
     check(args, "label_noise", 0 <= args.label_noise < float("inf"), "at least 0")
     check(args, "offline_quantile", 0 < args.offline_quantile <= 1, "in (0, 1]")
+    check(args, "offline_size", args.offline_size >= 1, "at least 1")
+    check(args, "reward_model_steps", args.reward_model_steps >= 1, "at least 1")
     check(args, "reward_model_lr", 0 < args.reward_model_lr <= 1, "in (0, 1]")
     check(args, "val_fraction", 0 < args.val_fraction < 1, "in (0, 1)")
     check(args, "bonus_lambda", 0 < args.bonus_lambda < float("inf"), "above 0 (it keeps Sigma invertible)")
-    if args.offline_data is None and args.labeler not in REWARDS:
-        fail(f"unknown labeler '{args.labeler}'; choose one of: {', '.join(REWARDS)}")
-    if args.conservatism == "boot" and args.ensemble_size < 2:
-        fail("--conservatism boot needs --ensemble-size of at least 2")
-    prompts = load_prompts(args.prompts, args.prompt_file)
-    run_name = f"{'offline' if args.offline_data else args.labeler}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    check(args, "ensemble_size", args.conservatism == "bonus" or args.ensemble_size >= 2, "at least 2 with boot")
+    train_prompts, eval_prompts = split_prompts(load_prompts(args.prompts, args.prompt_file))
 
-    # TRY NOT TO MODIFY: processes, run folder, resuming, tracking, seeding
-    rank, world_size, device = setup(args.cuda)  # under torchrun one process per device, otherwise rank 0 of 1
-    resume_dir, state = find_checkpoint(args.resume) if args.resume else (None, None)
-    # rank 0 writes the run folder, logs and checkpoints for all ranks; the folder is new, or the resumed run's
-    run_dir = open_run_dir(args.output_dir, run_name, resume_dir, state, rank)
-    run_name = os.path.basename(run_dir)  # suffixed if another run took the name first
-    if args.track and rank == 0:
-        try:
-            import wandb
-        except ImportError:
-            fail("--track logs to Weights and Biases, which is not installed: pip install wandb")
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args), name=run_name,
-                   id=run_name, resume="allow", sync_tensorboard=True, save_code=True)  # fmt: skip
-    writer = SummaryWriter(run_dir) if rank == 0 else None
-    if writer:
-        writer.add_text(
-            "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-        )
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    precision = args.mixed_precision or ("bf16" if device.type == "cuda" else "no")  # of the frozen weights
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    # prompts and per-sample seeds, on the CPU: the same draws on every device and rank (each rank keeps its slice)
-    rng = torch.Generator().manual_seed(args.seed)
-    # 4 prompts spread through the set are held out of training and used for the sample grids
-    held_out = [round((i + 0.5) * len(prompts) / 4) for i in range(4)] if len(prompts) > 4 else []
-    eval_prompts = [prompts[i] for i in held_out] or prompts[:4]
-    train_prompts = [p for i, p in enumerate(prompts) if i not in held_out]
+    # TRY NOT TO MODIFY: processes and seeds, the model and the reward (common/run.py, common/models.py)
+    run = Run(args, name="offline" if args.offline_data else args.labeler)
+    model = load_model(args.pretrained_model, args.revision, run.device, run.dtype, args.resolution, args.num_steps)
 
-    sd = load_sd(args.pretrained_model, args.revision, device, dtype, args.num_steps)
-    check_stochastic(sd.scheduler, args.num_steps, "BRAID's path KL")
-    negative_embeds = encode_prompts(sd, [""])  # (1, 77, D), the unconditional embedding, computed once
-
-    # the offline dataset: --offline-data, or images of the pretrained model scored by the labeler plus noise (the
-    # labeler's reward is logged as the true one); common/offline_data.py reads, synthesises and checks it
-    labeler = make_reward(args.labeler, device, dtype) if args.offline_data is None else None
-    data, source = offline_dataset(args, run_dir, sd, labeler, train_prompts, negative_embeds)
+    # ALGO LOGIC: the offline data: --offline-data, the resumed run's, or (BRAID's protocol) images of the pretrained
+    # model scored by the labeler plus label noise, only the scores up to --offline-quantile kept, so that the
+    # fine-tuned model has to extrapolate beyond the data. The labeler's own reward is logged as the true one
+    labeler = None if args.offline_data else make_reward(args.labeler, run.device, run.dtype)
+    synthesised = not (args.offline_data or run.dir)
+    source = "the synthesised offline data" if synthesised else args.offline_data or f"{run.dir}/offline_data.pt"
+    if not synthesised:
+        data = load_offline_data(source, args.resolution)
+    else:
+        generator = torch.Generator().manual_seed(args.seed + 1)
+        images, true_rewards, data_prompts = sample_images(model, labeler, train_prompts, args, generator)
+        scores = true_rewards + args.label_noise * torch.randn(len(true_rewards), generator=generator)
+        keep = scores <= torch.quantile(scores, args.offline_quantile)
+        data = {"images": images[keep], "scores": scores[keep], "true_rewards": true_rewards[keep],
+                "prompts": [p for p, k in zip(data_prompts, keep) if k]}  # fmt: skip
 
     # ALGO LOGIC: the conservative reward model on frozen features, with a held-out split for its error
-    featurize = ImageFeatures(args.feature_model, sd.vae).to(device)
+    featurize = ImageFeatures(args.feature_model, model).to(run.device)
     model_rng = torch.Generator().manual_seed(args.seed + 2)  # the split, the resamples, the heads' minibatches
     features, scores, val, train = offline_features(data, source, featurize, args, model_rng)
     if args.conservatism == "boot":
-        resamples = [train[torch.randint(len(train), (len(train),), generator=model_rng).to(device)]
+        resamples = [train[torch.randint(len(train), (len(train),), generator=model_rng).to(run.device)]
                      for _ in range(args.ensemble_size)]  # fmt: skip
     else:
         resamples = [train]
     heads = [fit_head(features[i], scores[i], args.reward_model_steps, args.reward_model_lr, model_rng)
              for i in resamples]  # fmt: skip
-    conservative = ConservativeReward(heads, args.c, features[train], args.bonus_lambda).to(device)
+    conservative = ConservativeReward(heads, args.c, features[train], args.bonus_lambda).to(run.device)
     labels = data.get("true_rewards", data["scores"])  # the offline data's true rewards where known
     best, median = labels.max().item(), labels.median().item()
     with torch.no_grad():
         val_mse = F.mse_loss(conservative(features[val])[1], scores[val]).item()
-    if rank == 0:
-        torch.save(conservative.state_dict(), os.path.join(run_dir, "reward_model.pt"))
-        print(f"reward model: validation MSE {val_mse:.4g}; offline data: best {best:.4g}, median {median:.4g}")
 
     def reward_fn(images, prompts=None):
         return conservative(featurize(images))[0]
 
-    lora_params = add_lora(sd.unet, args.lora_rank)
+    # TRY NOT TO MODIFY: the LoRA and its optimizer; the run folder, new or --resume's (common/run.py)
+    lora_params = model.add_lora(args.lora_rank)
     optimizer = torch.optim.AdamW(lora_params, lr=args.learning_rate, weight_decay=args.weight_decay)
-    eval_embeds = encode_prompts(sd, eval_prompts * 2)
-    eval_latents = initial_latents(
-        sd, len(eval_embeds), args.resolution, torch.Generator().manual_seed(args.seed), device
-    )
+    start_step = run.start(model, optimizer, reward_fn, eval_prompts, eval_eta=args.eta)
 
-    # TRY NOT TO MODIFY: resuming
-    start_step = 0
-    if state:
-        load_lora(sd.unet, resume_dir)
-        optimizer.load_state_dict(state["optimizer"])
-        for group in optimizer.param_groups:  # this command's values, which may differ from the checkpoint's
-            group.update(lr=args.learning_rate, weight_decay=args.weight_decay)
-        rng.set_state(state["rng"])
-        start_step = state["step"]
-
-    def evaluate(step: int) -> float:
-        """Fixed-seed samples on the held-out prompts: a grid (on disk and in TensorBoard), and their mean reward."""
-        x0, _ = sample(sd, eval_latents, eval_embeds, negative_embeds, args.num_steps, args.guidance_scale, args.eta,
-                       generator=torch.Generator().manual_seed(args.seed))  # fmt: skip
-        with torch.no_grad():
-            images = decode(sd, x0)
-            grid = save_grid(
-                images, os.path.join(run_dir, "samples", f"step_{step:06d}.png"), columns=len(eval_prompts)
-            )
-            writer.add_image("samples", grid, step, dataformats="HWC")
-            return reward_fn(images, eval_prompts * 2).mean().item()
-
-    eval_reward = evaluate(start_step) if start_step == 0 and rank == 0 else None
-    for step in tqdm(range(start_step + 1, args.train_steps + 1), initial=start_step, total=args.train_steps,
-                     disable=rank != 0):  # fmt: skip
+    if run.rank == 0:  # the synthesised data (a resumed run reads them back) and the reward model, in the run folder
+        if synthesised:
+            torch.save(data, os.path.join(run.dir, "offline_data.pt"))
+        torch.save(conservative.state_dict(), os.path.join(run.dir, "reward_model.pt"))
+        print(f"reward model: validation MSE {val_mse:.4g}; offline data: best {best:.4g}, median {median:.4g}")
+    for step in run.steps(start_step, args.train_steps):
         step_start = time.time()
         rewards_seen, proxies_seen, true_seen, kls_seen, loss_total = [], [], [], [], 0.0
         for _ in range(args.grad_accum_steps):
             # this rank's slice of the global batch: its prompts, and one generator per sample for all its noise
-            batch_prompts = shard(sample_prompts(train_prompts, world_size * args.batch_size, rng), args.batch_size)
-            generators = sample_generators(args.batch_size, rng)
-            prompt_embeds = encode_prompts(sd, batch_prompts)  # (B, 77, D)
-            latents = initial_latents(sd, args.batch_size, args.resolution, generators, device)  # x_T, (B, 4, h, w)
+            prompts = shard(sample_prompts(train_prompts, run.world_size * args.batch_size, run.rng), args.batch_size)
+            generators = sample_generators(args.batch_size, run.rng)
+            cond = model.encode(prompts)
+            latents = model.initial_latents(args.batch_size, generators)  # x_T, (B, C, h, w)
             # ALGO LOGIC: backpropagation through the last K steps at eta = 1, with their path KL; conservative reward
-            x0, kl = sample_with_kl(sd, latents, prompt_embeds, negative_embeds, args.num_steps, args.guidance_scale,
-                                    args.eta, args.k, generators)  # fmt: skip
-            images = decode(sd, x0, checkpoint_vae=True)
+            x0, kl = sample_with_kl(model, latents, cond, args.num_steps, args.guidance_scale, args.eta, args.k,
+                                    generators)  # fmt: skip
+            images = model.decode(x0, checkpointed=True)
             rewards, proxy_rewards = conservative(featurize(images))  # (B,) each
             loss = (-rewards + args.kl_weight * kl).mean() / args.grad_accum_steps
             loss.backward()
@@ -347,17 +297,9 @@ if __name__ == "__main__":
             proxies_seen.append(proxy_rewards.detach())
             kls_seen.append(kl.detach())
             if labeler is not None:  # on detached images: no graph
-                true_seen.append(labeler(images.detach(), batch_prompts))
+                true_seen.append(labeler(images.detach(), prompts))
             loss_total += loss.detach()
-        average_gradients(lora_params)  # the mean over ranks: every rank takes the same step
-        grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, args.max_grad_norm)
-        if not (torch.isfinite(loss_total) and torch.isfinite(grad_norm)):
-            fail(
-                f"the loss or its gradient became {loss_total.item()} / {grad_norm.item()} at step {step}; stopped"
-                " before the LoRA was overwritten (the last checkpoint is intact): try a lower --learning-rate"
-            )
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = run.optimizer_step(loss_total)
         rewards_seen, proxies_seen, kls_seen = (gather(torch.cat(x)) for x in (rewards_seen, proxies_seen, kls_seen))
         true_seen = gather(torch.cat(true_seen)) if true_seen else None
         metrics = {
@@ -373,28 +315,6 @@ if __name__ == "__main__":
             "grad_norm": grad_norm.item(),
             "images_per_sec": len(rewards_seen) / (time.time() - step_start),
         }
+        run.log(step, metrics)  # TRY NOT TO MODIFY: metrics, grids, checkpoints
 
-        # TRY NOT TO MODIFY: logging, samples and checkpoints (rank 0's, with the global batch's numbers)
-        if rank != 0:
-            continue
-        if step % args.sample_every == 0 or step == args.train_steps:
-            eval_reward = evaluate(step)
-        metrics = {"step": step, **metrics, "eval_reward_mean": eval_reward}
-        if device.type == "cuda":
-            metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        for name, value in metrics.items():
-            if name != "step" and value is not None:
-                writer.add_scalar(("losses/" if "loss" in name or "kl" in name else "charts/") + name, value, step)
-        if step % args.save_every == 0 or step == args.train_steps:
-            checkpoint_dir = os.path.join(run_dir, "checkpoints", f"step_{step:06d}")
-            state = {"run_name": run_name, "step": step, "optimizer": optimizer.state_dict(), "rng": rng.get_state()}
-            save_checkpoint(checkpoint_dir, sd.unet, {**state, "args": asdict(args)})
-
-    # TRY NOT TO MODIFY: the final LoRA (StableDiffusionPipeline.from_pretrained(base).load_lora_weights(run_dir))
-    if rank == 0:
-        save_lora(sd.unet, run_dir)
-        writer.close()
-        print(f"done: {run_dir}, eval reward {eval_reward}")
-    cleanup()
+    run.finish()  # TRY NOT TO MODIFY: the final LoRA

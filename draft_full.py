@@ -5,31 +5,26 @@ Clark, Vicol, Swersky and Fleet, 2023, arXiv 2309.17400 (the full-backpropagatio
     python draft_full.py --preset tiny          # the shipped tiny model: a CPU run in minutes
 
 Sample with DDIM (eta = 0) from x_T with gradient through all T steps; decode; maximise the differentiable
-reward by backpropagating through the decoder and every UNet call into the LoRA. Every UNet call and the
+reward by backpropagating through the decoder and every denoiser call into the LoRA. Every denoiser call and the
 decoder are checkpointed (recomputed in the backward pass), so memory does not grow with T; time does.
 Defaults follow the paper's small-scale setup (LoRA rank 8, AdamW lr 4e-4, weight decay 0.1, batch 4, 2k steps:
 unverified against their code, which is not public); the gradient-norm clip of 1.0 is ours.
 """
 
-import json
 import os
-import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal, Optional
 
-import numpy as np
 import torch
-from torch.utils.tensorboard import SummaryWriter
-from tqdm.auto import tqdm
 
-from common import check_args, cli, fail
-from common.checkpoint import find_checkpoint, open_run_dir, save_checkpoint
-from common.distributed import average_gradients, cleanup, gather, sample_generators, setup, shard
-from common.prompts import load_prompts, sample_prompts
-from common.rewards import DIFFERENTIABLE_REWARDS, REWARDS, make_reward
-from common.sampling import ddim_step, decode, initial_latents, predict_noise, sample, save_grid
-from common.sd import SD14, add_lora, encode_prompts, load_lora, load_sd, save_lora
+from common import cli
+from common.distributed import gather, sample_generators, shard
+from common.models import SD14, load_model
+from common.prompts import load_prompts, sample_prompts, split_prompts
+from common.rewards import make_reward
+from common.run import Run
+from common.sampling import ddim_step
 
 
 @dataclass
@@ -43,7 +38,7 @@ class Args:
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
-    """if toggled, cuda will be enabled by default"""
+    """use a CUDA device when there is one (--no-cuda: the CPU)"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "diffusion-reward-finetuning"
@@ -61,13 +56,13 @@ class Args:
 
     # Model, reward and prompts
     pretrained_model: str = SD14
-    """hub id or local folder of a Stable Diffusion 1.x or 2.x pipeline (epsilon or v-prediction)"""
+    """hub id or local folder of a diffusers pipeline: Stable Diffusion 1.x or 2.x"""
     revision: Optional[str] = None
     """the model's revision on the hub"""
-    reward: str = "aesthetic"
-    """the reward to maximise; it must be differentiable"""
-    prompts: str = "simple_animals"
-    """the prompt set (simple_animals, nouns_activities, shapes)"""
+    reward: Literal["aesthetic", "pickscore", "hpsv2", "colorfulness"] = "aesthetic"
+    """the reward to maximise (DRaFT backpropagates through it: the differentiable ones)"""
+    prompts: Literal["simple_animals", "nouns_activities", "shapes"] = "simple_animals"
+    """the prompt set"""
     prompt_file: Optional[str] = None
     """a file of prompts, one per line, instead of --prompts"""
     num_steps: int = 50
@@ -78,12 +73,12 @@ class Args:
     """DDIM eta (0: deterministic sampling, as in the paper)"""
     resolution: int = 512
     """image height and width in pixels"""
-    mixed_precision: Optional[Literal["bf16", "no"]] = None
-    """bf16 or no (fp32) for the frozen weights; the LoRA stays fp32 (default: bf16 on CUDA, fp32 on the CPU)"""
+    mixed_precision: Literal["auto", "bf16", "no"] = "auto"
+    """dtype of the frozen weights: bf16, no (fp32), or auto (bf16 on CUDA, fp32 on the CPU); the LoRA stays fp32"""
 
     # Algorithm specific arguments
     lora_rank: int = 8
-    """rank of the LoRA on the UNet's attention projections"""
+    """rank of the LoRA on the denoiser's attention projections"""
     learning_rate: float = 4e-4
     """AdamW learning rate"""
     weight_decay: float = 0.1
@@ -104,112 +99,42 @@ PRESETS = {"sd14": {}, "tiny": dict(pretrained_model="assets/tiny-sd", reward="c
 
 
 if __name__ == "__main__":
-    args = cli(Args, PRESETS)
-    check_args(args)
-    if args.reward not in REWARDS:
-        fail(f"unknown reward '{args.reward}'; choose one of: {', '.join(REWARDS)}")
-    if not REWARDS[args.reward].differentiable:
-        differentiable = ", ".join(DIFFERENTIABLE_REWARDS)
-        fail(f"DRaFT needs a differentiable reward and '{args.reward}' is not; use one of: {differentiable}")
-    prompts = load_prompts(args.prompts, args.prompt_file)
-    run_name = f"{args.reward}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    args = cli(Args, PRESETS)  # --help, --preset, --resume's own flags; every shared value checked
+    train_prompts, eval_prompts = split_prompts(load_prompts(args.prompts, args.prompt_file))
 
-    # TRY NOT TO MODIFY: processes, run folder, resuming, tracking, seeding
-    rank, world_size, device = setup(args.cuda)  # under torchrun one process per device, otherwise rank 0 of 1
-    resume_dir, state = find_checkpoint(args.resume) if args.resume else (None, None)
-    # rank 0 writes the run folder, logs and checkpoints for all ranks; the folder is new, or the resumed run's
-    run_dir = open_run_dir(args.output_dir, run_name, resume_dir, state, rank)
-    run_name = os.path.basename(run_dir)  # suffixed if another run took the name first
-    if args.track and rank == 0:
-        try:
-            import wandb
-        except ImportError:
-            fail("--track logs to Weights and Biases, which is not installed: pip install wandb")
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args), name=run_name,
-                   id=run_name, resume="allow", sync_tensorboard=True, save_code=True)  # fmt: skip
-    writer = SummaryWriter(run_dir) if rank == 0 else None
-    if writer:
-        writer.add_text(
-            "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-        )
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    precision = args.mixed_precision or ("bf16" if device.type == "cuda" else "no")  # of the frozen weights
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    # prompts and per-sample seeds, on the CPU: the same draws on every device and rank (each rank keeps its slice)
-    rng = torch.Generator().manual_seed(args.seed)
-    # 4 prompts spread through the set are held out of training and used for the sample grids
-    held_out = [round((i + 0.5) * len(prompts) / 4) for i in range(4)] if len(prompts) > 4 else []
-    eval_prompts = [prompts[i] for i in held_out] or prompts[:4]
-    train_prompts = [p for i, p in enumerate(prompts) if i not in held_out]
+    # TRY NOT TO MODIFY: processes and seeds, the model and the reward (common/run.py, common/models.py)
+    run = Run(args, name=args.reward)
+    model = load_model(args.pretrained_model, args.revision, run.device, run.dtype, args.resolution, args.num_steps)
+    reward_fn = make_reward(args.reward, run.device, run.dtype)
 
-    sd = load_sd(args.pretrained_model, args.revision, device, dtype, args.num_steps)
-    reward_fn = make_reward(args.reward, device, dtype)
-    lora_params = add_lora(sd.unet, args.lora_rank)
+    # TRY NOT TO MODIFY: the LoRA and its optimizer; the run folder, new or --resume's (common/run.py)
+    lora_params = model.add_lora(args.lora_rank)
     optimizer = torch.optim.AdamW(lora_params, lr=args.learning_rate, weight_decay=args.weight_decay)
-    negative_embeds = encode_prompts(sd, [""])  # (1, 77, D), the unconditional embedding, computed once
-    eval_embeds = encode_prompts(sd, eval_prompts * 2)
-    eval_latents = initial_latents(
-        sd, len(eval_embeds), args.resolution, torch.Generator().manual_seed(args.seed), device
-    )
+    start_step = run.start(model, optimizer, reward_fn, eval_prompts)
 
-    # TRY NOT TO MODIFY: resuming
-    start_step = 0
-    if state:
-        load_lora(sd.unet, resume_dir)
-        optimizer.load_state_dict(state["optimizer"])
-        for group in optimizer.param_groups:  # this command's values, which may differ from the checkpoint's
-            group.update(lr=args.learning_rate, weight_decay=args.weight_decay)
-        rng.set_state(state["rng"])
-        start_step = state["step"]
-
-    def evaluate(step: int) -> float:
-        """Fixed-seed samples on the held-out prompts: a grid (on disk and in TensorBoard), and their mean reward."""
-        x0, _ = sample(sd, eval_latents, eval_embeds, negative_embeds, args.num_steps, args.guidance_scale)
-        with torch.no_grad():
-            images = decode(sd, x0)
-            grid = save_grid(
-                images, os.path.join(run_dir, "samples", f"step_{step:06d}.png"), columns=len(eval_prompts)
-            )
-            writer.add_image("samples", grid, step, dataformats="HWC")
-            return reward_fn(images, eval_prompts * 2).mean().item()
-
-    eval_reward = evaluate(start_step) if start_step == 0 and rank == 0 else None
-    for step in tqdm(range(start_step + 1, args.train_steps + 1), initial=start_step, total=args.train_steps,
-                     disable=rank != 0):  # fmt: skip
+    for step in run.steps(start_step, args.train_steps):
         step_start = time.time()
         rewards_seen, loss_total = [], 0.0
         for _ in range(args.grad_accum_steps):
             # this rank's slice of the global batch: its prompts, and one generator per sample for all its noise
-            batch_prompts = shard(sample_prompts(train_prompts, world_size * args.batch_size, rng), args.batch_size)
-            generators = sample_generators(args.batch_size, rng)
-            prompt_embeds = encode_prompts(sd, batch_prompts)  # (B, 77, D)
-            latents = initial_latents(sd, args.batch_size, args.resolution, generators, device)  # x_T, (B, 4, h, w)
-            # ALGO LOGIC: DDIM from x_T to x_0, every step with gradient. The UNet calls and the decoder are
+            prompts = shard(sample_prompts(train_prompts, run.world_size * args.batch_size, run.rng), args.batch_size)
+            generators = sample_generators(args.batch_size, run.rng)
+            cond = model.encode(prompts)
+            latents = model.initial_latents(args.batch_size, generators)  # x_T, (B, C, h, w)
+            # ALGO LOGIC: DDIM from x_T to x_0, every step with gradient. The denoiser calls and the decoder are
             # checkpointed (their activations are recomputed in the backward pass instead of stored), so memory does
             # not grow with T
-            sd.scheduler.set_timesteps(args.num_steps, device=device)
-            for i, t in enumerate(sd.scheduler.timesteps):
+            schedule = model.schedule(args.num_steps)
+            for i, t in enumerate(schedule.timesteps):
                 with torch.set_grad_enabled(True):
-                    eps = predict_noise(sd.unet, latents, t, prompt_embeds, negative_embeds, args.guidance_scale,
-                                        checkpointed=True)  # fmt: skip
-                    latents = ddim_step(sd.scheduler, eps, t, latents, args.eta, generator=generators).latents
-            rewards = reward_fn(decode(sd, latents, checkpoint_vae=True), batch_prompts)  # (B,)
+                    output = model.predict(latents, t, cond, args.guidance_scale, checkpointed=True)
+                    latents = ddim_step(schedule, i, output, latents, args.eta, generator=generators).latents
+            rewards = reward_fn(model.decode(latents, checkpointed=True), prompts)  # (B,)
             loss = -rewards.mean() / args.grad_accum_steps  # gradient ascent on the reward
             loss.backward()
             rewards_seen.append(rewards.detach())
             loss_total += loss.detach()
-        average_gradients(lora_params)  # the mean over ranks: every rank takes the same step
-        grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, args.max_grad_norm)
-        if not (torch.isfinite(loss_total) and torch.isfinite(grad_norm)):
-            fail(
-                f"the loss or its gradient became {loss_total.item()} / {grad_norm.item()} at step {step}; stopped"
-                " before the LoRA was overwritten (the last checkpoint is intact): try a lower --learning-rate"
-            )
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = run.optimizer_step(loss_total)
         rewards_seen = gather(torch.cat(rewards_seen))  # the global batch's, on every rank
         metrics = {
             "reward_mean": rewards_seen.mean().item(),
@@ -218,28 +143,6 @@ if __name__ == "__main__":
             "grad_norm": grad_norm.item(),
             "images_per_sec": len(rewards_seen) / (time.time() - step_start),
         }
+        run.log(step, metrics)  # TRY NOT TO MODIFY: metrics, grids, checkpoints
 
-        # TRY NOT TO MODIFY: logging, samples and checkpoints (rank 0's, with the global batch's numbers)
-        if rank != 0:
-            continue
-        if step % args.sample_every == 0 or step == args.train_steps:
-            eval_reward = evaluate(step)
-        metrics = {"step": step, **metrics, "eval_reward_mean": eval_reward}
-        if device.type == "cuda":
-            metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        for name, value in metrics.items():
-            if name != "step" and value is not None:
-                writer.add_scalar(("losses/" if "loss" in name or "kl" in name else "charts/") + name, value, step)
-        if step % args.save_every == 0 or step == args.train_steps:
-            checkpoint_dir = os.path.join(run_dir, "checkpoints", f"step_{step:06d}")
-            state = {"run_name": run_name, "step": step, "optimizer": optimizer.state_dict(), "rng": rng.get_state()}
-            save_checkpoint(checkpoint_dir, sd.unet, {**state, "args": asdict(args)})
-
-    # TRY NOT TO MODIFY: the final LoRA (StableDiffusionPipeline.from_pretrained(base).load_lora_weights(run_dir))
-    if rank == 0:
-        save_lora(sd.unet, run_dir)
-        writer.close()
-        print(f"done: {run_dir}, eval reward {eval_reward}")
-    cleanup()
+    run.finish()  # TRY NOT TO MODIFY: the final LoRA

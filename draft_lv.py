@@ -5,32 +5,27 @@ Clark, Vicol, Swersky and Fleet, 2023, arXiv 2309.17400 (the DRaFT-LV variant).
     python draft_lv.py --n 2 --preset tiny      # the shipped tiny model: a CPU run in minutes
 
 Sample x_0 with DDIM (eta = 0) without gradient; then n times: re-noise the detached x_0 to x_{t_1} with fresh
-noise, take the last DDIM step again with gradient, decode and score; maximise the sum of the n rewards. The n
-last steps share one sampling chain, so a step costs far less than n DRaFT-1 steps (the paper: ~10% more than one;
-measured at n = 2 on tiny-sd on the CPU: 1.31x one, docs/BENCHMARKS.md).
+noise on the model's path, take the last DDIM step again with gradient, decode and score; maximise the sum of the
+n rewards. The n last steps share one sampling chain, so a step costs far less than n DRaFT-1 steps (the paper:
+~10% more than one; measured at n = 2 on tiny-sd on the CPU: 1.31x one, docs/BENCHMARKS.md).
 Defaults follow the paper's small-scale setup (LoRA rank 8, AdamW lr 4e-4, weight decay 0.1, batch 4, 2k steps:
 unverified against their code, which is not public); the gradient-norm clip of 1.0 is ours.
 """
 
-import json
 import os
-import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal, Optional
 
-import numpy as np
 import torch
-from torch.utils.tensorboard import SummaryWriter
-from tqdm.auto import tqdm
 
-from common import check, check_args, cli, fail
-from common.checkpoint import find_checkpoint, open_run_dir, save_checkpoint
-from common.distributed import average_gradients, cleanup, gather, sample_generators, setup, shard
-from common.prompts import load_prompts, sample_prompts
-from common.rewards import DIFFERENTIABLE_REWARDS, REWARDS, make_reward
-from common.sampling import ddim_step, decode, initial_latents, predict_noise, randn, sample, save_grid
-from common.sd import SD14, add_lora, encode_prompts, load_lora, load_sd, save_lora
+from common import check, cli
+from common.distributed import gather, sample_generators, shard
+from common.models import SD14, load_model
+from common.prompts import load_prompts, sample_prompts, split_prompts
+from common.rewards import make_reward
+from common.run import Run
+from common.sampling import ddim_step, randn, sample
 
 
 @dataclass
@@ -44,7 +39,7 @@ class Args:
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
-    """if toggled, cuda will be enabled by default"""
+    """use a CUDA device when there is one (--no-cuda: the CPU)"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "diffusion-reward-finetuning"
@@ -62,13 +57,13 @@ class Args:
 
     # Model, reward and prompts
     pretrained_model: str = SD14
-    """hub id or local folder of a Stable Diffusion 1.x or 2.x pipeline (epsilon or v-prediction)"""
+    """hub id or local folder of a diffusers pipeline: Stable Diffusion 1.x or 2.x"""
     revision: Optional[str] = None
     """the model's revision on the hub"""
-    reward: str = "aesthetic"
-    """the reward to maximise; it must be differentiable"""
-    prompts: str = "simple_animals"
-    """the prompt set (simple_animals, nouns_activities, shapes)"""
+    reward: Literal["aesthetic", "pickscore", "hpsv2", "colorfulness"] = "aesthetic"
+    """the reward to maximise (DRaFT backpropagates through it: the differentiable ones)"""
+    prompts: Literal["simple_animals", "nouns_activities", "shapes"] = "simple_animals"
+    """the prompt set"""
     prompt_file: Optional[str] = None
     """a file of prompts, one per line, instead of --prompts"""
     num_steps: int = 50
@@ -79,14 +74,12 @@ class Args:
     """DDIM eta (0: deterministic sampling, as in the paper)"""
     resolution: int = 512
     """image height and width in pixels"""
-    mixed_precision: Optional[Literal["bf16", "no"]] = None
-    """bf16 or no (fp32) for the frozen weights; the LoRA stays fp32 (default: bf16 on CUDA, fp32 on the CPU)"""
+    mixed_precision: Literal["auto", "bf16", "no"] = "auto"
+    """dtype of the frozen weights: bf16, no (fp32), or auto (bf16 on CUDA, fp32 on the CPU); the LoRA stays fp32"""
 
     # Algorithm specific arguments
-    n: int = 2
-    """re-noised copies of x_0 whose last step carries gradient"""
     lora_rank: int = 8
-    """rank of the LoRA on the UNet's attention projections"""
+    """rank of the LoRA on the denoiser's attention projections"""
     learning_rate: float = 4e-4
     """AdamW learning rate"""
     weight_decay: float = 0.1
@@ -99,6 +92,8 @@ class Args:
     """optimizer steps"""
     max_grad_norm: float = 1.0
     """clip the LoRA gradient to this norm"""
+    n: int = 2
+    """re-noised copies of x_0 whose last step carries gradient"""
 
 
 # --preset tiny: the shipped tiny text-to-image model (assets/tiny-sd: coloured shapes at 32 px) on the CPU
@@ -107,118 +102,46 @@ PRESETS = {"sd14": {}, "tiny": dict(pretrained_model="assets/tiny-sd", reward="c
 
 
 if __name__ == "__main__":
-    args = cli(Args, PRESETS)
-    check_args(args)
-    check(args, "n", args.n >= 1, "at least 1")
-    if args.reward not in REWARDS:
-        fail(f"unknown reward '{args.reward}'; choose one of: {', '.join(REWARDS)}")
-    if not REWARDS[args.reward].differentiable:
-        differentiable = ", ".join(DIFFERENTIABLE_REWARDS)
-        fail(f"DRaFT needs a differentiable reward and '{args.reward}' is not; use one of: {differentiable}")
-    prompts = load_prompts(args.prompts, args.prompt_file)
-    run_name = f"{args.reward}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    args = cli(Args, PRESETS)  # --help, --preset, --resume's own flags; every shared value checked
+    check(args, "n", 1 <= args.n <= 1000, "between 1 and 1000")
+    train_prompts, eval_prompts = split_prompts(load_prompts(args.prompts, args.prompt_file))
 
-    # TRY NOT TO MODIFY: processes, run folder, resuming, tracking, seeding
-    rank, world_size, device = setup(args.cuda)  # under torchrun one process per device, otherwise rank 0 of 1
-    resume_dir, state = find_checkpoint(args.resume) if args.resume else (None, None)
-    # rank 0 writes the run folder, logs and checkpoints for all ranks; the folder is new, or the resumed run's
-    run_dir = open_run_dir(args.output_dir, run_name, resume_dir, state, rank)
-    run_name = os.path.basename(run_dir)  # suffixed if another run took the name first
-    if args.track and rank == 0:
-        try:
-            import wandb
-        except ImportError:
-            fail("--track logs to Weights and Biases, which is not installed: pip install wandb")
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args), name=run_name,
-                   id=run_name, resume="allow", sync_tensorboard=True, save_code=True)  # fmt: skip
-    writer = SummaryWriter(run_dir) if rank == 0 else None
-    if writer:
-        writer.add_text(
-            "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-        )
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    precision = args.mixed_precision or ("bf16" if device.type == "cuda" else "no")  # of the frozen weights
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    # prompts and per-sample seeds, on the CPU: the same draws on every device and rank (each rank keeps its slice)
-    rng = torch.Generator().manual_seed(args.seed)
-    # 4 prompts spread through the set are held out of training and used for the sample grids
-    held_out = [round((i + 0.5) * len(prompts) / 4) for i in range(4)] if len(prompts) > 4 else []
-    eval_prompts = [prompts[i] for i in held_out] or prompts[:4]
-    train_prompts = [p for i, p in enumerate(prompts) if i not in held_out]
+    # TRY NOT TO MODIFY: processes and seeds, the model and the reward (common/run.py, common/models.py)
+    run = Run(args, name=args.reward)
+    model = load_model(args.pretrained_model, args.revision, run.device, run.dtype, args.resolution, args.num_steps)
+    reward_fn = make_reward(args.reward, run.device, run.dtype)
 
-    sd = load_sd(args.pretrained_model, args.revision, device, dtype, args.num_steps)
-    reward_fn = make_reward(args.reward, device, dtype)
-    lora_params = add_lora(sd.unet, args.lora_rank)
+    # TRY NOT TO MODIFY: the LoRA and its optimizer; the run folder, new or --resume's (common/run.py)
+    lora_params = model.add_lora(args.lora_rank)
     optimizer = torch.optim.AdamW(lora_params, lr=args.learning_rate, weight_decay=args.weight_decay)
-    negative_embeds = encode_prompts(sd, [""])  # (1, 77, D), the unconditional embedding, computed once
-    eval_embeds = encode_prompts(sd, eval_prompts * 2)
-    eval_latents = initial_latents(
-        sd, len(eval_embeds), args.resolution, torch.Generator().manual_seed(args.seed), device
-    )
+    start_step = run.start(model, optimizer, reward_fn, eval_prompts)
 
-    # TRY NOT TO MODIFY: resuming
-    start_step = 0
-    if state:
-        load_lora(sd.unet, resume_dir)
-        optimizer.load_state_dict(state["optimizer"])
-        for group in optimizer.param_groups:  # this command's values, which may differ from the checkpoint's
-            group.update(lr=args.learning_rate, weight_decay=args.weight_decay)
-        rng.set_state(state["rng"])
-        start_step = state["step"]
-
-    def evaluate(step: int) -> float:
-        """Fixed-seed samples on the held-out prompts: a grid (on disk and in TensorBoard), and their mean reward."""
-        x0, _ = sample(sd, eval_latents, eval_embeds, negative_embeds, args.num_steps, args.guidance_scale)
-        with torch.no_grad():
-            images = decode(sd, x0)
-            grid = save_grid(
-                images, os.path.join(run_dir, "samples", f"step_{step:06d}.png"), columns=len(eval_prompts)
-            )
-            writer.add_image("samples", grid, step, dataformats="HWC")
-            return reward_fn(images, eval_prompts * 2).mean().item()
-
-    eval_reward = evaluate(start_step) if start_step == 0 and rank == 0 else None
-    for step in tqdm(range(start_step + 1, args.train_steps + 1), initial=start_step, total=args.train_steps,
-                     disable=rank != 0):  # fmt: skip
+    for step in run.steps(start_step, args.train_steps):
         step_start = time.time()
         rewards_seen, loss_total = [], 0.0
         for _ in range(args.grad_accum_steps):
             # this rank's slice of the global batch: its prompts, and one generator per sample for all its noise
-            batch_prompts = shard(sample_prompts(train_prompts, world_size * args.batch_size, rng), args.batch_size)
-            generators = sample_generators(args.batch_size, rng)
-            prompt_embeds = encode_prompts(sd, batch_prompts)  # (B, 77, D)
-            latents = initial_latents(sd, args.batch_size, args.resolution, generators, device)  # x_T, (B, 4, h, w)
-            # ALGO LOGIC: x_0 from the whole chain without gradient, then n re-noised copies of it at t_1:
-            # x_1^i = sqrt(abar_1) x_0 + sqrt(1 - abar_1) eps_i, each taken back to x_0^i by the last DDIM step
-            x0, _ = sample(sd, latents, prompt_embeds, negative_embeds, args.num_steps, args.guidance_scale, args.eta,
-                           generator=generators)  # fmt: skip
-            t1 = sd.scheduler.timesteps[-1]
-            abar_1 = sd.scheduler.alphas_cumprod.to(device)[t1]  # t1 lives on the device
+            prompts = shard(sample_prompts(train_prompts, run.world_size * args.batch_size, run.rng), args.batch_size)
+            generators = sample_generators(args.batch_size, run.rng)
+            cond = model.encode(prompts)
+            latents = model.initial_latents(args.batch_size, generators)  # x_T, (B, C, h, w)
+            # ALGO LOGIC: x_0 from the whole chain without gradient, then n re-noised copies of it at the last step's
+            # noise level: x_1^i = alpha_1 x_0 + sigma_1 eps_i, each taken back to x_0^i by the last DDIM step
+            x0, _ = sample(model, latents, cond, args.num_steps, args.guidance_scale, args.eta, generator=generators)
+            schedule, last = model.schedule(args.num_steps), args.num_steps - 1
             rewards = []
             for _ in range(args.n):
-                noise = randn(x0.shape, generators, device)  # a distinct eps_i for each copy
-                x1 = abar_1.sqrt() * x0.detach() + (1 - abar_1).sqrt() * noise
-                eps = predict_noise(sd.unet, x1, t1, prompt_embeds, negative_embeds, args.guidance_scale,
-                                    checkpointed=True)  # fmt: skip
-                x0_i = ddim_step(sd.scheduler, eps, t1, x1, args.eta, generator=generators).latents
-                rewards.append(reward_fn(decode(sd, x0_i, checkpoint_vae=True), batch_prompts))  # (B,)
+                noise = randn(x0.shape, generators, run.device)  # a distinct eps_i for each copy
+                x1 = schedule.alphas[last] * x0.detach() + schedule.sigmas[last] * noise
+                output = model.predict(x1, schedule.timesteps[last], cond, args.guidance_scale, checkpointed=True)
+                x0_i = ddim_step(schedule, last, output, x1, args.eta, generator=generators).latents
+                rewards.append(reward_fn(model.decode(x0_i, checkpointed=True), prompts))  # (B,)
             rewards = torch.stack(rewards)  # (n, B)
             loss = -rewards.sum(0).mean() / args.grad_accum_steps  # -sum_i r(x_0^i), averaged over the batch
             loss.backward()
             rewards_seen.append(rewards.detach().flatten())
             loss_total += loss.detach()
-        average_gradients(lora_params)  # the mean over ranks: every rank takes the same step
-        grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, args.max_grad_norm)
-        if not (torch.isfinite(loss_total) and torch.isfinite(grad_norm)):
-            fail(
-                f"the loss or its gradient became {loss_total.item()} / {grad_norm.item()} at step {step}; stopped"
-                " before the LoRA was overwritten (the last checkpoint is intact): try a lower --learning-rate"
-            )
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = run.optimizer_step(loss_total)
         rewards_seen = gather(torch.cat(rewards_seen))  # the global batch's, on every rank
         metrics = {
             "reward_mean": rewards_seen.mean().item(),
@@ -227,28 +150,6 @@ if __name__ == "__main__":
             "grad_norm": grad_norm.item(),
             "images_per_sec": len(rewards_seen) / (time.time() - step_start),
         }
+        run.log(step, metrics)  # TRY NOT TO MODIFY: metrics, grids, checkpoints
 
-        # TRY NOT TO MODIFY: logging, samples and checkpoints (rank 0's, with the global batch's numbers)
-        if rank != 0:
-            continue
-        if step % args.sample_every == 0 or step == args.train_steps:
-            eval_reward = evaluate(step)
-        metrics = {"step": step, **metrics, "eval_reward_mean": eval_reward}
-        if device.type == "cuda":
-            metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        for name, value in metrics.items():
-            if name != "step" and value is not None:
-                writer.add_scalar(("losses/" if "loss" in name or "kl" in name else "charts/") + name, value, step)
-        if step % args.save_every == 0 or step == args.train_steps:
-            checkpoint_dir = os.path.join(run_dir, "checkpoints", f"step_{step:06d}")
-            state = {"run_name": run_name, "step": step, "optimizer": optimizer.state_dict(), "rng": rng.get_state()}
-            save_checkpoint(checkpoint_dir, sd.unet, {**state, "args": asdict(args)})
-
-    # TRY NOT TO MODIFY: the final LoRA (StableDiffusionPipeline.from_pretrained(base).load_lora_weights(run_dir))
-    if rank == 0:
-        save_lora(sd.unet, run_dir)
-        writer.close()
-        print(f"done: {run_dir}, eval reward {eval_reward}")
-    cleanup()
+    run.finish()  # TRY NOT TO MODIFY: the final LoRA

@@ -12,25 +12,20 @@ and 0 otherwise. No VAE re-encode: the latents are what was sampled. Any reward 
 Defaults: beta 0.2 as in DDPO's public code; optimiser and LoRA as DDPO's (unverified for RWR).
 """
 
-import json
 import os
-import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal, Optional
 
-import numpy as np
 import torch
-from torch.utils.tensorboard import SummaryWriter
-from tqdm.auto import tqdm
 
-from common import check, check_args, cli, fail
-from common.checkpoint import find_checkpoint, open_run_dir, save_checkpoint
-from common.distributed import average_gradients, cleanup, gather, sample_generators, setup, shard, shuffle
-from common.prompts import load_prompts, sample_prompts
-from common.rewards import REWARDS, make_reward
-from common.sampling import decode, initial_latents, randn, sample, save_grid
-from common.sd import SD14, add_lora, encode_prompts, load_lora, load_sd, save_lora
+from common import check, cli, fail
+from common.distributed import gather, sample_generators, shard, shuffle
+from common.models import SD14, Conditioning, load_model
+from common.prompts import load_prompts, sample_prompts, split_prompts
+from common.rewards import make_reward
+from common.run import Run
+from common.sampling import randn, sample
 
 
 def rwr_weights(rewards, beta: float, sparse: bool, percentile: float, sample_batch_size: int) -> torch.Tensor:
@@ -43,18 +38,17 @@ def rwr_weights(rewards, beta: float, sparse: bool, percentile: float, sample_ba
     return (batches >= thresholds).float().flatten()
 
 
-def denoising_loss(unet, scheduler, latents, prompt_embeds, timesteps, noise, weights) -> torch.Tensor:
-    """mean_i w_i || eps_i - eps_theta(z_t, t_i, c_i) ||^2 (mean over latent dims), z_t = sqrt(abar_t) z_0 +
-    sqrt(1 - abar_t) eps: the ordinary diffusion training loss, on the conditional model (no guidance). A v-prediction
-    model (SD 2.x at 768 px) regresses what it was trained on instead: v = sqrt(abar_t) eps - sqrt(1 - abar_t) z_0."""
-    abar = scheduler.alphas_cumprod.to(latents.device)[timesteps].view(-1, 1, 1, 1)
-    noisy_latents = abar.sqrt() * latents + (1 - abar).sqrt() * noise
-    target = noise
-    if scheduler.config.prediction_type == "v_prediction":
-        target = abar.sqrt() * noise - (1 - abar).sqrt() * latents
-    dtype = unet.conv_in.weight.dtype  # not unet.dtype: diffusers walks every module to answer that
-    output = unet(noisy_latents.to(dtype), timesteps, encoder_hidden_states=prompt_embeds.to(dtype)).sample
-    return (weights * ((output.float() - target) ** 2).mean(dim=(1, 2, 3))).mean()
+def denoising_loss(model, latents, cond, index, noise, weights) -> torch.Tensor:
+    """mean_i w_i || target_i - model(z_t, t_i, c_i) ||^2 (mean over latent dims), z_t = alpha_t z_0 + sigma_t eps at
+    the training timesteps `index` (B,): the model's ordinary training loss, on the conditional model (no guidance),
+    with the target it was trained on: eps (SD), v = alpha eps - sigma z_0 (SD 2.x at 768 px), or the velocity
+    eps - z_0 (a flow)."""
+    path = model.training_schedule()
+    alpha, sigma = path.alphas[index].view(-1, 1, 1, 1), path.sigmas[index].view(-1, 1, 1, 1)
+    noisy_latents = alpha * latents + sigma * noise
+    target = {"epsilon": noise, "v_prediction": alpha * noise - sigma * latents, "flow": noise - latents}
+    output = model.predict(noisy_latents, path.timesteps[index], cond, guidance_scale=1.0)
+    return (weights * ((output - target[path.prediction_type]) ** 2).mean(dim=(1, 2, 3))).mean()
 
 
 @dataclass
@@ -68,7 +62,7 @@ class Args:
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
-    """if toggled, cuda will be enabled by default"""
+    """use a CUDA device when there is one (--no-cuda: the CPU)"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases"""
     wandb_project_name: str = "diffusion-reward-finetuning"
@@ -86,13 +80,14 @@ class Args:
 
     # Model, reward and prompts
     pretrained_model: str = SD14
-    """hub id or local folder of a Stable Diffusion 1.x or 2.x pipeline (epsilon or v-prediction)"""
+    """hub id or local folder of a diffusers pipeline: Stable Diffusion 1.x or 2.x"""
     revision: Optional[str] = None
     """the model's revision on the hub"""
-    reward: str = "aesthetic"
+    reward: Literal["aesthetic", "pickscore", "hpsv2", "colorfulness", "jpeg_compressibility",
+                    "jpeg_incompressibility"] = "aesthetic"  # fmt: skip
     """the reward to maximise; any of them (RWR needs no gradient of it)"""
-    prompts: str = "simple_animals"
-    """the prompt set (simple_animals, nouns_activities, shapes)"""
+    prompts: Literal["simple_animals", "nouns_activities", "shapes"] = "simple_animals"
+    """the prompt set"""
     prompt_file: Optional[str] = None
     """a file of prompts, one per line, instead of --prompts"""
     num_steps: int = 50
@@ -103,8 +98,8 @@ class Args:
     """DDIM eta for sampling (0: deterministic)"""
     resolution: int = 512
     """image height and width in pixels"""
-    mixed_precision: Optional[Literal["bf16", "no"]] = None
-    """bf16 or no (fp32) for the frozen weights; the LoRA stays fp32 (default: bf16 on CUDA, fp32 on the CPU)"""
+    mixed_precision: Literal["auto", "bf16", "no"] = "auto"
+    """dtype of the frozen weights: bf16, no (fp32), or auto (bf16 on CUDA, fp32 on the CPU); the LoRA stays fp32"""
 
     # Algorithm specific arguments
     sparse: bool = False
@@ -114,7 +109,7 @@ class Args:
     percentile: float = 90.0
     """sparse RWR's percentile"""
     lora_rank: int = 4
-    """rank of the LoRA on the UNet's attention projections"""
+    """rank of the LoRA on the denoiser's attention projections"""
     learning_rate: float = 3e-4
     """AdamW learning rate"""
     weight_decay: float = 1e-4
@@ -144,101 +139,43 @@ PRESETS = {"sd14": {}, "tiny": dict(pretrained_model="assets/tiny-sd", reward="j
 
 
 if __name__ == "__main__":
-    args = cli(Args, PRESETS)
-    check_args(args)
+    args = cli(Args, PRESETS)  # --help, --preset, --resume's own flags; every shared value checked
     check(args, "percentile", 0 <= args.percentile <= 100, "between 0 and 100")
     check(args, "beta", 0 <= args.beta < float("inf"), "at least 0 (0: uniform weights)")
     if args.samples_per_epoch % args.sample_batch_size or args.samples_per_epoch % args.train_batch_size:
         fail("--samples-per-epoch must be a multiple of --sample-batch-size and of --train-batch-size")
-    if args.reward not in REWARDS:
-        fail(f"unknown reward '{args.reward}'; choose one of: {', '.join(REWARDS)}")
-    prompts = load_prompts(args.prompts, args.prompt_file)
-    run_name = f"{args.reward}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    train_prompts, eval_prompts = split_prompts(load_prompts(args.prompts, args.prompt_file))
 
-    # TRY NOT TO MODIFY: processes, run folder, resuming, tracking, seeding
-    rank, world_size, device = setup(args.cuda)  # under torchrun one process per device, otherwise rank 0 of 1
-    resume_dir, state = find_checkpoint(args.resume) if args.resume else (None, None)
-    # rank 0 writes the run folder, logs and checkpoints for all ranks; the folder is new, or the resumed run's
-    run_dir = open_run_dir(args.output_dir, run_name, resume_dir, state, rank)
-    run_name = os.path.basename(run_dir)  # suffixed if another run took the name first
-    if args.track and rank == 0:
-        try:
-            import wandb
-        except ImportError:
-            fail("--track logs to Weights and Biases, which is not installed: pip install wandb")
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args), name=run_name,
-                   id=run_name, resume="allow", sync_tensorboard=True, save_code=True)  # fmt: skip
-    writer = SummaryWriter(run_dir) if rank == 0 else None
-    if writer:
-        writer.add_text(
-            "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-        )
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    precision = args.mixed_precision or ("bf16" if device.type == "cuda" else "no")  # of the frozen weights
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    # prompts and per-sample seeds, on the CPU: the same draws on every device and rank (each rank keeps its slice)
-    rng = torch.Generator().manual_seed(args.seed)
-    # 4 prompts spread through the set are held out of training and used for the sample grids
-    held_out = [round((i + 0.5) * len(prompts) / 4) for i in range(4)] if len(prompts) > 4 else []
-    eval_prompts = [prompts[i] for i in held_out] or prompts[:4]
-    train_prompts = [p for i, p in enumerate(prompts) if i not in held_out]
+    # TRY NOT TO MODIFY: processes and seeds, the model and the reward (common/run.py, common/models.py)
+    run = Run(args, name=args.reward, counter="epoch")
+    model = load_model(args.pretrained_model, args.revision, run.device, run.dtype, args.resolution, args.num_steps)
+    reward_fn = make_reward(args.reward, run.device, run.dtype)
 
-    sd = load_sd(args.pretrained_model, args.revision, device, dtype, args.num_steps)
-    reward_fn = make_reward(args.reward, device, dtype)
-    lora_params = add_lora(sd.unet, args.lora_rank)
+    # TRY NOT TO MODIFY: the LoRA and its optimizer; the run folder, new or --resume's (common/run.py)
+    lora_params = model.add_lora(args.lora_rank)
     optimizer = torch.optim.AdamW(lora_params, lr=args.learning_rate, weight_decay=args.weight_decay)
-    negative_embeds = encode_prompts(sd, [""])  # (1, 77, D), the unconditional embedding, computed once
-    eval_embeds = encode_prompts(sd, eval_prompts * 2)
-    eval_latents = initial_latents(
-        sd, len(eval_embeds), args.resolution, torch.Generator().manual_seed(args.seed), device
-    )
-    # TRY NOT TO MODIFY: resuming
-    start_epoch = 0
-    if state:
-        load_lora(sd.unet, resume_dir)
-        optimizer.load_state_dict(state["optimizer"])
-        for group in optimizer.param_groups:  # this command's values, which may differ from the checkpoint's
-            group.update(lr=args.learning_rate, weight_decay=args.weight_decay)
-        rng.set_state(state["rng"])
-        start_epoch = state["epoch"]
+    start_epoch = run.start(model, optimizer, reward_fn, eval_prompts)
 
-    def evaluate(epoch: int) -> float:
-        """Fixed-seed samples on the held-out prompts: a grid (on disk and in TensorBoard), and their mean reward."""
-        x0, _ = sample(sd, eval_latents, eval_embeds, negative_embeds, args.num_steps, args.guidance_scale)
-        with torch.no_grad():
-            images = decode(sd, x0)
-            grid = save_grid(
-                images, os.path.join(run_dir, "samples", f"epoch_{epoch:06d}.png"), columns=len(eval_prompts)
-            )
-            writer.add_image("samples", grid, epoch, dataformats="HWC")
-            return reward_fn(images, eval_prompts * 2).mean().item()
-
-    eval_reward = evaluate(start_epoch) if start_epoch == 0 and rank == 0 else None
-    for epoch in tqdm(range(start_epoch + 1, args.num_epochs + 1), initial=start_epoch, total=args.num_epochs,
-                      disable=rank != 0):  # fmt: skip
+    for epoch in run.steps(start_epoch, args.num_epochs):
         epoch_start = time.time()
         # ALGO LOGIC: sampling round with the current model; only x_0's latents are kept
-        batches, generators = [], []
-        with torch.no_grad():
-            for _ in range(args.samples_per_epoch // args.sample_batch_size):
-                # this rank's slice of the global batch: its prompts, and one generator per sample for all its noise
-                batch_prompts = shard(sample_prompts(train_prompts, world_size * args.sample_batch_size, rng),
-                                      args.sample_batch_size)  # fmt: skip
-                batch_generators = sample_generators(args.sample_batch_size, rng)
-                prompt_embeds = encode_prompts(sd, batch_prompts)  # (B, 77, D)
-                latents = initial_latents(sd, args.sample_batch_size, args.resolution, batch_generators, device)  # x_T
-                x0, _ = sample(sd, latents, prompt_embeds, negative_embeds, args.num_steps, args.guidance_scale,
-                               args.eta, generator=batch_generators)  # fmt: skip
-                batches.append({
-                    "prompt_embeds": prompt_embeds,  # (B, 77, D)
-                    "latents": x0,  # (B, 4, h, w): the generated z_0, the regression's data
-                    "rewards": reward_fn(decode(sd, x0), batch_prompts).float(),  # (B,)
-                })  # fmt: skip
-                generators += batch_generators  # the training noise also comes from each sample's generator
+        batches, conds, generators = [], [], []
+        for _ in range(args.samples_per_epoch // args.sample_batch_size):
+            # this rank's slice of the global batch: its prompts, and one generator per sample for all its noise
+            prompts = shard(sample_prompts(train_prompts, run.world_size * args.sample_batch_size, run.rng),
+                            args.sample_batch_size)  # fmt: skip
+            batch_generators = sample_generators(args.sample_batch_size, run.rng)
+            cond = model.encode(prompts)
+            latents = model.initial_latents(args.sample_batch_size, batch_generators)  # x_T
+            x0, _ = sample(model, latents, cond, args.num_steps, args.guidance_scale, args.eta, batch_generators)
+            batches.append({
+                "latents": x0,  # (B, C, h, w): the generated z_0, the regression's data
+                "rewards": reward_fn(model.decode(x0), prompts).float(),  # (B,)
+            })  # fmt: skip
+            conds.append(cond)
+            generators += batch_generators  # the training noise also comes from each sample's generator
         samples = {key: torch.cat([batch[key] for batch in batches]) for key in batches[0]}  # N = samples_per_epoch
+        samples["cond"] = Conditioning.cat(conds)
 
         # ALGO LOGIC: per-sample weights from the rewards of the whole round (of all ranks)
         rewards = gather(samples["rewards"])  # (world_size * N,)
@@ -247,31 +184,21 @@ if __name__ == "__main__":
 
         # ALGO LOGIC: weighted denoising regression on the generated latents
         num_batches = args.samples_per_epoch // args.train_batch_size
-        num_timesteps = sd.scheduler.config.num_train_timesteps
+        num_timesteps = len(model.training_schedule())
         losses, grad_norms = [], []
         for inner_epoch in range(args.num_inner_epochs):
-            order = shuffle(args.samples_per_epoch, rng)  # (N,), a permutation of this rank's samples
+            order = shuffle(args.samples_per_epoch, run.rng)  # (N,), a permutation of this rank's samples
             for b in range(num_batches):
                 index = order[b * args.train_batch_size : (b + 1) * args.train_batch_size]
-                sample_rngs = [generators[i] for i in index]  # t ~ U{0..999} and eps from each sample's generator
+                sample_rngs = [generators[i] for i in index]  # t and eps from each sample's generator
                 timesteps = torch.cat([torch.randint(num_timesteps, (1,), generator=g) for g in sample_rngs])
-                noise = randn(samples["latents"][index].shape, sample_rngs, device)
-                loss = denoising_loss(sd.unet, sd.scheduler, samples["latents"][index], samples["prompt_embeds"][index],
-                                      timesteps.to(device), noise, local_weights[index])  # fmt: skip
+                noise = randn(samples["latents"][index].shape, sample_rngs, run.device)
+                loss = denoising_loss(model, samples["latents"][index], samples["cond"][index.to(run.device)],
+                                      timesteps.to(run.device), noise, local_weights[index])  # fmt: skip
                 (loss / args.grad_accum_steps).backward()
                 losses.append(loss.detach())  # kept on the device and read once an epoch
                 if (b + 1) % args.grad_accum_steps == 0 or b == num_batches - 1:
-                    average_gradients(lora_params)  # the mean over ranks: every rank takes the same step
-                    grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, args.max_grad_norm)
-                    if not (torch.isfinite(losses[-1]) and torch.isfinite(grad_norm)):
-                        fail(
-                            f"the loss or its gradient became {losses[-1].item()} / {grad_norm.item()} at epoch"
-                            f" {epoch}; stopped before the LoRA was overwritten (the last checkpoint is intact): try a"
-                            " lower --learning-rate"
-                        )
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    grad_norms.append(grad_norm)
+                    grad_norms.append(run.optimizer_step(losses[-1]))
         metrics = {
             "reward_mean": rewards.mean().item(),
             "reward_std": rewards.std().item(),
@@ -280,28 +207,6 @@ if __name__ == "__main__":
             "grad_norm": torch.stack(grad_norms).mean().item(),
             "images_per_sec": len(rewards) / (time.time() - epoch_start),
         }
+        run.log(epoch, metrics)  # TRY NOT TO MODIFY: metrics, grids, checkpoints
 
-        # TRY NOT TO MODIFY: logging, samples and checkpoints (rank 0's, with the global batch's numbers)
-        if rank != 0:
-            continue
-        if epoch % args.sample_every == 0 or epoch == args.num_epochs:
-            eval_reward = evaluate(epoch)
-        metrics = {"epoch": epoch, **metrics, "eval_reward_mean": eval_reward}
-        if device.type == "cuda":
-            metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        for name, value in metrics.items():
-            if name != "epoch" and value is not None:
-                writer.add_scalar(("losses/" if "loss" in name or "kl" in name else "charts/") + name, value, epoch)
-        if epoch % args.save_every == 0 or epoch == args.num_epochs:
-            checkpoint_dir = os.path.join(run_dir, "checkpoints", f"epoch_{epoch:06d}")
-            state = {"run_name": run_name, "epoch": epoch, "optimizer": optimizer.state_dict(), "rng": rng.get_state()}
-            save_checkpoint(checkpoint_dir, sd.unet, {**state, "args": asdict(args)})
-
-    # TRY NOT TO MODIFY: the final LoRA (StableDiffusionPipeline.from_pretrained(base).load_lora_weights(run_dir))
-    if rank == 0:
-        save_lora(sd.unet, run_dir)
-        writer.close()
-        print(f"done: {run_dir}, eval reward {eval_reward}")
-    cleanup()
+    run.finish()  # TRY NOT TO MODIFY: the final LoRA

@@ -7,7 +7,7 @@ background of another, captioned "a {colour} {shape} on a {background} backgroun
 common.prompts.PROMPT_SETS["shapes"]). Stage 1 trains the VAE (scale factor 4: 32 px -> 4 x 8 x 8 latents); stage 2
 trains the UNet and the text encoder together with SD's denoising loss (epsilon prediction, 10% empty prompts for
 classifier-free guidance); stage 3 saves with StableDiffusionPipeline.save_pretrained, loads it back through
-common.sd.load_sd and measures how often samples follow their prompts (numbers in assets/README.md).
+common.models.load_model and measures how often samples follow their prompts (numbers in assets/README.md).
 
     python assets/train_tiny_sd.py                    # the shipped model: 27 minutes on one CPU core
     python assets/train_tiny_sd.py --vae-steps 10 --unet-steps 10 --output-dir /tmp/tiny-sd --grid ""  # smoke run
@@ -28,10 +28,10 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for common/
 from common import fail  # noqa: E402
+from common.models import load_model  # noqa: E402
 from common.prompts import COLOURS, PROMPT_SETS, SHAPES  # noqa: E402
 from common.rewards import Colorfulness  # noqa: E402
-from common.sampling import decode, initial_latents, sample  # noqa: E402
-from common.sd import encode_prompts, load_sd  # noqa: E402
+from common.sampling import sample  # noqa: E402
 
 
 @dataclass
@@ -314,14 +314,13 @@ if __name__ == "__main__":
     train_time = time.time() - start_time
     print(f"saved {args.output_dir} after {train_time / 60:.1f} minutes")
 
-    sd = load_sd(args.output_dir)
+    model = load_model(args.output_dir, resolution=args.resolution)
     prompts = [p for p in PROMPT_SETS["shapes"] for _ in range(args.eval_samples_per_prompt)]
     eval_generator = torch.Generator().manual_seed(args.seed)
     with torch.no_grad():
-        latents = initial_latents(sd, len(prompts), args.resolution, eval_generator)
-        prompt_embeds, negative_embeds = encode_prompts(sd, prompts), encode_prompts(sd, [""])
-        x0, _ = sample(sd, latents, prompt_embeds, negative_embeds, args.eval_steps, args.guidance_scale)
-        images = decode(sd, x0)
+        latents = model.initial_latents(len(prompts), eval_generator)
+        x0, _ = sample(model, latents, model.encode(prompts), args.eval_steps, args.guidance_scale)
+        images = model.decode(x0)
     colorfulness = Colorfulness()(images)
     descriptions = describe(images)
     print(f"{len(prompts)} samples, {args.eval_steps} DDIM steps, guidance {args.guidance_scale}: follow their prompt"
@@ -341,10 +340,9 @@ if __name__ == "__main__":
             for col, background in enumerate(c for c in COLOURS if c != colour)
         ]
         with torch.no_grad():
-            latents = initial_latents(sd, len(grid_prompts), args.resolution, torch.Generator().manual_seed(args.seed))
-            prompt_embeds = encode_prompts(sd, grid_prompts)
-            x0, _ = sample(sd, latents, prompt_embeds, negative_embeds, args.eval_steps, args.guidance_scale)
-            grid = decode(sd, x0)  # (30, 3, 32, 32)
+            latents = model.initial_latents(len(grid_prompts), torch.Generator().manual_seed(args.seed))
+            x0, _ = sample(model, latents, model.encode(grid_prompts), args.eval_steps, args.guidance_scale)
+            grid = model.decode(x0)  # (30, 3, 32, 32)
         grid = grid.view(len(COLOURS), len(COLOURS) - 1, 3, args.resolution, args.resolution).permute(0, 3, 1, 4, 2)
         grid = grid.reshape(len(COLOURS) * args.resolution, (len(COLOURS) - 1) * args.resolution, 3)
         grid = (grid * 255).round().to(torch.uint8).repeat_interleave(3, 0).repeat_interleave(3, 1).numpy()

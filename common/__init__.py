@@ -1,22 +1,18 @@
-"""Shared pieces of the six scripts: SD loading and LoRA (`sd`), DDIM sampling (`sampling`),
-rewards (`rewards`) and prompt sets (`prompts`). Only what is the same in every method lives here."""
+"""Shared pieces of the six scripts (docs/ALGORITHMS.md maps each formula to its function): the command line (`cli`,
+one-sentence user errors), the models (`models`), the sampler (`sampling`), rewards (`rewards`), prompt sets
+(`prompts`), the run's lifecycle (`run`, `checkpoint`) and torchrun (`distributed`). Importing it changes nothing
+global: `cli` installs the error handling and the warning filters when a script starts."""
 
 import atexit
+import contextlib
 import dataclasses
+import io
 import logging
 import os
 import re
 import sys
 import warnings
 from typing import NoReturn, TypeVar
-
-# diffusers 0.42 still passes this retired argument to huggingface_hub, which warns on every config load
-warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
-# transformers 5 warns on every run without torchvision that it uses its PIL image processors instead: the rewards
-# only read the processor's sizes and statistics, so the backend does not matter here
-logging.getLogger("transformers.utils.import_utils").addFilter(
-    lambda record: "requires torchvision" not in record.getMessage()
-)
 
 
 def fail(message: str) -> NoReturn:
@@ -52,7 +48,18 @@ def fail_now(message: str) -> None:
     os._exit(2)
 
 
-sys.excepthook = out_of_memory_or_lost_rank
+def quiet_and_catch() -> None:
+    """What a script changes globally when it starts: out-of-memory errors and lost torchrun peers end in one sentence
+    (sys.excepthook), and the libraries' warnings that say nothing about the run are filtered."""
+    sys.excepthook = out_of_memory_or_lost_rank
+    # diffusers 0.42 still passes this retired argument to huggingface_hub, which warns on every config load
+    warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+    # transformers 5 warns on every run without torchvision that it uses its PIL image processors instead: the rewards
+    # only read the processor's sizes and statistics, so the backend does not matter here
+    logging.getLogger("transformers.utils.import_utils").addFilter(
+        lambda record: "requires torchvision" not in record.getMessage()
+    )
+
 
 T = TypeVar("T")
 # flags that may differ from a checkpoint's when resuming it: they extend, log or place the run, or set the optimizer
@@ -63,26 +70,33 @@ RESUMABLE = {"resume", "train_steps", "num_epochs", "save_every", "sample_every"
 
 
 def cli(args_class: type[T], presets: dict[str, dict]) -> T:
-    """`tyro.cli(args_class)` whose defaults are those of the preset that `--preset NAME` names (the class's own
-    defaults are the first preset's): flags given on the command line still override the preset's values.
-    With `--resume`, the defaults are the resumed run's own arguments: flags in RESUMABLE may change (each change is
-    reported), any other that differs ends the program with one sentence. `args.resume` becomes the checkpoint."""
-    import tyro
-
+    """The script's arguments: `tyro.cli(args_class)` with the script's docstring atop `--help`, and defaults from the
+    preset that `--preset NAME` names (the class's own defaults are the first preset's); flags given on the command
+    line override the preset's values. With `--resume`, the defaults are the resumed run's own arguments: flags in
+    RESUMABLE may change (each change is reported), any other that differs ends the program with one sentence, and
+    `args.resume` becomes the checkpoint folder. Every shared flag is checked (SHARED_FLAGS); a value the parser
+    cannot read ends in one sentence too. Installs the error handling (quiet_and_catch)."""
     from common.checkpoint import find_checkpoint
 
+    quiet_and_catch()
     argv = sys.argv[1:]
 
     def given(flag: str) -> str | None:
         value = next((a.split("=", 1)[1] for a in argv if a.startswith(f"--{flag}=")), None)
         return argv[argv.index(f"--{flag}") + 1] if f"--{flag}" in argv[:-1] else value
 
-    name = given("preset") if given("preset") in presets else args_class.preset  # tyro refuses an unknown one
+    name = given("preset") if given("preset") in presets else args_class.preset  # the parser refuses an unknown one
     defaults = dataclasses.replace(args_class(), preset=name, **presets[name])
-    if given("resume") and "--help" not in argv and "-h" not in argv:
+    if given("resume") is None or "--help" in argv or "-h" in argv:
+        args = parse(args_class, defaults)
+    else:
         checkpoint_dir, state = find_checkpoint(given("resume"))
+        script = os.path.basename(sys.argv[0])
+        if state.get("script", script) != script:
+            fail(f"{checkpoint_dir} is a checkpoint of {state['script']}, not of {script}: resume it with"
+                 f" python {state['script']} --resume {given('resume')}")  # fmt: skip
         saved = {k: v for k, v in state.get("args", {}).items() if k in {f.name for f in dataclasses.fields(defaults)}}
-        args = tyro.cli(args_class, default=dataclasses.replace(defaults, **saved))
+        args = parse(args_class, dataclasses.replace(defaults, **saved))
         for flag, old in saved.items():
             new = getattr(args, flag)
             if new != old and flag not in RESUMABLE:
@@ -91,8 +105,34 @@ def cli(args_class: type[T], presets: dict[str, dict]) -> T:
             if new != old and flag != "resume" and os.environ.get("RANK", "0") == "0":
                 print(f"resuming with --{flag.replace('_', '-')} {new} (was {old})")
         args.resume = checkpoint_dir
-        return args
-    return tyro.cli(args_class, default=defaults)
+    for flag, (test, allowed) in SHARED_FLAGS.items():
+        if hasattr(args, flag):
+            check(args, flag, test(getattr(args, flag)), allowed)
+    return args
+
+
+def parse(args_class: type[T], defaults: T) -> T:
+    """tyro.cli, with the message of a value it cannot parse (an unknown choice, a word for a number, an unknown flag)
+    turned from its box into one sentence."""
+    import tyro
+
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            return tyro.cli(args_class, default=defaults, description=sys.modules["__main__"].__doc__)
+    except SystemExit as e:
+        if not e.code:  # --help
+            sys.stderr.write(captured.getvalue())
+            raise
+        text = []  # the box's first paragraph: below its title, up to its first rule
+        for line in captured.getvalue().splitlines()[1:]:
+            line = line.strip().strip("│|").strip()
+            if set(line) <= set("─-+╰╯═ "):
+                if text:
+                    break
+                continue
+            text.append(line)
+        fail(f"{' '.join(text).removeprefix('Error parsing ') or 'the command line cannot be parsed'} (see --help)")
 
 
 def check(args, name: str, ok: bool, allowed: str) -> None:
@@ -105,7 +145,7 @@ def at_least_1(x) -> bool:
     return x >= 1
 
 
-# the flags most scripts share, and any script's counts, with what each allows (NaN fails every comparison: refused)
+# the flags several scripts share, with what each allows (NaN fails every comparison: refused)
 SHARED_FLAGS = {
     "exp_name": (lambda x: bool(re.fullmatch(r"[\w.+-]+", x)) and set(x) != {"."}, "letters, digits, _ . + -"),
     "seed": (lambda x: 0 <= x < 2**32, "between 0 and 2**32 - 1"),
@@ -120,16 +160,8 @@ SHARED_FLAGS = {
     "weight_decay": (lambda x: 0 <= x < float("inf"), "at least 0"),
     "max_grad_norm": (lambda x: 0 < x < float("inf"), "a positive number"),
     **{size: (at_least_1, "at least 1") for size in ("batch_size", "sample_batch_size", "train_batch_size",
-       "samples_per_epoch", "grad_accum_steps", "num_inner_epochs", "train_steps", "num_epochs", "offline_size",
-       "reward_model_steps")},
+       "samples_per_epoch", "grad_accum_steps", "num_inner_epochs", "train_steps", "num_epochs")},
 }  # fmt: skip
-
-
-def check_args(args) -> None:
-    """The checks of SHARED_FLAGS for each of them that `args` has; a script checks its own flags with `check`."""
-    for name, (test, allowed) in SHARED_FLAGS.items():
-        if hasattr(args, name):
-            check(args, name, test(getattr(args, name)), allowed)
 
 
 def load_or_fail(load, model_id: str, **kwargs):

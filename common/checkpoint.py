@@ -1,4 +1,4 @@
-"""Run folders and checkpoints, the same in all six scripts. A checkpoint is a folder
+"""Run folders and checkpoints (the storage of common/run.py's lifecycle). A checkpoint is a folder
 `{run}/checkpoints/{step|epoch}_XXXXXX/` holding the LoRA in diffusers' format and `state.pt` (optimizer, counter,
 RNG, the run's arguments). It is written into a temporary folder and renamed into place, so it exists whole or not
 at all."""
@@ -12,7 +12,7 @@ import torch
 
 from common import fail
 from common.distributed import broadcast
-from common.sd import LORA_WEIGHTS, save_lora
+from common.models import LORA_WEIGHTS
 
 STATE = "state.pt"
 
@@ -119,14 +119,14 @@ def truncate_metrics(run_dir: str, counter: str, last: int) -> None:
         f.writelines(kept)
 
 
-def save_checkpoint(checkpoint_dir: str, unet, state: dict) -> None:
+def save_checkpoint(checkpoint_dir: str, model, state: dict) -> None:
     """The LoRA and `state` into a temporary folder, then renamed to `checkpoint_dir` (replacing an older one of the
     same name, which a resumed run may have left beyond its checkpoint). A failed write (a full disk) leaves the
     earlier checkpoints as they were and ends the program with one sentence."""
     temporary = f"{checkpoint_dir}.tmp"
     try:
         shutil.rmtree(temporary, ignore_errors=True)
-        save_lora(unet, temporary)  # refuses non-finite weights
+        model.save_lora(temporary)  # refuses non-finite weights
         torch.save(state, os.path.join(temporary, STATE))
         if os.path.exists(checkpoint_dir):
             shutil.rmtree(checkpoint_dir)

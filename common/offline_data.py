@@ -1,7 +1,8 @@
-"""BRAID's offline data: synthesised by the pretrained model and a noisy labeler, or from a file (a folder of images
-with a scores.csv of `file,score` lines, or a .pt file holding {"scores": (N,)} and either {"images": uint8 (N, 3, H,
-W)} or {"features": (N, D)}, and maybe {"true_rewards": (N,)}). Data plumbing, not the method: every malformed file
-ends the run with one sentence naming the file and the line or key (docs/braid.md lists the rules)."""
+"""Reading, checking and featurising BRAID's offline data (braid.py holds BRAID's protocol for synthesising it): a
+folder of images with a scores.csv of `file,score` lines, or a .pt file holding {"scores": (N,)} and either
+{"images": uint8 (N, 3, H, W)} or {"features": (N, D)}, and maybe {"true_rewards": (N,)}. Data plumbing, not the
+method: every malformed file ends the run with one sentence naming the file and the line or key (docs/braid.md
+lists the rules)."""
 
 import csv
 import math
@@ -16,8 +17,7 @@ from tqdm.auto import tqdm
 from common import fail
 from common.distributed import gather, sample_generators, shard
 from common.prompts import sample_prompts
-from common.sampling import decode, initial_latents, sample
-from common.sd import encode_prompts
+from common.sampling import sample
 
 
 def reject(where: str, checks) -> None:
@@ -105,16 +105,6 @@ def check_offline_data(data, source: str, feature_dim: int, val_fraction: float)
     return num_val
 
 
-def offline_dataset(args, run_dir: str, sd, labeler, prompts, negative_embeds):
-    """`args.offline_data` loaded, or without it (`labeler` given) the data synthesised into the run folder, or read
-    back from there when resuming. Returns the data and the file they come from."""
-    source = args.offline_data or os.path.join(run_dir, "offline_data.pt")
-    if labeler is None or os.path.isfile(source):
-        return load_offline_data(source, args.resolution), source
-    generator = torch.Generator().manual_seed(args.seed + 1)
-    return synthesise_offline_data(sd, labeler, prompts, negative_embeds, args, generator, save_to=source), source
-
-
 @torch.no_grad()
 def offline_features(data, source: str, featurize, args, generator):
     """The checked data's (check_offline_data) features (N, D), from the file or of its images by `featurize`, and
@@ -132,30 +122,23 @@ def offline_features(data, source: str, featurize, args, generator):
 
 
 @torch.no_grad()
-def synthesise_offline_data(sd, labeler, prompts, negative_embeds, args, generator, save_to: str) -> dict:
-    """The offline dataset when no file is given: `args.offline_size` images of the pretrained model on the training
-    prompts, scored y = labeler(x) + label_noise N(0, 1); only the scores below `args.offline_quantile` are kept, so
-    that extrapolation matters. Under torchrun each rank samples its slice of every batch; rank 0 saves the data to
-    `save_to` (a resumed run reads them from there)."""
+def sample_images(model, score, prompts: list[str], args, generator) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """`args.offline_size` images (uint8, (N, 3, H, W)) of `model` on prompts drawn from `prompts`, sampled as the
+    script samples (`args`: steps, guidance, eta, batch size), their scores by `score` (N,) and their prompts. Under
+    torchrun each rank samples its slice of every batch; every rank gets them all."""
     world_size = dist.get_world_size() if dist.is_initialized() else 1
-    images, true_rewards, data_prompts = [], [], []
+    images, scores, data_prompts = [], [], []
     global_batch = world_size * args.batch_size
     for _ in tqdm(range(math.ceil(args.offline_size / global_batch)), desc="synthesising offline data",
                   disable=os.environ.get("RANK", "0") != "0"):  # fmt: skip
         batch_prompts = sample_prompts(prompts, global_batch, generator)
         generators = sample_generators(args.batch_size, generator)
-        latents = initial_latents(sd, args.batch_size, args.resolution, generators, sd.unet.device)
-        x0, _ = sample(sd, latents, encode_prompts(sd, shard(batch_prompts, args.batch_size)), negative_embeds,
-                       args.num_steps, args.guidance_scale, args.eta, generator=generators)  # fmt: skip
-        batch_images = decode(sd, x0)
-        true_rewards.append(gather(labeler(batch_images, shard(batch_prompts, args.batch_size))).cpu())
+        latents = model.initial_latents(args.batch_size, generators)
+        cond = model.encode(shard(batch_prompts, args.batch_size))
+        batch_images = model.decode(sample(model, latents, cond, args.num_steps, args.guidance_scale, args.eta,
+                                           generators)[0])  # fmt: skip
+        scores.append(gather(score(batch_images, shard(batch_prompts, args.batch_size))).cpu())
         images.append(gather((batch_images * 255).round().byte()).cpu())
         data_prompts += batch_prompts
-    true_rewards = torch.cat(true_rewards)[: args.offline_size].float()
-    scores = true_rewards + args.label_noise * torch.randn(len(true_rewards), generator=generator)
-    keep = scores <= torch.quantile(scores, args.offline_quantile)
-    images, prompts = torch.cat(images)[: args.offline_size][keep], [p for p, k in zip(data_prompts, keep) if k]
-    data = {"images": images, "scores": scores[keep], "true_rewards": true_rewards[keep], "prompts": prompts}
-    if os.environ.get("RANK", "0") == "0":
-        torch.save(data, save_to)
-    return data
+    n = args.offline_size
+    return torch.cat(images)[:n], torch.cat(scores)[:n].float(), data_prompts[:n]

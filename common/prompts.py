@@ -55,6 +55,13 @@ def load_prompts(name: str = "simple_animals", prompt_file: str | None = None) -
     return prompts
 
 
+def split_prompts(prompts: list[str]) -> tuple[list[str], list[str]]:
+    """(training prompts, held-out prompts): 4 prompts spread through the set are held out of training, for the
+    evaluation and its sample grids (a set of 4 or fewer is used for both)."""
+    held_out = [round((i + 0.5) * len(prompts) / 4) for i in range(4)] if len(prompts) > 4 else []
+    return [p for i, p in enumerate(prompts) if i not in held_out], [prompts[i] for i in held_out] or prompts[:4]
+
+
 def sample_prompts(prompts: list[str], n: int, generator: torch.Generator) -> list[str]:
     """n prompts drawn uniformly with replacement; the generator's state makes it reproducible and resumable."""
     return [prompts[i] for i in torch.randint(len(prompts), (n,), generator=generator).tolist()]

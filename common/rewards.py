@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from huggingface_hub import hf_hub_download
 from PIL import Image
 from torch import nn
-from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+from transformers import AutoTokenizer, CLIPModel
 
 from common import fail, load_or_fail
 
@@ -33,7 +33,7 @@ def clip_preprocess(images, size: int = 224, mean=OPENAI_CLIP_MEAN, std=OPENAI_C
     return (images - mean) / std
 
 
-def processor_preprocess(processor: CLIPImageProcessor, images) -> torch.Tensor:
+def processor_preprocess(processor, images) -> torch.Tensor:
     """clip_preprocess with the size, mean and std of a model's own image processor config."""
     size = processor.crop_size["height"] if processor.do_center_crop else processor.size["shortest_edge"]
     return clip_preprocess(images, size, processor.image_mean, processor.image_std)
@@ -52,6 +52,8 @@ class ClipImageFeatures(nn.Module):
 
     def __init__(self, clip_model="openai/clip-vit-large-patch14"):
         super().__init__()
+        from transformers import CLIPImageProcessor  # imported here: its import warns when torchvision is missing
+
         self.clip = load_or_fail(CLIPModel.from_pretrained, clip_model)  # the text tower idles: 1/4 of the weights
         self.processor = load_or_fail(CLIPImageProcessor.from_pretrained, clip_model)
 
@@ -63,18 +65,18 @@ class ClipImageFeatures(nn.Module):
 
 class ImageFeatures(nn.Module):
     """Frozen, differentiable image features for a reward model fitted on them (BRAID's): ClipImageFeatures of a CLIP
-    id or path, or "vae": the pipeline's own VAE latents average-pooled to 4 x 4 (no extra download)."""
+    id or path, or "vae": the text-to-image `model`'s own VAE latents average-pooled to 4 x 4 (no extra download)."""
 
-    def __init__(self, feature_model: str, vae):
+    def __init__(self, feature_model: str, model):
         super().__init__()
-        self.vae = vae if feature_model == "vae" else None
+        self.vae = model.vae if feature_model == "vae" else None  # a submodule: its device is the features'
+        self.encode_images = model.encode_images
         self.clip = ClipImageFeatures(feature_model).requires_grad_(False).eval() if self.vae is None else None
 
     def forward(self, images):  # (B, 3, H, W) in [0, 1] -> (B, D)
         if self.clip is not None:
             return self.clip(images).float()
-        latents = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist.mean.float()
-        return F.adaptive_avg_pool2d(latents * self.vae.config.scaling_factor, 4).flatten(1)  # (B, 4 * 16)
+        return F.adaptive_avg_pool2d(self.encode_images(images), 4).flatten(1)  # (B, C * 16)
 
 
 class Aesthetic(nn.Module):
@@ -106,6 +108,8 @@ class PickScore(nn.Module):
 
     def __init__(self, model="yuvalkirstain/PickScore_v1", processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K"):
         super().__init__()
+        from transformers import CLIPImageProcessor  # imported here: its import warns when torchvision is missing
+
         self.model = load_or_fail(CLIPModel.from_pretrained, model)
         self.processor = load_or_fail(CLIPImageProcessor.from_pretrained, processor)
         self.tokenizer = load_or_fail(AutoTokenizer.from_pretrained, processor)
@@ -197,7 +201,6 @@ REWARDS = {
     "jpeg_incompressibility": JpegIncompressibility,
     "colorfulness": Colorfulness,
 }
-DIFFERENTIABLE_REWARDS = [name for name, cls in REWARDS.items() if cls.differentiable]
 
 
 def make_reward(name: str, device="cpu", dtype=torch.float32, **kwargs) -> nn.Module:

@@ -28,6 +28,7 @@ def run_script(script: str, args: list[str], monkeypatch) -> dict:
     """Runs a script in this process, as `python script ...` would, without the interpreter's start-up cost;
     returns the script's globals at its end."""
     monkeypatch.setattr(sys, "argv", [script, *args])
+    monkeypatch.chdir(ROOT)  # as `python script ...` from the repository (--preset tiny's model path is relative)
     return runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
 
 

@@ -1,5 +1,7 @@
 """Rewards: known values, gradients, the tiny-CLIP model rewards against the official CLIP processor and model."""
 
+import typing
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,8 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import CLIPImageProcessor, CLIPModel
 
-from common.rewards import DIFFERENTIABLE_REWARDS, REWARDS, clip_preprocess, jpeg_size_kb, make_reward
+from common.rewards import REWARDS, clip_preprocess, jpeg_size_kb, make_reward
+from scripts import SCRIPTS, definitions
 
 
 def to_pil(images):
@@ -118,7 +121,6 @@ def test_unknown_reward_lists_the_valid_names(capsys):
 
 
 def test_hpsv2_says_how_to_install_open_clip(capsys):
-    pytest.importorskip("torch")
     try:
         import open_clip  # noqa: F401
 
@@ -137,5 +139,11 @@ def test_missing_reward_model_gives_one_clear_sentence(capsys):
     assert message.startswith("error: could not load '/no/such/clip'") and len(message.splitlines()) == 1
 
 
-def test_the_differentiable_list():
-    assert DIFFERENTIABLE_REWARDS == ["aesthetic", "pickscore", "hpsv2", "colorfulness"]
+def test_each_script_offers_exactly_the_rewards_it_can_use():
+    """--reward's choices (what --help lists and the parser checks): DRaFT backpropagates through the reward, so only
+    the differentiable ones; DDPO and RWR any; BRAID's labeler any."""
+    for script in SCRIPTS:
+        fields = typing.get_type_hints(definitions(script)["Args"])
+        choices = typing.get_args(fields["labeler" if script == "braid.py" else "reward"])
+        differentiable_only = script.startswith("draft")
+        assert set(choices) == {name for name, cls in REWARDS.items() if cls.differentiable or not differentiable_only}

@@ -1,4 +1,4 @@
-"""The shipped tiny model (assets/tiny-sd): it loads through load_sd and through plain diffusers, fits its size
+"""The shipped tiny model (assets/tiny-sd): it loads through load_model and through plain diffusers, fits its size
 budget, and its samples follow their prompts, as read back from the pixels by the world's own `describe`."""
 
 import os
@@ -8,10 +8,10 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from assets.train_tiny_sd import accuracy, describe, draw, parse, random_captions
+from common.models import load_model
 from common.prompts import PROMPT_SETS
 from common.rewards import Colorfulness
-from common.sampling import decode, initial_latents, sample
-from common.sd import encode_prompts, load_sd
+from common.sampling import sample
 
 TINY_SD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "tiny-sd")
 RESOLUTION, STEPS, GUIDANCE = 32, 20, 5.0  # the settings assets/README.md recommends
@@ -19,18 +19,18 @@ GREY = {"white", "black"}
 
 
 @pytest.fixture(scope="module")
-def sd():
-    return load_sd(TINY_SD)
+def model():
+    return load_model(TINY_SD, resolution=RESOLUTION)
 
 
 @pytest.fixture(scope="module")
-def samples(sd):
+def samples(model):
     """One sample of each of the 90 prompts of the 'shapes' set."""
     prompts = PROMPT_SETS["shapes"]
-    latents = initial_latents(sd, len(prompts), RESOLUTION, torch.Generator().manual_seed(0))
+    latents = model.initial_latents(len(prompts), torch.Generator().manual_seed(0))
     with torch.no_grad():
-        x0, _ = sample(sd, latents, encode_prompts(sd, prompts), encode_prompts(sd, [""]), STEPS, GUIDANCE)
-        return prompts, latents, decode(sd, x0)
+        x0, _ = sample(model, latents, model.encode(prompts), STEPS, GUIDANCE)
+        return prompts, latents, model.decode(x0)
 
 
 def test_the_reader_is_exact_on_drawn_images_and_notices_wrong_captions():
@@ -41,17 +41,18 @@ def test_the_reader_is_exact_on_drawn_images_and_notices_wrong_captions():
     assert max(wrong.values()) < 0.5
 
 
-def test_the_model_is_sd_shaped_and_small(sd):
-    assert sd.vae_scale_factor == 4 and sd.unet.config.sample_size * 4 == RESOLUTION
-    assert sd.scheduler.config.beta_schedule == "scaled_linear" and sd.scheduler.config.steps_offset == 1
-    assert not sd.scheduler.config.set_alpha_to_one and sd.scheduler.config.prediction_type == "epsilon"
+def test_the_model_is_sd_shaped_and_small(model):
+    config = model.scheduler.config
+    assert model.vae_scale_factor == 4 and model.denoiser.config.sample_size * 4 == RESOLUTION
+    assert config.beta_schedule == "scaled_linear" and config.steps_offset == 1
+    assert not config.set_alpha_to_one and config.prediction_type == "epsilon"
     words = {word for prompt in PROMPT_SETS["shapes"] for word in prompt.split()}
-    assert all(len(sd.tokenizer.tokenize(word)) == 1 for word in words)  # merged whole
+    assert all(len(model.tokenizers[0].tokenize(word)) == 1 for word in words)  # merged whole
     size = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(TINY_SD) for f in files)
     assert size <= 10e6
 
 
-def test_plain_diffusers_gives_the_same_images(sd, samples):
+def test_plain_diffusers_gives_the_same_images(samples):
     prompts, latents, images = samples
     pipeline = StableDiffusionPipeline.from_pretrained(TINY_SD)
     assert isinstance(pipeline.scheduler, DDIMScheduler)

@@ -31,6 +31,7 @@ def batch_flags(flags: dict, scale: int) -> list[str]:
     return [str(x) for name, value in flags.items() for x in (name, value * scale)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", CASES)
 def test_two_ranks_match_one_process_over_the_combined_batch(script, tiny_sd_path, tmp_path, monkeypatch):
     args, flags = CASES[script]

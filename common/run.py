@@ -1,0 +1,171 @@
+"""The run's lifecycle, the same in all six scripts, so that each script shows its method and not its plumbing:
+processes and seeding, the run folder and resuming, tracking, the held-out evaluation and its sample grids, the
+metrics log, checkpoints and the final LoRA (docs/RUNS.md says what a run folder holds). A script calls it in a
+few visible lines:
+
+    run = Run(args, name=args.reward)                                  # processes, device, seeds: no folder yet
+    ...                                                                # the model, reward, LoRA and optimizer
+    start = run.start(model, optimizer, reward_fn, eval_prompts)       # the run folder; --resume's checkpoint
+    for step in run.steps(start, args.train_steps):                    # the first evaluation, a progress bar
+        ...                                                            # the method
+        grad_norm = run.optimizer_step()                               # mean over ranks, clip, step
+        run.log(step, metrics)                                         # metrics, grids, checkpoints (rank 0)
+    run.finish()                                                       # the final LoRA
+"""
+
+import atexit
+import json
+import os
+import random
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from common import fail
+from common.checkpoint import find_checkpoint, open_run_dir, run_dir_of, save_checkpoint
+from common.distributed import average_gradients, cleanup, setup
+from common.sampling import sample
+
+
+class Run:
+    def __init__(self, args, name: str, counter: str = "step"):
+        """Joins the torchrun processes (if any), picks the device and the frozen weights' dtype, seeds every
+        generator and reads --resume's checkpoint (cli has checked it). `name` leads the run folder's name (the reward);
+        `counter` is what the run counts: "step" (optimizer steps) or "epoch" (sampling rounds)."""
+        self.args, self.counter = args, counter
+        self.rank, self.world_size, self.device = setup(args.cuda)  # one process per device under torchrun
+        precision = args.mixed_precision if args.mixed_precision != "auto" else "bf16" * (self.device.type == "cuda")
+        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32  # of the frozen weights
+        self.resume_dir, self.state = find_checkpoint(args.resume) if args.resume else (None, None)
+        self.dir = run_dir_of(self.resume_dir) if self.resume_dir else None  # a new run's folder is made by start
+        self.name = f"{name}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        torch.manual_seed(args.seed)
+        torch.backends.cudnn.deterministic = args.torch_deterministic
+        # prompts and per-sample seeds, on the CPU: the same draws on every device and rank (each rank keeps its slice)
+        self.rng = torch.Generator().manual_seed(args.seed)
+        self.writer, self.eval_reward, self.first_eval_reward, self.started = None, None, None, False
+
+    def start(self, model, optimizer, reward_fn, eval_prompts: list[str], eval_eta: float = 0.0) -> int:
+        """Opens the run folder (rank 0 writes it for all ranks and locks it while the run lasts: a new folder, or the
+        resumed run's), tracking and TensorBoard, and loads the resumed checkpoint's LoRA, optimizer, random state
+        and counter. Evaluations sample `eval_prompts` twice each from fixed x_T (DDIM at `eval_eta`, with fixed
+        noise) and score them with `reward_fn`. Returns the counter to continue from (0 for a new run)."""
+        args = self.args
+        self.model, self.optimizer, self.reward_fn, self.eval_prompts = model, optimizer, reward_fn, eval_prompts
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.dir = open_run_dir(args.output_dir, self.name, self.resume_dir, self.state, self.rank)
+        self.name = os.path.basename(self.dir)  # suffixed if another run took the name first
+        if self.rank == 0 and not self.resume_dir:  # a new run that ends before its first step leaves no folder behind
+            atexit.register(lambda: self.started or shutil.rmtree(self.dir, ignore_errors=True))
+        if self.rank == 0:
+            if args.track:
+                try:
+                    import wandb
+                except ImportError:
+                    fail("--track logs to Weights and Biases, which is not installed: pip install wandb")
+                wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args),
+                           name=self.name, id=self.name, resume="allow", sync_tensorboard=True,
+                           save_code=True)  # fmt: skip
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(self.dir)
+            table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+            self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+        self.eval_cond = model.encode(eval_prompts * 2)
+        self.eval_latents = model.initial_latents(len(eval_prompts) * 2, torch.Generator().manual_seed(args.seed))
+        self.eval_eta = eval_eta
+        if not self.state:
+            return 0
+        model.load_lora(self.resume_dir)
+        optimizer.load_state_dict(self.state["optimizer"])
+        for group in optimizer.param_groups:  # this command's values, which may differ from the checkpoint's
+            group.update(lr=args.learning_rate, weight_decay=args.weight_decay)
+        self.rng.set_state(self.state["rng"])
+        self.eval_reward = self.state.get("eval_reward")
+        self.first_eval_reward = self.state.get("first_eval_reward")
+        return self.state[self.counter]
+
+    @torch.no_grad()
+    def evaluate(self, count: int) -> float:
+        """Fixed-seed samples on the held-out prompts: a grid (samples/ and TensorBoard), and their mean reward."""
+        generator = torch.Generator().manual_seed(self.args.seed) if self.eval_eta > 0 else None
+        x0, _ = sample(self.model, self.eval_latents, self.eval_cond, self.args.num_steps, self.args.guidance_scale,
+                       self.eval_eta, generator)  # fmt: skip
+        images = self.model.decode(x0)
+        path = os.path.join(self.dir, "samples", f"{self.counter}_{count:06d}.png")
+        grid = save_grid(images, path, columns=len(self.eval_prompts))
+        self.writer.add_image("samples", grid, count, dataformats="HWC")
+        return self.reward_fn(images, self.eval_prompts * 2).mean().item()
+
+    def steps(self, start: int, end: int):
+        """start + 1, ..., end, with a progress bar on rank 0; a new run is evaluated before its first step."""
+        self.started = True
+        if start == 0 and self.rank == 0:
+            self.eval_reward = self.first_eval_reward = self.evaluate(0)
+        yield from tqdm(range(start + 1, end + 1), initial=start, total=end, disable=self.rank != 0)
+
+    def optimizer_step(self, loss: torch.Tensor | None = None) -> torch.Tensor:
+        """One optimizer step on the LoRA: gradients averaged over the ranks (every rank takes the same step), clipped
+        to --max-grad-norm; a non-finite loss or gradient stops the run before the LoRA is overwritten. Returns the
+        gradient's norm before clipping."""
+        average_gradients(self.params)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.args.max_grad_norm)
+        if not (torch.isfinite(grad_norm) and (loss is None or torch.isfinite(loss))):
+            value = "" if loss is None else f"the loss {loss.item()} / "
+            fail(f"{value}the gradient's norm {grad_norm.item()} is not finite; stopped before the LoRA was"
+                 " overwritten (the last checkpoint is intact): try a lower --learning-rate")  # fmt: skip
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def log(self, count: int, metrics: dict, extra_state: dict | None = None) -> None:
+        """Rank 0: the held-out evaluation every --sample-every and at the end, one line of metrics.jsonl and the
+        TensorBoard scalars, and a checkpoint every --save-every and at the end (`extra_state`: what the method
+        needs besides the LoRA, optimizer and random state to resume exactly)."""
+        if self.rank != 0:
+            return
+        end = self.args.train_steps if self.counter == "step" else self.args.num_epochs
+        if count % self.args.sample_every == 0 or count == end:
+            self.eval_reward = self.evaluate(count)
+        metrics = {self.counter: count, **metrics, "eval_reward_mean": self.eval_reward}
+        if self.device.type == "cuda":
+            metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        with open(os.path.join(self.dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        for name, value in metrics.items():
+            if name != self.counter and value is not None:
+                self.writer.add_scalar(
+                    ("losses/" if "loss" in name or "kl" in name else "charts/") + name, value, count
+                )
+        if count % self.args.save_every == 0 or count == end:
+            state = {"script": os.path.basename(sys.argv[0]), "run_name": self.name, self.counter: count,
+                     "optimizer": self.optimizer.state_dict(), "rng": self.rng.get_state(), "args": vars(self.args),
+                     "eval_reward": self.eval_reward, "first_eval_reward": self.first_eval_reward}  # fmt: skip
+            checkpoint_dir = os.path.join(self.dir, "checkpoints", f"{self.counter}_{count:06d}")
+            save_checkpoint(checkpoint_dir, self.model, {**state, **(extra_state or {})})
+
+    def finish(self) -> None:
+        """The final LoRA in the run folder (the family's pipeline `.load_lora_weights(run_dir)` reads it)."""
+        if self.rank == 0:
+            self.model.save_lora(self.dir)
+            self.writer.close()
+            print(f"done: {self.dir}, held-out reward {self.first_eval_reward} -> {self.eval_reward}")
+        cleanup()
+
+
+def save_grid(images: torch.Tensor, path: str, columns: int) -> torch.Tensor:
+    """Images (N, 3, H, W) in [0, 1] -> one PNG, `columns` images a row. Returns the grid, (H', W', 3) uint8."""
+    from PIL import Image
+
+    rows = -(-len(images) // columns)
+    padded = torch.cat([images, images.new_zeros(rows * columns - len(images), *images.shape[1:])])
+    grid = padded.view(rows, columns, *images.shape[1:]).permute(0, 3, 1, 4, 2).flatten(0, 1).flatten(1, 2)
+    grid = (grid.float().clamp(0, 1) * 255).round().byte().cpu()
+    Image.fromarray(grid.numpy()).save(path)
+    return grid

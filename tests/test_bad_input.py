@@ -1,0 +1,230 @@
+"""Every mistake a user can make on the command line or in a file ends before the run starts, with one sentence that
+names the cause, exit status 2, no traceback and no run folder left behind."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from scripts import LENGTH, SCRIPTS, TINY, run_script
+
+# flags every script shares: (arguments, a fragment of the sentence); None stands for --train-steps or --num-epochs
+SHARED_BAD = [
+    (["--learning-rate", "-1e-3"], "--learning-rate must be in (0, 1], got -0.001"),
+    (["--learning-rate", "nan"], "--learning-rate must be in (0, 1], got nan"),
+    (["--learning-rate", "1e30"], "--learning-rate must be in (0, 1], got 1e+30"),
+    (["--learning-rate", "fast"], "--learning-rate: could not convert string to float: 'fast' (see --help)"),
+    (["--weight-decay", "-1"], "--weight-decay must be at least 0, got -1.0"),
+    (["--lora-rank", "0"], "--lora-rank must be at least 1, got 0"),
+    (["--seed", "-1"], "--seed must be between 0 and 2**32 - 1, got -1"),
+    (["--seed", str(2**40)], "--seed must be between 0 and 2**32 - 1"),
+    (["--save-every", "0"], "--save-every must be at least 1, got 0"),
+    (["--sample-every", "0"], "--sample-every must be at least 1, got 0"),
+    (["--eta", "2"], "--eta must be between 0 and 1, got 2.0"),
+    (["--eta", "-1"], "--eta must be"),
+    (["--max-grad-norm", "-1"], "--max-grad-norm must be a positive number, got -1.0"),
+    (["--guidance-scale", "-1"], "--guidance-scale must be at least 1 (1: no guidance), got -1.0"),
+    (["--exp-name", "../../x"], "--exp-name must be letters, digits, _ . + -, got '../../x'"),
+    (["--prompts", "birds"], "invalid choice 'birds' for argument '--prompts'. Expected one of ('simple_animals',"),
+    (["--mixed-precision", "fp16"], "invalid choice 'fp16' for argument '--mixed-precision'"),
+    (["--no-such-flag", "1"], "Unrecognized options: --no-such-flag, 1 (see --help)"),
+    ([None, "0"], "must be at least 1, got 0"),
+    ([None, "-3"], "must be at least 1, got -3"),
+    (["--resolution", "17"], "--resolution must be a positive multiple of 2 (the VAE's downsampling), got 17"),
+    (["--num-steps", "1001"], "--num-steps must be at most the scheduler's 1000 training timesteps, got 1001"),
+    (["--pretrained-model", "/no/such/model"], "could not load '/no/such/model'"),
+    (["--resume", "/no/such/run"], "--resume /no/such/run is neither a checkpoint folder nor"),
+]
+# a script's own flags: (script, arguments, a fragment of the sentence)
+METHOD_BAD = [
+    ("draft_k.py", ["--k", "0"], "--k must be between 1 and --num-steps (4), got 0"),
+    ("draft_k.py", ["--k", "5"], "--k must be between 1 and --num-steps (4), got 5"),
+    ("draft_k.py", ["--k-min", "0"], "--k-min must be between 1 and --k (1), got 0"),
+    ("draft_k.py", ["--k", "2", "--k-min", "3"], "--k-min must be between 1 and --k (2), got 3"),
+    ("draft_k.py", ["--reward", "jpeg_compressibility"], "invalid choice 'jpeg_compressibility' for argument"),
+    ("draft_lv.py", ["--n", "0"], "--n must be between 1 and 1000, got 0"),
+    ("draft_lv.py", ["--n", "100000"], "--n must be between 1 and 1000, got 100000"),
+    ("draft_full.py", ["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    ("draft_full.py", ["--reward", "beauty"], "invalid choice 'beauty' for argument '--reward'. Expected one of"),
+    ("ddpo.py", ["--eta", "0"], "--eta must be above 0 for DDPO"),
+    ("ddpo.py", ["--estimator", "sf", "--num-inner-epochs", "2"], "DDPO-SF is on-policy"),
+    ("ddpo.py", ["--clip-range", "-1"], "--clip-range must be a positive number, got -1.0"),
+    ("ddpo.py", ["--adv-clip-max", "-1"], "--adv-clip-max must be a positive number, got -1.0"),
+    ("ddpo.py", ["--timestep-fraction", "0"], "--timestep-fraction must be in (0, 1], got 0.0"),
+    ("ddpo.py", ["--per-prompt-buffer", "0"], "--per-prompt-buffer must be at least 1, got 0"),
+    ("ddpo.py", ["--timesteps-per-call", "3"], "--timesteps-per-call must be a divisor of the trained timesteps"),
+    ("ddpo.py", ["--reward", "beauty"], "invalid choice 'beauty' for argument '--reward'"),
+    ("rwr.py", ["--samples-per-epoch", "5"], "--samples-per-epoch must be a multiple of --sample-batch-size"),
+    ("rwr.py", ["--percentile", "120"], "--percentile must be between 0 and 100"),
+    ("rwr.py", ["--sample-batch-size", "0"], "--sample-batch-size must be at least 1, got 0"),
+    ("rwr.py", ["--beta", "-1"], "--beta must be at least 0 (0: uniform weights), got -1.0"),
+    ("braid.py", ["--eta", "0"], "--eta must be above 0 for BRAID"),
+    ("braid.py", ["--c", "-1"], "--c must be at least 0 (0: the non-conservative baseline), got -1.0"),
+    ("braid.py", ["--kl-weight", "nan"], "--kl-weight must be at least 0, got nan"),
+    ("braid.py", ["--offline-quantile", "0"], "--offline-quantile must be in (0, 1], got 0.0"),
+    ("braid.py", ["--val-fraction", "1"], "--val-fraction must be in (0, 1), got 1.0"),
+    ("braid.py", ["--labeler", "beauty"], "invalid choice 'beauty' for argument '--labeler'"),
+    ("braid.py", ["--conservatism", "boot", "--ensemble-size", "1"], "--ensemble-size must be at least 2 with boot"),
+    ("braid.py", ["--offline-data", "/no/such/data"], "is neither a .pt file nor a folder with a scores.csv"),
+    ("braid.py", ["--k", "9"], "--k must be between 1 and --num-steps (4), got 9"),
+    ("braid.py", ["--k", "0"], "--k must be between 1 and --num-steps (4), got 0"),
+    ("braid.py", ["--offline-size", "0"], "--offline-size must be at least 1, got 0"),
+    ("braid.py", ["--bonus-lambda", "0"], "--bonus-lambda must be above 0"),
+]
+
+
+def expect_exit_2(script, args, message, monkeypatch, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(script, args, monkeypatch)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert message in err, err
+    assert err.count("error:") == 1 and "Traceback" not in err, err  # one sentence (progress bars aside)
+    return err
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bad_values_of_shared_flags(script, tiny_sd_path, tmp_path, monkeypatch, capsys):
+    base = ["--pretrained-model", tiny_sd_path, *TINY[script], "--output-dir", str(tmp_path)]
+    for bad, message in SHARED_BAD:
+        bad = [LENGTH[script] if flag is None else flag for flag in bad]
+        expect_exit_2(script, [*base, *bad], message, monkeypatch, capsys)
+        assert not os.listdir(tmp_path), bad  # refused before any run folder is made
+
+
+@pytest.mark.parametrize("script, bad, message", METHOD_BAD)
+def test_bad_values_of_method_flags(script, bad, message, tiny_sd_path, tmp_path, monkeypatch, capsys):
+    args = ["--pretrained-model", tiny_sd_path, *TINY[script], "--output-dir", str(tmp_path), *bad]
+    expect_exit_2(script, args, message, monkeypatch, capsys)
+    assert not os.listdir(tmp_path)
+
+
+def test_bad_prompt_files_and_output_folders(tiny_sd_path, tmp_path, monkeypatch, capsys):
+    base = ["--pretrained-model", tiny_sd_path, *TINY["draft_k.py"]]
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    (tmp_path / "binary.txt").write_bytes(b"a cat\x00\x00\n")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    (tmp_path / "a_file").write_text("")
+    for flags, message in [
+        (["--prompt-file", str(tmp_path / "latin1.txt")], "is not UTF-8"),
+        (["--prompt-file", str(tmp_path / "binary.txt")], "NUL bytes"),
+        (["--prompt-file", str(tmp_path / "empty.txt")], "has no prompts"),
+        (["--prompt-file", str(tmp_path / "missing.txt")], "does not exist"),
+        (["--output-dir", str(tmp_path / "a_file")], "cannot write the run folder"),
+    ]:
+        expect_exit_2("draft_k.py", [*base, *flags], message, monkeypatch, capsys)
+
+
+def image_folder(path, text=None, damage=None):
+    """14 random PNGs 0.png ... 13.png in path/data, and a scores.csv: `text` (str or bytes), or by default a
+    file,score line for each of the first 12 (scores i / 10). `damage` (file, "garbage" or "truncated") spoils one
+    image."""
+    folder = path / "data"
+    folder.mkdir()
+    for i in range(14):
+        pixels = np.random.default_rng(i).integers(0, 255, (20, 24, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    if damage:
+        image = folder / damage[0]
+        image.write_bytes(b"not a png" if damage[1] == "garbage" else image.read_bytes()[:200])
+    text = scores_csv() if text is None else text
+    (folder / "scores.csv").write_bytes(text if isinstance(text, bytes) else text.encode())
+    return folder
+
+
+def scores_csv(*lines, rows=12):
+    return "\n".join(["file,score", *(f"{i}.png,{i / 10}" for i in range(rows)), *lines]) + "\n"
+
+
+def offline_pt(path, data=None, **changes):
+    """path/data.pt: `data` as given (bytes are written as they are), or by default 12 scores and uint8 images
+    (12, 3, 8, 8), with `changes` replacing (None: removing) entries."""
+    file = path / "data.pt"
+    if isinstance(data, bytes):
+        file.write_bytes(data)
+        return file
+    if data is None:
+        images = torch.randint(0, 256, (12, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        data = {"scores": torch.arange(12) / 10, "images": images}
+        data = {k: v for k, v in {**data, **changes}.items() if v is not None}
+    torch.save(data, file)
+    return file
+
+
+NAN = float("nan")
+FEATURES = torch.randn(12, 64, generator=torch.Generator().manual_seed(0))  # the tiny VAE's features: 4 x 4 x 4
+BAD_DATA = [  # (case, the data under tmp_path, more flags, the one sentence: the file, the row or key, the fault)
+    ("csv empty", lambda p: image_folder(p, ""), [], "scores.csv is empty"),
+    ("csv no header", lambda p: image_folder(p, scores_csv()[11:]), [], "scores.csv starts with '0.png,0.0', not"),
+    ("csv header only", lambda p: image_folder(p, "file,score\n"), [], "scores.csv has no lines of file,score"),
+    ("csv not text", lambda p: image_folder(p, b"\x89PNG\r\n"), [], "scores.csv is not a CSV text file"),
+    ("csv empty file cell", lambda p: image_folder(p, scores_csv(",0.5")), [],
+     "scores.csv, line 14: the 'file' cell is empty"),
+    ("csv duplicate", lambda p: image_folder(p, scores_csv("3.png,0.5")), [],
+     "scores.csv, line 14: '3.png' is listed twice (also on line 5)"),
+    ("csv text score", lambda p: image_folder(p, scores_csv("12.png,high")), [],
+     "scores.csv, line 14: the score 'high' is not a finite number"),
+    ("csv no score", lambda p: image_folder(p, scores_csv("12.png")), [], "line 14: the score '' is not a finite"),
+    ("csv nan score", lambda p: image_folder(p, scores_csv("12.png,nan")), [], "line 14: the score 'nan' is not a"),
+    ("csv inf score", lambda p: image_folder(p, scores_csv("12.png,-inf")), [], "line 14: the score '-inf' is not"),
+    ("csv missing image", lambda p: image_folder(p, scores_csv("99.png,1")), [],
+     "scores.csv, line 14: cannot read the image '99.png' (No such file or directory)"),
+    ("csv corrupt image", lambda p: image_folder(p, damage=("5.png", "garbage")), [],
+     "scores.csv, line 7: cannot read the image '5.png' (cannot identify image file"),
+    ("csv truncated image", lambda p: image_folder(p, damage=("5.png", "truncated")), [],
+     "scores.csv, line 7: cannot read the image '5.png'"),
+    ("csv too few", lambda p: image_folder(p, scores_csv(rows=9)), [],
+     "data has 9 scored examples and --val-fraction holds 1 out: the reward model needs at least 10 others"),
+    ("csv equal scores", lambda p: image_folder(p, "file,score\n" + "".join(f"{i}.png,0.5\n" for i in range(12))),
+     [], "data has all its scores equal"),
+    ("pt garbage", lambda p: offline_pt(p, b"not a torch file"), [], "cannot load {} with torch.load (invalid load"),
+    ("pt truncated", lambda p: offline_pt(p, offline_pt(p).read_bytes()[:1000]), [],
+     "cannot load {} with torch.load (PytorchStreamReader failed"),
+    ("pt not a dict", lambda p: offline_pt(p, [1, 2]), [], "data.pt must hold a dict with 'scores' and either"),
+    ("pt no scores", lambda p: offline_pt(p, scores=None), [], "either 'images' or 'features', not a dict with keys"),
+    ("pt no images", lambda p: offline_pt(p, images=None), [], "data.pt must hold a dict with 'scores' and either"),
+    ("pt scores (N, 1)", lambda p: offline_pt(p, scores=torch.zeros(12, 1)), [],
+     "data.pt: 'scores' must be a 1-D tensor (N,) of finite numbers, got torch.float32 of shape (12, 1)"),
+    ("pt scores list", lambda p: offline_pt(p, scores=[0.0] * 12), [], "data.pt: 'scores' must be a 1-D tensor"),
+    ("pt nan score", lambda p: offline_pt(p, scores=torch.arange(12.0).index_fill(0, torch.tensor(3), NAN)), [],
+     "data.pt: 'scores' holds a NaN or infinity at [3]"),
+    ("pt huge score", lambda p: offline_pt(p, scores=torch.arange(12.0, dtype=torch.float64) * 1e39), [],
+     "data.pt: 'scores' holds a NaN or infinity at [1]"),
+    ("pt float images", lambda p: offline_pt(p, images=torch.rand(12, 3, 8, 8)), [],
+     "'images' must be a uint8 tensor (12, 3, H, W), one image per score (multiply float images in [0, 1] by 255"),
+    ("pt images HWC", lambda p: offline_pt(p, images=torch.zeros(12, 8, 8, 3, dtype=torch.uint8)), [],
+     "data.pt: 'images' must be a uint8 tensor (12, 3, H, W)"),
+    ("pt more images", lambda p: offline_pt(p, images=torch.zeros(13, 3, 8, 8, dtype=torch.uint8)), [],
+     "data.pt: 'images' must be a uint8 tensor (12, 3, H, W), one image per score"),
+    ("pt true rewards", lambda p: offline_pt(p, true_rewards=torch.zeros(11)), [],
+     "data.pt: 'true_rewards' must be a 1-D tensor (12,) of finite numbers, one per score, got torch.float32"),
+    ("pt features dim", lambda p: offline_pt(p, images=None, features=FEATURES[:, :32]), [],
+     "data.pt: 'features' must be a floating tensor (12, 64) of finite numbers from the --feature-model"),
+    ("pt features 1-D", lambda p: offline_pt(p, images=None, features=FEATURES[0]), [], "data.pt: 'features' must"),
+    ("pt fewer features", lambda p: offline_pt(p, images=None, features=FEATURES[:10]), [],
+     "got torch.float32 of shape (10, 64)"),
+    ("pt integer features", lambda p: offline_pt(p, images=None, features=FEATURES.long()), [],
+     "data.pt: 'features' must be a floating tensor (12, 64)"),
+    ("pt nan feature", lambda p: offline_pt(p, images=None, features=FEATURES.index_put((torch.tensor(2),
+                                                                                          torch.tensor(5)),
+                                                                                         torch.tensor(NAN))), [],
+     "data.pt: 'features' holds a NaN or infinity at [2, 5]"),
+    ("pt too few", lambda p: offline_pt(p, scores=torch.arange(5.0), images=torch.zeros(5, 3, 8, 8).byte()), [],
+     "data.pt has 5 scored examples"),
+    ("pt big val split", lambda p: offline_pt(p), ["--val-fraction", "0.9"],
+     "data.pt has 12 scored examples and --val-fraction holds 10 out"),
+    ("pt equal scores", lambda p: offline_pt(p, scores=torch.ones(12)), [], "data.pt has all its scores equal"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("make, flags, message", [pytest.param(*case[1:], id=case[0]) for case in BAD_DATA])
+def test_malformed_offline_data(make, flags, message, tiny_sd_path, tmp_path, monkeypatch, capsys):
+    data = make(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        run_script("braid.py", ["--pretrained-model", tiny_sd_path, *TINY["braid.py"], "--offline-data", str(data),
+                                *flags, "--output-dir", str(tmp_path / "runs")], monkeypatch)  # fmt: skip
+    last_line = capsys.readouterr().err.splitlines()[-1]  # above it, only transformers' progress bars
+    assert exit_info.value.code == 2 and last_line.startswith("error: ") and message.format(data) in last_line
+    assert not (tmp_path / "runs").exists() or not os.listdir(tmp_path / "runs")
