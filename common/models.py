@@ -3,37 +3,59 @@ the scripts use without naming a family: `encode` prompts into a Conditioning, `
 classifier-free guidance, the sampler's `schedule` on the model's Gaussian path, `decode` latents to images, and the
 LoRA on the denoiser's attention projections (saved in diffusers' format: the pipeline's load_lora_weights reads it).
 The family comes from the pipeline's model_index.json:
-    StableDiffusionPipeline (SD 1.x, 2.x): CLIP text encoder, UNet predicting eps or v, DDIM on the VP path."""
+    StableDiffusionPipeline (SD 1.x, 2.x): CLIP text encoder, UNet predicting eps or v, DDIM on the VP path;
+    StableDiffusionXLPipeline (SDXL): two CLIP text encoders, whose pooled embedding and the image size ("time ids")
+        are added to the UNet's timestep embedding; eps, DDIM on the VP path."""
 
 import os
 from dataclasses import dataclass
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
-from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
 from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from torch.utils.checkpoint import checkpoint
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from common import fail, load_or_fail
 from common.sampling import Schedule, randn
 
 SD14 = "CompVis/stable-diffusion-v1-4"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' file name: load_lora_weights finds it
-FAMILIES = {"StableDiffusionPipeline": "sd"}
+FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
+# each family's text encoders and tokenizers (subfolder, class), and the pipeline's LoRA loader
+TEXT_ENCODERS = {
+    "sd": [("text_encoder", CLIPTextModel, "tokenizer")],
+    "sdxl": [
+        ("text_encoder", CLIPTextModel, "tokenizer"),
+        ("text_encoder_2", CLIPTextModelWithProjection, "tokenizer_2"),
+    ],
+}
+LORA_LOADERS = {"sd": StableDiffusionLoraLoaderMixin, "sdxl": StableDiffusionXLLoraLoaderMixin}
+# pipelines that are not text-to-image, and what to use instead
+NOT_TEXT_TO_IMAGE = {
+    "StableDiffusionXLImg2ImgPipeline": "an image-to-image pipeline (the SDXL refiner is one): use the SDXL base model",
+    "StableDiffusionImg2ImgPipeline": "an image-to-image pipeline: use the text-to-image model it was made from",
+    "StableDiffusionXLInpaintPipeline": "an inpainting pipeline: use the text-to-image model it was made from",
+    "StableDiffusionInpaintPipeline": "an inpainting pipeline: use the text-to-image model it was made from",
+}
 
 
 @dataclass
 class Conditioning:
-    """What the denoiser reads besides the latents and the timestep, one row per sample: the text encoder's token
-    embeddings (B, L, D)."""
+    """What the denoiser reads besides the latents and the timestep, one row per sample: the text encoders' token
+    embeddings (B, L, D); SDXL also a pooled text embedding (B, P) and the time ids (B, 6): the image's original size,
+    crop corner and target size."""
 
     embeds: torch.Tensor
+    pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
 
     def map(self, fn) -> "Conditioning":
-        return Conditioning(fn(self.embeds))
+        """`fn` applied to each tensor it holds."""
+        return Conditioning(*(None if x is None else fn(x) for x in (self.embeds, self.pooled, self.time_ids)))
 
     def __getitem__(self, index) -> "Conditioning":
         return self.map(lambda x: x[index])
@@ -43,7 +65,8 @@ class Conditioning:
 
     @staticmethod
     def cat(conds: list["Conditioning"]) -> "Conditioning":
-        return Conditioning(torch.cat([c.embeds for c in conds]))
+        parts = [(c.embeds, c.pooled, c.time_ids) for c in conds]
+        return Conditioning(*(None if x[0] is None else torch.cat(x) for x in zip(*parts)))
 
 
 class Model:
@@ -51,30 +74,47 @@ class Model:
     LoRA's host), the VAE and the scheduler config its schedules come from. Frozen weights in `dtype`; the sampler's
     arithmetic and the LoRA in fp32."""
 
-    def __init__(self, family, tokenizers, text_encoders, denoiser, vae, scheduler, resolution: int, dtype):
+    def __init__(self, family, tokenizers, text_encoders, denoiser, vae, scheduler, resolution: int, dtype,
+                 zero_uncond: bool = False):  # fmt: skip
         self.family, self.tokenizers, self.text_encoders = family, tokenizers, text_encoders
         self.denoiser, self.vae, self.scheduler = denoiser, vae, scheduler
         self.resolution, self.dtype, self.device = resolution, dtype, denoiser.device
         self.prediction_type = scheduler.config.prediction_type
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)  # 8 for SD: 512 px <-> 64 x 64 latents
         self.schedules = {}
-        self.uncond = self.encode([""])  # the unconditional conditioning of classifier-free guidance, computed once
+        # the unconditional conditioning of classifier-free guidance, computed once: the empty prompt's, or for SDXL
+        # (force_zeros_for_empty_prompt) zeros in place of its text embeddings, as the pipeline does
+        uncond = self.encode([""])
+        self.uncond = Conditioning(uncond.embeds * 0, uncond.pooled * 0, uncond.time_ids) if zero_uncond else uncond
 
     # ---- prompts and the denoiser ----
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Conditioning:
-        """The prompts' conditioning, as the family's diffusers pipeline computes it (clip_skip None): SD's text
+        """The prompts' conditioning, as the family's diffusers pipeline computes it (clip_skip None). SD: the text
         encoder's last hidden state after its final layer norm (for SD 2.x that is OpenCLIP's penultimate layer: the
-        converted encoder has its last layer dropped)."""
-        (tokenizer,), (text_encoder,) = self.tokenizers, self.text_encoders
-        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids  # fmt: skip
-        return Conditioning(text_encoder(ids.to(self.device))[0])
+        converted encoder has its last layer dropped). SDXL: both encoders' penultimate hidden states side by side
+        (768 + 1280 = 2048 for SDXL base), the second encoder's projected pooled embedding, and the time ids of a
+        square image at the model's resolution, uncropped."""
+        hidden_states, pooled = [], None
+        for tokenizer, text_encoder in zip(self.tokenizers, self.text_encoders):
+            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids.to(self.device)  # fmt: skip
+            if self.family == "sd":
+                return Conditioning(text_encoder(ids)[0])
+            output = text_encoder(ids, output_hidden_states=True)
+            hidden_states.append(output.hidden_states[-2])
+            pooled = output[0]  # the projected text embedding (CLIPTextModelWithProjection's first output)
+        embeds = torch.cat(hidden_states, dim=-1)
+        size = self.resolution
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=embeds.dtype, device=self.device)
+        return Conditioning(embeds, pooled, time_ids.expand(len(prompts), -1))
 
     def denoise(self, latents, t, cond: Conditioning) -> torch.Tensor:
         """One call of the denoiser on a batch, without guidance; its output in fp32."""
         cond = cond.map(lambda x: x.to(self.dtype))
-        return self.denoiser(latents.to(self.dtype), t, encoder_hidden_states=cond.embeds).sample.float()
+        added = {"text_embeds": cond.pooled, "time_ids": cond.time_ids} if self.family == "sdxl" else None
+        output = self.denoiser(latents.to(self.dtype), t, encoder_hidden_states=cond.embeds, added_cond_kwargs=added)
+        return output.sample.float()
 
     def predict(self, latents, t, cond: Conditioning, guidance_scale: float, checkpointed=False, pretrained=False):
         """The guided output u + w (c - u) of one batched call on [unconditional; conditional] (a v or a velocity is
@@ -194,7 +234,7 @@ class Model:
 
     @property
     def pipeline_class(self):  # the pipeline's LoRA loader: its save_lora_weights and lora_state_dict
-        return StableDiffusionLoraLoaderMixin
+        return LORA_LOADERS[self.family]
 
 
 def load_model(name: str = SD14, revision=None, device="cpu", dtype=None, resolution: int = 512, num_steps: int = 1):
@@ -206,13 +246,19 @@ def load_model(name: str = SD14, revision=None, device="cpu", dtype=None, resolu
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     # model_index.json is the smallest file: a wrong id or no network fails here, before any download
     index = load_or_fail(DiffusionPipeline.load_config, name, revision=revision)
-    family = FAMILIES.get(index.get("_class_name"))
-    if family is None:
-        fail(f"'{name}' is a {index.get('_class_name')}; these scripts take a text-to-image pipeline of one of:"
-             f" {', '.join(FAMILIES)}")  # fmt: skip
+    kind = index.get("_class_name")
+    if kind in NOT_TEXT_TO_IMAGE:
+        fail(f"'{name}' is {NOT_TEXT_TO_IMAGE[kind]}")
+    if kind not in FAMILIES:
+        fail(f"'{name}' is a {kind}; these scripts take a text-to-image pipeline of one of: {', '.join(FAMILIES)}")
+    family = FAMILIES[kind]
     scheduler_config = load_or_fail(DDIMScheduler.load_config, name, subfolder="scheduler", revision=revision)
     # SD never clips x0_hat (StableDiffusionPipeline turns clip_sample off too); the DDIM step has no clipping
-    scheduler = DDIMScheduler.from_config(scheduler_config, clip_sample=False)
+    # SDXL ships an Euler config without set_alpha_to_one, which DDIMScheduler would default to True (a last step
+    # into abar = 1, without noise): it is trained on SD's betas, so its DDIM ends as SD 1.x's config says, at
+    # alphas_cumprod[0], and every step keeps its noise
+    alpha_to_one = scheduler_config.get("set_alpha_to_one", False)
+    scheduler = DDIMScheduler.from_config(scheduler_config, clip_sample=False, set_alpha_to_one=alpha_to_one)
     if scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
         fail(f"'{name}' predicts '{scheduler.config.prediction_type}'; these scripts need a model that predicts "
              "'epsilon' (SD 1.x, SD 2.x base) or 'v_prediction' (SD 2.x at 768 px)")  # fmt: skip
@@ -220,16 +266,23 @@ def load_model(name: str = SD14, revision=None, device="cpu", dtype=None, resolu
         steps = scheduler.config.num_train_timesteps
         fail(f"--num-steps must be at most the scheduler's {steps} training timesteps, got {num_steps}")
     kwargs = dict(revision=revision, torch_dtype=dtype)
-    text_encoder = load_or_fail(CLIPTextModel.from_pretrained, name, subfolder="text_encoder", **kwargs)
+    text_encoders, tokenizers = [], []
+    for encoder_folder, encoder_class, tokenizer_folder in TEXT_ENCODERS[family]:
+        text_encoders.append(load_or_fail(encoder_class.from_pretrained, name, subfolder=encoder_folder, **kwargs))
+        tokenizer = load_or_fail(CLIPTokenizer.from_pretrained, name, subfolder=tokenizer_folder, revision=revision)
+        if len(tokenizer) < 10:  # transformers returns an empty tokenizer, not an error, when the files are missing
+            fail(f"'{name}' has no tokenizer files in its '{tokenizer_folder}' folder")
+        tokenizers.append(tokenizer)
     unet = load_or_fail(UNet2DConditionModel.from_pretrained, name, subfolder="unet", **kwargs)
     vae = load_or_fail(AutoencoderKL.from_pretrained, name, subfolder="vae", **kwargs)
-    tokenizer = load_or_fail(CLIPTokenizer.from_pretrained, name, subfolder="tokenizer", revision=revision)
-    if len(tokenizer) < 10:  # transformers returns an empty tokenizer, not an error, when the files are missing
-        fail(f"'{name}' has no tokenizer files in its 'tokenizer' folder")
+    if unet.config.in_channels != vae.config.latent_channels:
+        channels = (unet.config.in_channels, vae.config.latent_channels)
+        fail(f"'{name}' has a UNet of {channels[0]} input channels for latents of {channels[1]}: an inpainting or other"
+             " image-conditioned model, not text-to-image")  # fmt: skip
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if resolution % factor or resolution < factor:
         fail(f"--resolution must be a positive multiple of {factor} (the VAE's downsampling), got {resolution}")
-    for module in (text_encoder, unet, vae):
+    for module in (*text_encoders, unet, vae):
         module.requires_grad_(False).eval().to(device)
     unet.set_attn_processor(AttnProcessor2_0())
     vae.set_attn_processor(AttnProcessor2_0())
@@ -241,4 +294,5 @@ def load_model(name: str = SD14, revision=None, device="cpu", dtype=None, resolu
         print(
             f"note: no CUDA device: '{name}' will be very slow on the CPU (try --preset tiny, the shipped tiny model)"
         )
-    return Model(family, [tokenizer], [text_encoder], unet, vae, scheduler, resolution, dtype)
+    zero_uncond = family == "sdxl" and index.get("force_zeros_for_empty_prompt", True)
+    return Model(family, tokenizers, text_encoders, unet, vae, scheduler, resolution, dtype, zero_uncond)

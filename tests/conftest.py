@@ -8,8 +8,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPTextModel
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+)
 
 from assets.train_tiny_sd import make_tokenizer  # the shipped tiny model's tokenizer is built the same way
 from common.prompts import SIMPLE_ANIMALS
@@ -51,6 +65,40 @@ def build_tiny_sd(path, prediction_type: str = "epsilon") -> str:
     pipeline = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipeline.save_pretrained(path)
+    return str(path)
+
+
+def build_tiny_sdxl(path, force_zeros_for_empty_prompt: bool = True) -> str:
+    """A random SDXL-shaped pipeline: two CLIP text encoders (the second with a projection, whose pooled output and
+    the six time ids are added to the timestep embedding: addition_embed_type "text_time"), a UNet whose
+    cross-attention reads both encoders' states side by side (32 + 48), a VAE with SDXL's scaling factor, and the
+    scheduler config SDXL base ships (Euler, steps_offset 1, "leading" spacing, no set_alpha_to_one)."""
+    torch.manual_seed(0)
+    tokenizer, tokenizer_2 = make_tokenizer(WORDS), make_tokenizer(WORDS)
+    tokenizer_2.pad_token = "!"  # OpenCLIP's padding, as SDXL's tokenizer_2
+    text_encoder = CLIPTextModel(text_config(tokenizer))
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(tokenizer_2, hidden_size=48, projection_dim=40,
+                                                             hidden_act="gelu"))  # fmt: skip
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32 + 48, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=8,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 40,
+        transformer_layers_per_block=(1, 2),
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
+        sample_size=16, scaling_factor=0.13025,
+    )  # fmt: skip
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")  # fmt: skip
+    pipeline = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, add_watermarker=False,
+        force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
     )  # fmt: skip
     pipeline.save_pretrained(path)
     return str(path)
@@ -99,6 +147,11 @@ def tiny_sd_v_path(tmp_path_factory):
 def tiny_sd_eps_or_v_path(request):
     """Runs a test on the epsilon model, then on its v-prediction twin."""
     return request.getfixturevalue("tiny_sd_path" if request.param == "epsilon" else "tiny_sd_v_path")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_path(tmp_path_factory):
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
 
 
 @pytest.fixture(scope="session")

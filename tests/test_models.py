@@ -1,19 +1,42 @@
-"""Loading (epsilon and v models), prompt encoding as diffusers does it, LoRA save/load round trips through plain
-diffusers, and clear messages for a missing or unsupported model."""
+"""Loading each family (SD 1.x/2.x with epsilon and v models, SDXL), prompt encoding as diffusers' pipelines do it,
+LoRA save/load round trips through plain diffusers, every script on every family, and clear messages for a missing
+or unsupported model."""
 
+import json
+import math
 import os
 import re
 import shutil
 
 import pytest
 import torch
-from conftest import build_tiny_sd, text_config
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from conftest import build_tiny_sd, build_tiny_sdxl, text_config
+from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 from transformers import CLIPTextModel
 
 from common.models import LORA_WEIGHTS, load_model
 from common.sampling import sample
+from scripts import LENGTH, SCRIPTS, TINY, read_metrics, run_script
+
+PIPELINES = {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
+
+
+@pytest.fixture(params=["sd", "sdxl"])
+def family_path(request):
+    """A test on each family's tiny random pipeline in turn: (family, path)."""
+    return request.param, request.getfixturevalue({"sd": "tiny_sd_path", "sdxl": "tiny_sdxl_path"}[request.param])
+
+
+def plain_pipeline(family: str, path: str):
+    """The family's own diffusers pipeline with a DDIMScheduler as our model builds it: without x0 clipping (which
+    StableDiffusionPipeline also turns off) and with SD 1.x's set_alpha_to_one where the config has none (SDXL)."""
+    config = DDIMScheduler.load_config(path, subfolder="scheduler")
+    alpha_to_one = config.get("set_alpha_to_one", False)
+    scheduler = DDIMScheduler.from_config(config, clip_sample=False, set_alpha_to_one=alpha_to_one)
+    extra = dict(safety_checker=None) if family == "sd" else dict(add_watermarker=False)
+    return PIPELINES[family].from_pretrained(path, scheduler=scheduler, **extra)
+
 
 PROMPTS = ["a photo of a cat", "a dog"]
 
@@ -46,8 +69,9 @@ def our_images(model, seed=0):
         return latents, model.decode(x0)
 
 
-def test_saved_lora_loads_into_plain_diffusers_and_for_resuming(tiny_sd_path, tmp_path):
-    model = load_model(tiny_sd_path, resolution=32)
+def test_saved_lora_loads_into_plain_diffusers_and_for_resuming(family_path, tmp_path):
+    family, path = family_path
+    model = load_model(path, resolution=32)
     torch.manual_seed(0)
     for p in model.add_lora(rank=4, alpha=8):  # alpha != rank: the scale must travel with the weights
         p.data.normal_(std=0.2)
@@ -56,19 +80,39 @@ def test_saved_lora_loads_into_plain_diffusers_and_for_resuming(tiny_sd_path, tm
     assert os.path.isfile(tmp_path / LORA_WEIGHTS)
 
     # no project code: a user's own diffusers pipeline
-    scheduler = DDIMScheduler.from_pretrained(tiny_sd_path, subfolder="scheduler")
-    pipeline = StableDiffusionPipeline.from_pretrained(tiny_sd_path, scheduler=scheduler, safety_checker=None)
+    pipeline = plain_pipeline(family, path)
     pipeline.load_lora_weights(str(tmp_path))
-    theirs = pipeline(PROMPTS, num_inference_steps=6, latents=latents, height=32, width=32, output_type="pt").images
+    theirs = pipeline(PROMPTS, num_inference_steps=6, guidance_scale=7.5, latents=latents, height=32, width=32,
+                      output_type="pt").images  # fmt: skip
     torch.testing.assert_close(theirs, images, rtol=1e-5, atol=1e-5)
-    _, base_images = our_images(load_model(tiny_sd_path, resolution=32))
+    _, base_images = our_images(load_model(path, resolution=32))
     assert (base_images - images).abs().max() > 1e-3  # the LoRA changes the output, so the comparison means something
 
     # resuming: a fresh LoRA of the same rank takes the saved weights and gives the same images
-    resumed = load_model(tiny_sd_path, resolution=32)
+    resumed = load_model(path, resolution=32)
     resumed.add_lora(rank=4, alpha=8)
     resumed.load_lora(str(tmp_path))
     torch.testing.assert_close(our_images(resumed)[1], images, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("force_zeros", [True, False])
+def test_sdxl_conditioning_is_the_pipelines_encode_prompt_and_time_ids(force_zeros, tmp_path):
+    """Both encoders' penultimate states side by side, the second's pooled projection, the unconditional half as zeros
+    (force_zeros_for_empty_prompt, as SDXL base ships) or as the empty prompt's, and the time ids the pipeline makes
+    for a square image at the model's resolution."""
+    path = build_tiny_sdxl(tmp_path, force_zeros_for_empty_prompt=force_zeros)
+    model, pipeline = load_model(path, resolution=24), plain_pipeline("sdxl", path)
+    theirs, negative, pooled, negative_pooled = pipeline.encode_prompt(PROMPTS, device="cpu")
+    ours = model.encode(PROMPTS)
+    assert ours.embeds.shape == (2, 77, 80) and ours.pooled.shape == (2, 40)
+    torch.testing.assert_close(ours.embeds, theirs, rtol=0, atol=0)
+    torch.testing.assert_close(ours.pooled, pooled, rtol=0, atol=0)
+    uncond = model.uncond  # encoded once, in a batch of one (the pipeline: of two): float rounding apart
+    torch.testing.assert_close(uncond.embeds.expand(2, -1, -1), negative, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(uncond.pooled.expand(2, -1), negative_pooled, rtol=1e-5, atol=1e-6)
+    assert (uncond.embeds.abs().sum() == 0) == force_zeros
+    time_ids = pipeline._get_add_time_ids((24, 24), (0, 0), (24, 24), torch.float32, 40)
+    assert torch.equal(ours.time_ids, time_ids.expand(2, -1)) and torch.equal(uncond.time_ids, time_ids)
 
 
 def test_lora_of_another_rank_is_refused(tiny_sd_path, tmp_path, capsys):
@@ -118,6 +162,55 @@ def test_a_model_that_predicts_neither_eps_nor_v_is_refused(tmp_path, capsys):
     assert exit_info.value.code == 2
     message = capsys.readouterr().err.strip()
     assert len(message.splitlines()) == 1 and "predicts 'sample'" in message and "v_prediction" in message, message
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_runs_on_sdxl(script, tiny_sdxl_path, tmp_path, monkeypatch):
+    """Nothing in a script names a family: the same command trains a LoRA on an SDXL pipeline."""
+    run_script(script, ["--pretrained-model", tiny_sdxl_path, *TINY[script], LENGTH[script], "2", "--output-dir",
+                        str(tmp_path)], monkeypatch)  # fmt: skip
+    run_dir, metrics = read_metrics(tmp_path)
+    assert len(metrics) == 2 and all(math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) for m in metrics)
+    assert os.path.isfile(os.path.join(run_dir, LORA_WEIGHTS))
+
+
+def edited_copy(path, tmp_path, index=None, unet=None) -> str:
+    """A copy of a pipeline folder with its model_index.json entries or its UNet's config changed."""
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    for file, changes in (("model_index.json", index), ("unet/config.json", unet)):
+        if changes:
+            config = json.loads((copy / file).read_text())
+            (copy / file).write_text(json.dumps({**config, **changes}))
+    return str(copy)
+
+
+@pytest.mark.parametrize("index, unet, message", [
+    ({"_class_name": "StableDiffusionXLImg2ImgPipeline"}, None, "is an image-to-image pipeline (the SDXL refiner is"),
+    ({"_class_name": "StableDiffusionXLInpaintPipeline"}, None, "is an inpainting pipeline: use the text-to-image"),
+    ({"_class_name": "KandinskyPipeline"}, None, "is a KandinskyPipeline; these scripts take a text-to-image pipeline"),
+    (None, {"in_channels": 9}, "has a UNet of 9 input channels for latents of 4: an inpainting or other"),
+])  # fmt: skip
+def test_a_pipeline_that_is_not_text_to_image_is_refused(index, unet, message, tiny_sdxl_path, tmp_path, capsys):
+    path = edited_copy(tiny_sdxl_path, tmp_path, index, unet)
+    if unet:  # weights of the shape the config says, or loading would fail first
+        UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(path, subfolder="unet")).save_pretrained(
+            os.path.join(path, "unet")
+        )
+    with pytest.raises(SystemExit) as exit_info:
+        load_model(path)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and err.count("error:") == 1, err
+
+
+def test_a_resolution_the_model_cannot_take_is_refused(tiny_sdxl_path, capsys):
+    for resolution in (17, 0):
+        with pytest.raises(SystemExit) as exit_info:
+            load_model(tiny_sdxl_path, resolution=resolution)
+        assert exit_info.value.code == 2
+        assert f"--resolution must be a positive multiple of 2 (the VAE's downsampling), got {resolution}" in (
+            capsys.readouterr().err
+        )
 
 
 def test_a_pipeline_folder_without_tokenizer_files_is_refused(tiny_sd_path, tmp_path, capsys):

@@ -22,7 +22,7 @@ def smooth_images(batch, height, width, seed=0):
     return (F.interpolate(coarse, (height, width), mode="bilinear") * 255).round() / 255
 
 
-@pytest.mark.parametrize("height, width", [(64, 64), (512, 512), (48, 80), (300, 200)])
+@pytest.mark.parametrize("height, width", [(64, 64), (512, 512), (1024, 1024), (48, 80), (300, 200)])
 def test_preprocessing_matches_the_clip_image_processor(height, width):
     """Stated tolerance, in normalised units (one uint8 level is 1/255/0.27 = 0.015): at most 0.02 everywhere on
     smooth images; on white noise a mean of 0.01, since PIL rounds and clips to uint8 between its two resize

@@ -5,7 +5,8 @@ import math
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler
+from test_models import plain_pipeline
 
 from common.models import load_model
 from common.rewards import Colorfulness
@@ -20,13 +21,14 @@ def model(tiny_sd_path):
     return load_model(tiny_sd_path, resolution=RESOLUTION)
 
 
-@pytest.fixture(scope="module")
-def model_and_pipeline(tiny_sd_eps_or_v_path):
-    """Our model and diffusers' pipeline with its DDIMScheduler, from the same folder (epsilon, then v)."""
-    path = tiny_sd_eps_or_v_path
-    scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
-    pipeline = StableDiffusionPipeline.from_pretrained(path, scheduler=scheduler, safety_checker=None)
-    return load_model(path, resolution=RESOLUTION), pipeline
+@pytest.fixture(scope="module", params=["sd", "sd-v", "sdxl"])
+def model_and_pipeline(request):
+    """Our model and the family's diffusers pipeline with a DDIMScheduler, from the same folder: SD with epsilon,
+    its v-prediction twin, SDXL."""
+    path = request.getfixturevalue(
+        {"sd": "tiny_sd_path", "sd-v": "tiny_sd_v_path", "sdxl": "tiny_sdxl_path"}[request.param]
+    )
+    return load_model(path, resolution=RESOLUTION), plain_pipeline(request.param.removesuffix("-v"), path)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +65,8 @@ def test_loop_equals_diffusers_pipeline(model_and_pipeline, eta):
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 def test_step_equals_diffusers_step(model_and_pipeline, eta):
     """x_{t-1} and x0_hat as DDIMScheduler.step computes them from the model's output (eps, or v), with the step
-    noise drawn from generators seeded alike; at every kind of step, the last one included."""
+    noise drawn from generators seeded alike; at every kind of step, the last one included (for SDXL, whose config
+    has no set_alpha_to_one, into alphas_cumprod[0] as SD 1.x's)."""
     model, pipeline = model_and_pipeline
     schedule = model.schedule(STEPS)
     pipeline.scheduler.set_timesteps(STEPS)
