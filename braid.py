@@ -138,9 +138,11 @@ class Args:
 
     # Model, reward and prompts
     pretrained_model: str = SD14
-    """hub id or local folder of a diffusers pipeline: Stable Diffusion 1.x or 2.x"""
+    """hub id or local folder of a diffusers pipeline: Stable Diffusion 1.x or 2.x, SDXL, SD 3 or 3.5"""
     revision: Optional[str] = None
     """the model's revision on the hub"""
+    t5: bool = True
+    """use the T5 text encoder of a model that has one (SD 3); --no-t5 leaves it out (~9 GB less at SD 3.5 scale)"""
     prompts: Literal["simple_animals", "nouns_activities", "shapes"] = "simple_animals"
     """the prompt set"""
     prompt_file: Optional[str] = None
@@ -229,7 +231,9 @@ if __name__ == "__main__":
 
     # TRY NOT TO MODIFY: processes and seeds, the model and the reward (common/run.py, common/models.py)
     run = Run(args, name="offline" if args.offline_data else args.labeler)
-    model = load_model(args.pretrained_model, args.revision, run.device, run.dtype, args.resolution, args.num_steps)
+    model = load_model(
+        args.pretrained_model, args.revision, run.device, run.dtype, args.resolution, args.num_steps, t5=args.t5
+    )
 
     # ALGO LOGIC: the offline data: --offline-data, the resumed run's, or (BRAID's protocol) images of the pretrained
     # model scored by the labeler plus label noise, only the scores up to --offline-quantile kept, so that the

@@ -95,9 +95,11 @@ class Args:
 
     # Model, reward and prompts
     pretrained_model: str = SD14
-    """hub id or local folder of a diffusers pipeline: Stable Diffusion 1.x or 2.x"""
+    """hub id or local folder of a diffusers pipeline: Stable Diffusion 1.x or 2.x, SDXL, SD 3 or 3.5"""
     revision: Optional[str] = None
     """the model's revision on the hub"""
+    t5: bool = True
+    """use the T5 text encoder of a model that has one (SD 3); --no-t5 leaves it out (~9 GB less at SD 3.5 scale)"""
     reward: Literal["aesthetic", "pickscore", "hpsv2", "colorfulness", "jpeg_compressibility",
                     "jpeg_incompressibility"] = "aesthetic"  # fmt: skip
     """the reward to maximise; any of them (DDPO needs no gradient of it)"""
@@ -179,7 +181,9 @@ if __name__ == "__main__":
 
     # TRY NOT TO MODIFY: processes and seeds, the model and the reward (common/run.py, common/models.py)
     run = Run(args, name=args.reward, counter="epoch")
-    model = load_model(args.pretrained_model, args.revision, run.device, run.dtype, args.resolution, args.num_steps)
+    model = load_model(
+        args.pretrained_model, args.revision, run.device, run.dtype, args.resolution, args.num_steps, t5=args.t5
+    )
     reward_fn = make_reward(args.reward, run.device, run.dtype)
 
     # ALGO LOGIC: the MDP's actions are the steps with noise (a step into a flow's x_0, or SD's into abar = 1, has none)

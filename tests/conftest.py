@@ -11,7 +11,10 @@ import torch
 from diffusers import (
     AutoencoderKL,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
     PNDMScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -23,9 +26,11 @@ from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
+    T5Config,
+    T5EncoderModel,
 )
 
-from assets.train_tiny_sd import make_tokenizer  # the shipped tiny model's tokenizer is built the same way
+from assets.train_tiny_sd import make_t5_tokenizer, make_tokenizer  # the shipped tiny models' are built the same way
 from common.prompts import SIMPLE_ANIMALS
 
 WORDS = SIMPLE_ANIMALS + ["a", "an", "photo", "of", "the", "on", "red", "green", "blue", "white", "background"]
@@ -104,6 +109,40 @@ def build_tiny_sdxl(path, force_zeros_for_empty_prompt: bool = True) -> str:
     return str(path)
 
 
+def build_tiny_sd3(path, t5: bool = True, shift: float = 3.0) -> str:
+    """A random SD 3-shaped pipeline: two CLIP text encoders with projections (widths 32 and 48: 80 side by side,
+    padded to T5's 96), a T5 encoder (dropped with t5=False, as text_encoder_3=None), an MMDiT transformer (patch 2)
+    predicting a rectified flow's velocity, a VAE of 16 latent channels with a shift factor, and SD 3's flow
+    scheduler config (shift 3)."""
+    torch.manual_seed(0)
+    tokenizer, tokenizer_2 = make_tokenizer(WORDS), make_tokenizer(WORDS)
+    tokenizer_2.pad_token = "!"
+    text_encoder = CLIPTextModelWithProjection(text_config(tokenizer, projection_dim=24))
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(tokenizer_2, hidden_size=48, projection_dim=40,
+                                                             hidden_act="gelu"))  # fmt: skip
+    tokenizer_3 = make_t5_tokenizer(WORDS) if t5 else None
+    t5_config = T5Config(vocab_size=len(tokenizer_3 or []), d_model=96, d_kv=16, d_ff=64, num_layers=2, num_heads=4,
+                         relative_attention_num_buckets=8)  # fmt: skip
+    text_encoder_3 = T5EncoderModel(t5_config) if t5 else None
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=96, caption_projection_dim=32, pooled_projection_dim=24 + 40,
+        pos_embed_max_size=16,
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1, latent_channels=16,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
+        sample_size=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
+    )  # fmt: skip
+    pipeline = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift), vae=vae,
+        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
+    )  # fmt: skip
+    pipeline.save_pretrained(path)
+    return str(path)
+
+
 def build_tiny_clip(path) -> str:
     """A random CLIPModel (ViT vision tower at 224 px, patch 32) with its tokenizer and OpenAI-style image
     processor, in one folder: stands in for both openai/clip-vit-large-patch14 and PickScore."""
@@ -152,6 +191,11 @@ def tiny_sd_eps_or_v_path(request):
 @pytest.fixture(scope="session")
 def tiny_sdxl_path(tmp_path_factory):
     return build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_path(tmp_path_factory):
+    return build_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3"))
 
 
 @pytest.fixture(scope="session")

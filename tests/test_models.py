@@ -11,7 +11,13 @@ import shutil
 import pytest
 import torch
 from conftest import build_tiny_sd, build_tiny_sdxl, text_config
-from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import (
+    DDIMScheduler,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.models.attention_processor import AttnProcessor2_0
 from transformers import CLIPTextModel
 
@@ -19,18 +25,22 @@ from common.models import LORA_WEIGHTS, load_model
 from common.sampling import sample
 from scripts import LENGTH, SCRIPTS, TINY, read_metrics, run_script
 
-PIPELINES = {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
+PIPELINES = {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline, "sd3": StableDiffusion3Pipeline}
+FAMILY_FIXTURES = {"sd": "tiny_sd_path", "sdxl": "tiny_sdxl_path", "sd3": "tiny_sd3_path"}
 
 
-@pytest.fixture(params=["sd", "sdxl"])
+@pytest.fixture(params=list(FAMILY_FIXTURES))
 def family_path(request):
     """A test on each family's tiny random pipeline in turn: (family, path)."""
-    return request.param, request.getfixturevalue({"sd": "tiny_sd_path", "sdxl": "tiny_sdxl_path"}[request.param])
+    return request.param, request.getfixturevalue(FAMILY_FIXTURES[request.param])
 
 
 def plain_pipeline(family: str, path: str):
-    """The family's own diffusers pipeline with a DDIMScheduler as our model builds it: without x0 clipping (which
-    StableDiffusionPipeline also turns off) and with SD 1.x's set_alpha_to_one where the config has none (SDXL)."""
+    """The family's own diffusers pipeline: for SD 3 as it ships (its flow scheduler), for SD and SDXL with a
+    DDIMScheduler as our model builds it: without x0 clipping (which StableDiffusionPipeline also turns off) and with
+    SD 1.x's set_alpha_to_one where the config has none (SDXL)."""
+    if family == "sd3":
+        return StableDiffusion3Pipeline.from_pretrained(path)
     config = DDIMScheduler.load_config(path, subfolder="scheduler")
     alpha_to_one = config.get("set_alpha_to_one", False)
     scheduler = DDIMScheduler.from_config(config, clip_sample=False, set_alpha_to_one=alpha_to_one)
@@ -93,6 +103,25 @@ def test_saved_lora_loads_into_plain_diffusers_and_for_resuming(family_path, tmp
     resumed.add_lora(rank=4, alpha=8)
     resumed.load_lora(str(tmp_path))
     torch.testing.assert_close(our_images(resumed)[1], images, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("t5", [True, False])
+def test_sd3_conditioning_is_the_pipelines_encode_prompt_with_and_without_t5(t5, tiny_sd3_path):
+    """CLIP-L and CLIP-G penultimate states side by side, padded to T5's width, then T5's 256 token states (zeros
+    without T5: the pipeline's text_encoder_3=None); both pooled projections; the empty prompt encoded, not zeroed."""
+    model = load_model(tiny_sd3_path, resolution=32, t5=t5)
+    extra = {} if t5 else dict(text_encoder_3=None, tokenizer_3=None)
+    pipeline = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_path, **extra)
+    theirs, negative, pooled, negative_pooled = pipeline.encode_prompt(PROMPTS, None, None, device="cpu")
+    ours = model.encode(PROMPTS)
+    assert (
+        len(model.text_encoders) == 2 + t5 and ours.embeds.shape == (2, 77 + 256, 96) and ours.pooled.shape == (2, 64)
+    )
+    torch.testing.assert_close(ours.embeds, theirs, rtol=1e-5, atol=1e-5)  # T5 under no_grad: SDPA rounds apart
+    torch.testing.assert_close(ours.pooled, pooled, rtol=0, atol=0)
+    torch.testing.assert_close(model.uncond.embeds.expand(2, -1, -1), negative, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.uncond.pooled.expand(2, -1), negative_pooled, rtol=1e-5, atol=1e-6)
+    assert (ours.embeds[:, 77:].abs().sum() == 0) == (not t5) and model.uncond.embeds.abs().sum() > 0
 
 
 @pytest.mark.parametrize("force_zeros", [True, False])
@@ -164,11 +193,14 @@ def test_a_model_that_predicts_neither_eps_nor_v_is_refused(tmp_path, capsys):
     assert len(message.splitlines()) == 1 and "predicts 'sample'" in message and "v_prediction" in message, message
 
 
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_every_script_runs_on_sdxl(script, tiny_sdxl_path, tmp_path, monkeypatch):
-    """Nothing in a script names a family: the same command trains a LoRA on an SDXL pipeline."""
-    run_script(script, ["--pretrained-model", tiny_sdxl_path, *TINY[script], LENGTH[script], "2", "--output-dir",
-                        str(tmp_path)], monkeypatch)  # fmt: skip
+def test_every_script_runs_on_every_family(script, family, request, tmp_path, monkeypatch):
+    """Nothing in a script names a family: the same command trains a LoRA on an SDXL or an SD 3 pipeline (SD 1.x: every
+    other test)."""
+    path = request.getfixturevalue(FAMILY_FIXTURES[family])
+    run_script(script, ["--pretrained-model", path, *TINY[script], LENGTH[script], "2", "--output-dir", str(tmp_path)],
+               monkeypatch)  # fmt: skip
     run_dir, metrics = read_metrics(tmp_path)
     assert len(metrics) == 2 and all(math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) for m in metrics)
     assert os.path.isfile(os.path.join(run_dir, LORA_WEIGHTS))
@@ -189,7 +221,7 @@ def edited_copy(path, tmp_path, index=None, unet=None) -> str:
     ({"_class_name": "StableDiffusionXLImg2ImgPipeline"}, None, "is an image-to-image pipeline (the SDXL refiner is"),
     ({"_class_name": "StableDiffusionXLInpaintPipeline"}, None, "is an inpainting pipeline: use the text-to-image"),
     ({"_class_name": "KandinskyPipeline"}, None, "is a KandinskyPipeline; these scripts take a text-to-image pipeline"),
-    (None, {"in_channels": 9}, "has a UNet of 9 input channels for latents of 4: an inpainting or other"),
+    (None, {"in_channels": 9}, "has a denoiser of 9 input channels for latents of 4: an inpainting or other"),
 ])  # fmt: skip
 def test_a_pipeline_that_is_not_text_to_image_is_refused(index, unet, message, tiny_sdxl_path, tmp_path, capsys):
     path = edited_copy(tiny_sdxl_path, tmp_path, index, unet)
@@ -203,14 +235,16 @@ def test_a_pipeline_that_is_not_text_to_image_is_refused(index, unet, message, t
     assert exit_info.value.code == 2 and message in err and err.count("error:") == 1, err
 
 
-def test_a_resolution_the_model_cannot_take_is_refused(tiny_sdxl_path, capsys):
-    for resolution in (17, 0):
-        with pytest.raises(SystemExit) as exit_info:
-            load_model(tiny_sdxl_path, resolution=resolution)
-        assert exit_info.value.code == 2
-        assert f"--resolution must be a positive multiple of 2 (the VAE's downsampling), got {resolution}" in (
-            capsys.readouterr().err
-        )
+@pytest.mark.parametrize("family, resolution, message", [
+    ("sdxl", 17, "--resolution must be a positive multiple of 2 (the VAE's downsampling), got 17"),
+    ("sdxl", 0, "--resolution must be a positive multiple of 2 (the VAE's downsampling), got 0"),
+    ("sd3", 18, "must be a positive multiple of 4 (the VAE's downsampling times the transformer's patch size), got 18"),
+    ("sd3", 68, "--resolution must be at most 64 for this transformer (its positional embedding covers 16 patches"),
+])  # fmt: skip
+def test_a_resolution_the_model_cannot_take_is_refused(family, resolution, message, request, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_model(request.getfixturevalue(FAMILY_FIXTURES[family]), resolution=resolution)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_a_pipeline_folder_without_tokenizer_files_is_refused(tiny_sd_path, tmp_path, capsys):
