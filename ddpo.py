@@ -152,6 +152,9 @@ class Args:
     """rewards kept per prompt for its advantage statistics"""
     per_prompt_min_count: int = 16
     """below this many rewards of a prompt, normalise with the whole epoch's statistics instead"""
+    group_size: int = 1
+    """G > 1: each round samples G images of every prompt it draws and normalises rewards within the prompt's group
+    of this round (GRPO's advantages, no history); on a flow model at eta > 0 this is Flow-GRPO's recipe"""
     max_grad_norm: float = 1.0
     """clip the LoRA gradient to this norm"""
 
@@ -173,6 +176,8 @@ if __name__ == "__main__":
     check(args, "timesteps_per_call", args.timesteps_per_call >= 1, "at least 1")
     check(args, "per_prompt_buffer", args.per_prompt_buffer >= 1, "at least 1")
     check(args, "per_prompt_min_count", args.per_prompt_min_count >= 1, "at least 1")
+    check(args, "group_size", args.group_size >= 1 and args.sample_batch_size % args.group_size == 0,
+          "at least 1 and a divisor of --sample-batch-size")  # fmt: skip
     if args.estimator == "sf" and args.num_inner_epochs != 1:
         fail("DDPO-SF is on-policy: --num-inner-epochs must be 1 with --estimator sf")
     if args.samples_per_epoch % args.sample_batch_size or args.samples_per_epoch % args.train_batch_size:
@@ -210,8 +215,8 @@ if __name__ == "__main__":
         batches, conds, prompts_seen = [], [], []
         for _ in range(args.samples_per_epoch // args.sample_batch_size):
             # this rank's slice of the global batch: its prompts, and one generator per sample for all its noise
-            prompts = shard(sample_prompts(train_prompts, run.world_size * args.sample_batch_size, run.rng),
-                            args.sample_batch_size)  # fmt: skip
+            drawn = sample_prompts(train_prompts, run.world_size * args.sample_batch_size // args.group_size, run.rng)
+            prompts = shard([p for p in drawn for _ in range(args.group_size)], args.sample_batch_size)  # G each
             generators = sample_generators(args.sample_batch_size, run.rng)
             cond = model.encode(prompts)
             latents = model.initial_latents(args.sample_batch_size, generators)  # x_T
@@ -229,9 +234,11 @@ if __name__ == "__main__":
         samples["cond"] = Conditioning.cat(conds)
         del batches, conds  # else the trajectories are held twice through the training (0.86 GB at SD 1.4's defaults)
 
-        # ALGO LOGIC: advantages, normalised per prompt over the whole round (of all ranks), then clipped
+        # ALGO LOGIC: advantages, normalised per prompt over the whole round (of all ranks) and, without groups, over
+        # the prompt's recent rounds (DDPO's tracker); with groups, over its group(s) of this round only (GRPO)
         rewards = gather(samples["rewards"])  # (world_size * N,)
-        advantages = tracker.update(gather(prompts_seen), rewards.cpu()).to(run.device)
+        normalise = tracker if args.group_size == 1 else PerPromptStatTracker(len(rewards), min_count=1)
+        advantages = normalise.update(gather(prompts_seen), rewards.cpu()).to(run.device)
         advantages = shard(advantages.clamp(-args.adv_clip_max, args.adv_clip_max), args.samples_per_epoch)
 
         # ALGO LOGIC: policy-gradient steps on the stored transitions (x_t, x_{t-1}), steps shuffled per sample

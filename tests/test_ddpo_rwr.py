@@ -9,6 +9,7 @@ import torch
 from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
+import common.models
 from common.models import Conditioning, load_model
 from scripts import (
     EPOCHS_TINY,
@@ -44,6 +45,34 @@ def test_log_prob_is_the_gaussian_density_mean_over_dims():
     prev.requires_grad_()
     DDPO["log_prob"](prev, mean.requires_grad_(), torch.tensor(0.3)).sum().backward()
     assert prev.grad is None and mean.grad.abs().sum() > 0  # the action is data: only the mean carries gradient
+
+
+def test_group_advantages_by_hand():
+    """--group-size: a fresh tracker per round with no minimum, so each prompt's rewards are normalised by their own
+    group's mean and (population) std, as GRPO does; a prompt drawn twice in a round pools its two groups."""
+    prompts, rewards = ["a", "a", "b", "b", "a", "a"], torch.tensor([1.0, 3.0, 5.0, 5.0, 2.0, 2.0])
+    advantages = DDPO["PerPromptStatTracker"](len(rewards), min_count=1).update(prompts, rewards)
+    a = torch.tensor([1.0, 3.0, 2.0, 2.0])
+    expected_a = (a - a.mean()) / (a.std(unbiased=False) + 1e-6)
+    torch.testing.assert_close(advantages[[0, 1, 4, 5]], expected_a)
+    assert advantages[2] == advantages[3] == 0  # equal rewards in a group: no signal
+
+
+def test_group_size_samples_each_drawn_prompt_g_times(tiny_sd_path, tmp_path, monkeypatch):
+    seen, encode = [], common.models.Model.encode
+
+    def recording_encode(model, prompts):
+        seen.append(list(prompts))
+        return encode(model, prompts)
+
+    monkeypatch.setattr(common.models.Model, "encode", recording_encode)
+    run_script("ddpo.py", ["--pretrained-model", tiny_sd_path, *TINY, "--samples-per-epoch", "8", "--sample-batch-size",
+                           "4", "--train-batch-size", "4", "--group-size", "2", "--num-epochs", "1", "--output-dir",
+                           str(tmp_path)], monkeypatch)  # fmt: skip
+    batches = [p for p in seen if len(p) == 4][:2]  # the round's two sampling batches (the grids encode 8)
+    assert len(batches) == 2 and all(b[0] == b[1] and b[2] == b[3] for b in batches), seen
+    _, (metrics,) = read_metrics(tmp_path)
+    assert metrics["grad_norm"] > 0
 
 
 def test_ppo_clipped_loss_by_hand():
