@@ -32,10 +32,12 @@ def batch_flags(flags: dict, scale: int) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", CASES)
-def test_two_ranks_match_one_process_over_the_combined_batch(script, tiny_sd_path, tmp_path, monkeypatch):
+@pytest.mark.parametrize("script, family", [*((script, "sd") for script in CASES), ("ddpo.py", "sd3")])
+def test_two_ranks_match_one_process_over_the_combined_batch(script, family, request, tmp_path, monkeypatch):
+    """Every script on SD 1.x; DDPO on SD 3 too (a flow, whose last step is not trained: ranks agree on which)."""
+    path = request.getfixturevalue("tiny_sd3_path" if family == "sd3" else "tiny_sd_path")
     args, flags = CASES[script]
-    args = [*args, "--pretrained-model", tiny_sd_path, "--resolution", "16", "--num-steps", "4", "--save-every", "1"]
+    args = [*args, "--pretrained-model", path, "--resolution", "16", "--num-steps", "4", "--save-every", "1"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                os.path.join(ROOT, "tests", "torchrun_probe.py"), str(tmp_path), script]  # fmt: skip
     result = subprocess.run([*command, *args, *batch_flags(flags, 1), "--output-dir", str(tmp_path / "two")],
