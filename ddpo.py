@@ -174,6 +174,7 @@ if __name__ == "__main__":
     check(args, "timestep_fraction", 0 < args.timestep_fraction <= 1, "in (0, 1]")
     check(args, "timestep_fraction", args.num_steps * args.timestep_fraction >= 1, "at least 1 / --num-steps")
     check(args, "timesteps_per_call", args.timesteps_per_call >= 1, "at least 1")
+    check(args, "samples_per_epoch", args.samples_per_epoch >= 2, "at least 2: advantages compare rewards")
     check(args, "per_prompt_buffer", args.per_prompt_buffer >= 1, "at least 1")
     check(args, "per_prompt_min_count", args.per_prompt_min_count >= 1, "at least 1")
     check(args, "group_size", args.group_size >= 1 and args.sample_batch_size % args.group_size == 0,

@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import warnings
 from typing import NoReturn, TypeVar
 
@@ -21,9 +22,22 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
+RUNNING = {}  # the run folder of the run in progress ("dir"), set by common.run.Run.start
+
+
 def out_of_memory_or_lost_rank(exc_type, exc, traceback) -> None:
     """sys.excepthook: running out of memory (CUDA or CPU) and a torchrun process that stopped answering end in one
-    sentence and exit status 2 like the user errors; anything else keeps Python's traceback."""
+    sentence and exit status 2 like the user errors, Ctrl-C in one line saying where the last checkpoint is (status
+    130, as a shell reports SIGINT); anything else keeps Python's traceback."""
+    if issubclass(exc_type, KeyboardInterrupt):
+        run_dir = RUNNING.get("dir")
+        folder = os.path.join(run_dir or "", "checkpoints")
+        names = sorted(n for n in os.listdir(folder) if ".tmp" not in n) if os.path.isdir(folder) else []
+        where = f"; the last checkpoint is {os.path.join(folder, names[-1])} (--resume {run_dir})" if names else (
+            "; no checkpoint was written" if run_dir else "")  # fmt: skip
+        print(f"interrupted{where}", file=sys.__stderr__)
+        atexit._run_exitfuncs()
+        os._exit(130)
     message = str(exc)
     if exc_type.__name__ == "OutOfMemoryError" or isinstance(exc, MemoryError) or "can't allocate memory" in message:
         fail_now(
@@ -48,10 +62,18 @@ def fail_now(message: str) -> None:
     os._exit(2)
 
 
+def quiet_writer_thread(args) -> None:
+    """threading.excepthook: TensorBoard's writer thread re-raises its write errors in the main thread (where the run
+    names them in one sentence), so its own traceback is not printed; other threads keep theirs."""
+    if type(args.thread).__name__ != "_AsyncWriterThread":
+        threading.__excepthook__(args)
+
+
 def quiet_and_catch() -> None:
     """What a script changes globally when it starts: out-of-memory errors and lost torchrun peers end in one sentence
     (sys.excepthook), and the libraries' warnings that say nothing about the run are filtered."""
     sys.excepthook = out_of_memory_or_lost_rank
+    threading.excepthook = quiet_writer_thread
     # diffusers 0.42 still passes this retired argument to huggingface_hub, which warns on every config load
     warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
     # transformers 5 warns on every run without torchvision that it uses its PIL image processors instead: the rewards
@@ -65,7 +87,7 @@ T = TypeVar("T")
 # flags that may differ from a checkpoint's when resuming it: they extend, log or place the run, or set the optimizer
 # (written into the restored optimizer); every other flag would change the model or the method mid-run
 RESUMABLE = {"resume", "train_steps", "num_epochs", "save_every", "sample_every", "track", "wandb_project_name",
-             "wandb_entity", "output_dir", "cuda", "torch_deterministic", "mixed_precision", "learning_rate",
+             "wandb_entity", "cuda", "torch_deterministic", "mixed_precision", "learning_rate",
              "weight_decay", "max_grad_norm"}  # fmt: skip
 
 
@@ -87,11 +109,15 @@ def cli(args_class: type[T], presets: dict[str, dict]) -> T:
 
     name = given("preset") if given("preset") in presets else args_class.preset  # the parser refuses an unknown one
     defaults = dataclasses.replace(args_class(), preset=name, **presets[name])
-    if given("resume") is None or "--help" in argv or "-h" in argv:
+    if given("resume") is None or "--help" in argv or "-h" in argv:  # '--resume ""' is refused by find_checkpoint
         args = parse(args_class, defaults)
     else:
         checkpoint_dir, state = find_checkpoint(given("resume"))
         script = os.path.basename(sys.argv[0])
+        new_dir, old_dir = given("output-dir"), state.get("args", {}).get("output_dir")
+        if new_dir and old_dir and os.path.abspath(new_dir) != os.path.abspath(old_dir):
+            fail(f"--output-dir is {new_dir} but a resumed run continues in its own run folder under {old_dir}: leave"
+                 " --output-dir out")  # fmt: skip
         if state.get("script", script) != script:
             fail(f"{checkpoint_dir} is a checkpoint of {state['script']}, not of {script}: resume it with"
                  f" python {state['script']} --resume {given('resume')}")  # fmt: skip
@@ -147,21 +173,36 @@ def at_least_1(x) -> bool:
 
 # the flags several scripts share, with what each allows (NaN fails every comparison: refused)
 SHARED_FLAGS = {
-    "exp_name": (lambda x: bool(re.fullmatch(r"[\w.+-]+", x)) and set(x) != {"."}, "letters, digits, _ . + -"),
+    "exp_name": (lambda x: bool(re.fullmatch(r"[\w.+-]{1,100}", x)) and set(x) != {"."},
+                 "1 to 100 letters, digits, _ . + -"),
     "seed": (lambda x: 0 <= x < 2**32, "between 0 and 2**32 - 1"),
     "save_every": (at_least_1, "at least 1"),
     "sample_every": (at_least_1, "at least 1"),
     "num_steps": (at_least_1, "at least 1"),
     "guidance_scale": (lambda x: 1 <= x < float("inf"), "at least 1 (1: no guidance)"),
     "eta": (lambda x: 0 <= x <= 1, "between 0 and 1"),
-    "resolution": (at_least_1, "at least 1"),
-    "lora_rank": (at_least_1, "at least 1"),
+    "resolution": (lambda x: 1 <= x <= 16384, "between 1 and 16384"),
+    "lora_rank": (lambda x: 1 <= x <= 1024, "between 1 and 1024"),
     "learning_rate": (lambda x: 0 < x <= 1, "in (0, 1]"),
     "weight_decay": (lambda x: 0 <= x < float("inf"), "at least 0"),
     "max_grad_norm": (lambda x: 0 < x < float("inf"), "a positive number"),
-    **{size: (at_least_1, "at least 1") for size in ("batch_size", "sample_batch_size", "train_batch_size",
-       "samples_per_epoch", "grad_accum_steps", "num_inner_epochs", "train_steps", "num_epochs")},
+    # counts: a value past a million is a typo, not a run (and would fail late, out of memory or time)
+    **{count: (lambda x: 1 <= x <= 10**6, "between 1 and 1000000") for count in ("batch_size", "sample_batch_size",
+       "train_batch_size", "samples_per_epoch", "grad_accum_steps", "num_inner_epochs", "train_steps", "num_epochs")},
 }  # fmt: skip
+
+
+def load_error(e: Exception) -> str:
+    """Why torch.load(weights_only=True) refused a file, in a few words: an object that only an unrestricted load
+    rebuilds (and that could run code from the file), or the file's damage."""
+    message = str(e)
+    found = re.search(r"GLOBAL ([\w.]+)", message)
+    if found:
+        return (f"it holds {found.group(1)}, which only an unrestricted torch.load rebuilds and which could run code"
+                " from the file: it is not loaded")  # fmt: skip
+    if "WeightsUnpickler error:" in message:  # not a pickle torch.save wrote: garbage or another format
+        message = "not a file torch.save wrote: " + message.split("WeightsUnpickler error:")[1].strip()
+    return (message.strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def load_or_fail(load, model_id: str, **kwargs):
@@ -171,9 +212,8 @@ def load_or_fail(load, model_id: str, **kwargs):
         return load(model_id, **kwargs)
     except (OSError, ValueError) as e:  # huggingface_hub's not-found and connection errors are OSErrors
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        fail(
-            f"could not load '{model_id}'"
-            + (f" (subfolder '{kwargs['subfolder']}')" if kwargs.get("subfolder") else "")
-            + f": pass a local folder instead, check the network connection, or set HF_HUB_OFFLINE=1 to use"
-            f" the local Hugging Face cache only ({reason})"
-        )
+        part = f" (subfolder '{kwargs['subfolder']}')" if kwargs.get("subfolder") else ""
+        if os.path.exists(model_id):  # a local folder or file: the network has nothing to do with it
+            fail(f"could not load the local '{model_id}'{part}: a part is missing or damaged ({reason})")
+        fail(f"could not load '{model_id}'{part}: pass a local folder instead, check the network connection, or set"
+             f" HF_HUB_OFFLINE=1 to use the local Hugging Face cache only ({reason})")  # fmt: skip

@@ -1,7 +1,8 @@
 """Run folders and checkpoints (the storage of common/run.py's lifecycle). A checkpoint is a folder
 `{run}/checkpoints/{step|epoch}_XXXXXX/` holding the LoRA in diffusers' format and `state.pt` (optimizer, counter,
-RNG, the run's arguments). It is written into a temporary folder and renamed into place, so it exists whole or not
-at all."""
+RNG, the run's arguments and script). It is written into a temporary folder and renamed into place, so it exists
+whole or not at all. state.pt is read with torch.load(weights_only=True): tensors, numbers, strings, lists and
+dicts only, so a file from elsewhere cannot run code when it is loaded."""
 
 import atexit
 import json
@@ -10,11 +11,12 @@ import shutil
 
 import torch
 
-from common import fail
+from common import fail, load_error
 from common.distributed import broadcast
 from common.models import LORA_WEIGHTS
 
 STATE = "state.pt"
+STATE_KEYS = ("optimizer", "rng", "args")  # and the counter, "step" or "epoch"
 
 
 def is_complete(checkpoint_dir: str) -> bool:
@@ -26,11 +28,36 @@ def say(message: str) -> None:
         print(message)
 
 
+def why(e: BaseException, path: str | None = None) -> str:
+    """The cause of a failed read or write in a few words: the OS's reason where it gave one; for a write that
+    torch or a library reports without one, a full disk or a file-size limit (ulimit -f) when either is the case."""
+    cause = getattr(e, "strerror", None) or (e.__cause__ and getattr(e.__cause__, "strerror", None))
+    if cause:
+        return cause
+    if path:
+        import resource
+
+        folder = os.path.dirname(os.path.abspath(path))
+        while not os.path.isdir(folder):
+            folder = os.path.dirname(folder)
+        if shutil.disk_usage(folder).free < 2**20:
+            return "No space left on device"
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY:
+            return f"File too large: the file-size limit (ulimit -f) is {limit} bytes"
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:100]}"
+
+
 def find_checkpoint(path: str) -> tuple[str, dict]:
-    """`--resume PATH`: a checkpoint folder, or a run folder (its newest complete checkpoint). Returns the
-    checkpoint folder and its state. A named checkpoint that cannot be read ends the run with one sentence; in a
-    run folder, incomplete or unreadable checkpoints are skipped with a warning."""
+    """`--resume PATH`: a checkpoint folder inside a run folder's checkpoints/, or a run folder (its newest complete
+    checkpoint). Returns the checkpoint folder and its state. A named checkpoint that cannot be read ends the run with
+    one sentence; in a run folder, incomplete or unreadable checkpoints are skipped with a warning."""
+    if not path.strip():
+        fail("--resume needs a run folder (runs/...) or one of its checkpoint folders, got an empty path")
     if os.path.isfile(os.path.join(path, STATE)):
+        if os.path.basename(os.path.dirname(os.path.abspath(path))) != "checkpoints":
+            fail(f"--resume {path} is a checkpoint outside a run folder's checkpoints/: a resumed run continues in its"
+                 " own run folder, so resume the run folder it came from")  # fmt: skip
         return path, load_state(path)
     folder = os.path.join(path, "checkpoints")
     names = sorted(os.listdir(folder), reverse=True) if os.path.isdir(folder) else []
@@ -40,21 +67,38 @@ def find_checkpoint(path: str) -> tuple[str, dict]:
             say(f"warning: skipping the incomplete checkpoint {checkpoint_dir}")
             continue
         try:
-            state = torch.load(os.path.join(checkpoint_dir, STATE), weights_only=False)
+            state = read_state(checkpoint_dir)
+            readable_lora(checkpoint_dir)
         except Exception as e:  # a truncated or corrupt file: an older checkpoint may still be whole
-            say(f"warning: skipping the unreadable checkpoint {checkpoint_dir} ({type(e).__name__})")
+            say(f"warning: skipping the unreadable checkpoint {checkpoint_dir} ({load_error(e)})")
             continue
         say(f"resuming from {checkpoint_dir}")
         return checkpoint_dir, state
     fail(f"--resume {path} is neither a checkpoint folder nor a run folder with a complete checkpoint")
 
 
+def read_state(checkpoint_dir: str) -> dict:
+    """state.pt, loaded without running any code from it, with the keys a resume needs (else ValueError)."""
+    state = torch.load(os.path.join(checkpoint_dir, STATE), weights_only=True)
+    missing = [key for key in STATE_KEYS if key not in state] + ([] if {"step", "epoch"} & set(state) else ["step"])
+    if missing:
+        raise ValueError(f"it has no '{missing[0]}'")
+    return state
+
+
+def readable_lora(checkpoint_dir: str) -> None:
+    """Raises if the checkpoint's LoRA file is not a readable safetensors file (its header is parsed, not its data)."""
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(checkpoint_dir, LORA_WEIGHTS), framework="pt") as f:
+        f.keys()
+
+
 def load_state(checkpoint_dir: str) -> dict:
     try:
-        return torch.load(os.path.join(checkpoint_dir, STATE), weights_only=False)
+        return read_state(checkpoint_dir)
     except Exception as e:
-        reason = f"{type(e).__name__}: {str(e)[:100]}"
-        fail(f"the checkpoint {checkpoint_dir} cannot be read ({reason}); resume from an earlier one")
+        fail(f"the checkpoint {checkpoint_dir} cannot be read ({load_error(e)}); resume from an earlier one")
 
 
 def run_dir_of(checkpoint_dir: str) -> str:
@@ -72,11 +116,11 @@ def open_run_dir(output_dir: str, run_name: str, resume_dir: str | None, state: 
                 run_dir = new_folder(run_dir)
             os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
             lock(run_dir)
+            if resume_dir:
+                counter = "step" if "step" in state else "epoch"
+                truncate_metrics(run_dir, counter, state[counter])
         except OSError as e:
-            fail(f"cannot write the run folder {run_dir} ({e.strerror or e}): choose another --output-dir")
-        if resume_dir:
-            counter = "step" if "step" in state else "epoch"
-            truncate_metrics(run_dir, counter, state[counter])
+            fail(f"cannot write the run folder {run_dir} ({why(e)}): choose another --output-dir")
     return broadcast(run_dir)  # under torchrun, rank 0's
 
 
@@ -92,37 +136,61 @@ def new_folder(path: str) -> str:
     fail(f"{path} and 998 suffixed copies of it exist already: choose another --exp-name")
 
 
+def process_start(pid: int) -> str:
+    """When process `pid` started (Linux: field 22 of /proc/PID/stat), or "" where that cannot be read: with the id,
+    it tells a live run from a process that was given a dead run's id."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
 def lock(run_dir: str) -> None:
-    """Hold `run_dir/.lock` (this process's id) until the program ends; refuse a folder a live process holds."""
+    """Hold `run_dir/.lock` (this process's id and start time) until the program ends; refuse a folder that a live
+    process holds. The lock of a killed run is taken over, also when its process id now belongs to another process."""
     path = os.path.join(run_dir, ".lock")
     try:
         with open(path) as f:
-            pid = int(f.read().strip() or 0)
+            pid, started = (f.read().split() + [""])[:2]
+        pid = int(pid)
         os.kill(pid, 0)  # raises if no such process: the lock is stale (a killed run)
-        if pid != os.getpid():
+        if pid != os.getpid() and (not started or started == process_start(pid)):
             fail(f"the run folder {run_dir} is in use by process {pid}; wait for it to end or resume another run")
-    except (FileNotFoundError, ProcessLookupError, ValueError):
+    except (FileNotFoundError, ProcessLookupError, PermissionError, ValueError):
         pass
     with open(path, "w") as f:
-        f.write(str(os.getpid()))
+        f.write(f"{os.getpid()} {process_start(os.getpid())}")
     atexit.register(lambda: os.path.exists(path) and os.remove(path))
 
 
 def truncate_metrics(run_dir: str, counter: str, last: int) -> None:
-    """Drop what a run logged after its checkpoint `last`, so that the resumed run's lines follow on."""
+    """Drop what a run logged after its checkpoint `last`, so that the resumed run's lines follow on; a last line
+    that a killed run left half-written is dropped too."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         return
     with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)[counter] <= last]
+        lines = [line for line in f if line.strip()]
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break  # torn by a kill mid-write
+            fail(f"{path}, line {number}, is not JSON: the run folder's log is damaged; resume another run")
+        if entry.get(counter, last + 1) <= last:
+            kept.append(line if line.endswith("\n") else line + "\n")
     with open(path, "w") as f:
         f.writelines(kept)
 
 
 def save_checkpoint(checkpoint_dir: str, model, state: dict) -> None:
     """The LoRA and `state` into a temporary folder, then renamed to `checkpoint_dir` (replacing an older one of the
-    same name, which a resumed run may have left beyond its checkpoint). A failed write (a full disk) leaves the
-    earlier checkpoints as they were and ends the program with one sentence."""
+    same name, which a resumed run may have left beyond its checkpoint). A failed write (a full disk, a file-size
+    limit) removes the partial folder, leaves the earlier checkpoints as they were and ends the program with one
+    sentence."""
     temporary = f"{checkpoint_dir}.tmp"
     try:
         shutil.rmtree(temporary, ignore_errors=True)
@@ -131,6 +199,7 @@ def save_checkpoint(checkpoint_dir: str, model, state: dict) -> None:
         if os.path.exists(checkpoint_dir):
             shutil.rmtree(checkpoint_dir)
         os.replace(temporary, checkpoint_dir)
-    except OSError as e:
+    except Exception as e:  # torch.save reports a failed write as a RuntimeError, safetensors as its own error
         shutil.rmtree(temporary, ignore_errors=True)
-        fail(f"could not write the checkpoint {checkpoint_dir} ({e.strerror or e}); the earlier checkpoints are intact")
+        fail(f"could not write the checkpoint {checkpoint_dir} ({why(e, temporary)}); the earlier checkpoints are"
+             " intact")  # fmt: skip

@@ -200,6 +200,10 @@ class Model:
                 abar_prev = torch.where(prev >= 0, abar[prev.clamp(min=0)], self.scheduler.final_alpha_cumprod)
                 abars = torch.cat([abar[timesteps[:1]], abar_prev])  # abar at t_T, then after each step
                 alphas, sigmas = abars.sqrt(), (1 - abars).sqrt()
+            if self.prediction_type == "epsilon" and alphas[0] == 0:  # x0_hat = (x - sigma eps) / alpha: undefined
+                fail("the scheduler's first step starts from pure noise (a zero-terminal-SNR schedule, e.g."
+                     " rescale_betas_zero_snr with 'trailing' spacing), where an epsilon model's x0 is undefined: use a"
+                     " v-prediction model with such a schedule, or 'leading' spacing")  # fmt: skip
             self.schedules[num_steps] = Schedule(timesteps.to(self.device), alphas.to(self.device),
                                                  sigmas.to(self.device), self.prediction_type)  # fmt: skip
         return self.schedules[num_steps]
@@ -324,16 +328,19 @@ def load_model(name: str = SD14, revision=None, device="cpu", dtype=None, resolu
         fail(f"'{name}' is a {kind}; these scripts take a text-to-image pipeline of one of: {', '.join(FAMILIES)}")
     family = FAMILIES[kind]
     scheduler_config = load_or_fail(DDIMScheduler.load_config, name, subfolder="scheduler", revision=revision)
-    if family == "sd3":
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
-        scheduler.register_to_config(prediction_type="flow")  # the velocity eps - x0 (the config names none)
-    else:
-        # SD never clips x0_hat (StableDiffusionPipeline turns clip_sample off too); the DDIM step has no clipping.
-        # SDXL ships an Euler config without set_alpha_to_one, which DDIMScheduler would default to True (a last
-        # step into abar = 1, without noise): it is trained on SD's betas, so its DDIM ends as SD 1.x's config
-        # says, at alphas_cumprod[0], and every step keeps its noise
-        alpha_to_one = scheduler_config.get("set_alpha_to_one", False)
-        scheduler = DDIMScheduler.from_config(scheduler_config, clip_sample=False, set_alpha_to_one=alpha_to_one)
+    try:
+        if family == "sd3":
+            scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+            scheduler.register_to_config(prediction_type="flow")  # the velocity eps - x0 (the config names none)
+        else:
+            # SD never clips x0_hat (StableDiffusionPipeline turns clip_sample off too); the DDIM step has no
+            # clipping. SDXL ships an Euler config without set_alpha_to_one, which DDIMScheduler would default to True
+            # (a last step into abar = 1, without noise): it is trained on SD's betas, so its DDIM ends as SD 1.x's
+            # config says, at alphas_cumprod[0], and every step keeps its noise
+            alpha_to_one = scheduler_config.get("set_alpha_to_one", False)
+            scheduler = DDIMScheduler.from_config(scheduler_config, clip_sample=False, set_alpha_to_one=alpha_to_one)
+    except (NotImplementedError, ValueError, TypeError) as e:  # e.g. a beta_schedule diffusers does not know
+        fail(f"'{name}' has a scheduler config these scripts cannot use ({str(e).splitlines()[0][:200]})")
         if scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
             fail(f"'{name}' predicts '{scheduler.config.prediction_type}'; these scripts need a model that predicts "
                  "'epsilon' (SD 1.x, SD 2.x base, SDXL) or 'v_prediction' (SD 2.x at 768 px)")  # fmt: skip
@@ -378,4 +385,6 @@ def load_model(name: str = SD14, revision=None, device="cpu", dtype=None, resolu
             f"note: no CUDA device: '{name}' will be very slow on the CPU (try --preset tiny, the shipped tiny model)"
         )
     zero_uncond = family == "sdxl" and index.get("force_zeros_for_empty_prompt", True)
-    return Model(family, tokenizers, text_encoders, denoiser, vae, scheduler, resolution, dtype, zero_uncond)
+    model = Model(family, tokenizers, text_encoders, denoiser, vae, scheduler, resolution, dtype, zero_uncond)
+    model.schedule(num_steps)  # the sampler's schedule, checked now (and cached)
+    return model

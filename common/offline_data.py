@@ -14,7 +14,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm.auto import tqdm
 
-from common import fail
+from common import fail, load_error
 from common.distributed import gather, sample_generators, shard
 from common.prompts import sample_prompts
 from common.sampling import sample
@@ -31,10 +31,11 @@ def load_offline_data(path: str, resolution: int):
     """A folder of images with scores.csv (file,score), or a .pt file, as the module docstring describes. A CSV line
     that cannot be used ends the run naming the line; check_offline_data checks what a .pt file holds."""
     if os.path.isfile(path) and path.endswith(".pt"):
-        try:
-            return torch.load(path, weights_only=False)
-        except Exception as e:  # corrupt, truncated, not written by torch.save: whatever torch.load raises
-            fail(f"cannot load {path} with torch.load ({(str(e) or type(e).__name__).splitlines()[0][:200]})")
+        try:  # weights_only: tensors, numbers, strings, lists and dicts; a pickle of anything else could run code
+            return torch.load(path, weights_only=True)
+        except Exception as e:  # corrupt, truncated, not written by torch.save, or holding other objects
+            fail(f"cannot load {path} with torch.load ({load_error(e)}); it must hold tensors, numbers, strings,"
+                 " lists and dicts (docs/braid.md)")  # fmt: skip
     table = os.path.join(path, "scores.csv")
     if not os.path.isfile(table):
         fail(f"--offline-data {path} is neither a .pt file nor a folder with a scores.csv of file,score lines")

@@ -41,13 +41,17 @@ def load_prompts(name: str = "simple_animals", prompt_file: str | None = None) -
         if name not in PROMPT_SETS:
             fail(f"unknown prompt set '{name}'; choose one of: {', '.join(PROMPT_SETS)}, or pass --prompt-file")
         return list(PROMPT_SETS[name])
-    if not os.path.isfile(prompt_file):
+    if os.path.isdir(prompt_file):
+        fail(f"the prompt file '{prompt_file}' is a folder: pass a text file, one prompt a line")
+    if not os.path.exists(prompt_file):
         fail(f"the prompt file '{prompt_file}' does not exist")
     try:
         with open(prompt_file, encoding="utf-8") as f:
             prompts = [line.strip() for line in f if line.strip()]
     except UnicodeDecodeError as e:
         fail(f"the prompt file '{prompt_file}' is not UTF-8 text (byte {e.start}): pass a text file, one prompt a line")
+    except OSError as e:
+        fail(f"the prompt file '{prompt_file}' cannot be read ({e.strerror or e})")
     if any("\x00" in p for p in prompts):
         fail(f"the prompt file '{prompt_file}' holds NUL bytes, so it is not a text file: one prompt a line")
     if not prompts:

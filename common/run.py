@@ -15,6 +15,7 @@ few visible lines:
 
 import atexit
 import json
+import math
 import os
 import random
 import shutil
@@ -25,8 +26,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+import common
 from common import fail
-from common.checkpoint import find_checkpoint, open_run_dir, run_dir_of, save_checkpoint
+from common.checkpoint import find_checkpoint, open_run_dir, run_dir_of, save_checkpoint, why
 from common.distributed import average_gradients, cleanup, setup
 from common.sampling import sample
 
@@ -40,8 +42,17 @@ class Run:
         self.rank, self.world_size, self.device = setup(args.cuda)  # one process per device under torchrun
         precision = args.mixed_precision if args.mixed_precision != "auto" else "bf16" * (self.device.type == "cuda")
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32  # of the frozen weights
-        self.resume_dir, self.state = find_checkpoint(args.resume) if args.resume else (None, None)
+        self.resume_dir, self.state = find_checkpoint(args.resume) if args.resume is not None else (None, None)
         self.dir = run_dir_of(self.resume_dir) if self.resume_dir else None  # a new run's folder is made by start
+        self.end = args.train_steps if counter == "step" else args.num_epochs
+        if self.state and self.state[counter] >= self.end:
+            flag, done = f"--{'train-steps' if counter == 'step' else 'num-epochs'}", self.state[counter]
+            if done > self.end:
+                fail(f"{flag} is {self.end} but {self.resume_dir} is at {counter} {done}: a run cannot go back; pass"
+                     f" a larger {flag} to extend it")  # fmt: skip
+            if self.rank == 0:
+                print(f"{self.dir} is already finished at {counter} {done}: pass a larger {flag} to extend it")
+            raise SystemExit(0)
         self.name = f"{name}__{args.exp_name}__{args.seed}__{int(time.time())}"
         random.seed(args.seed)
         np.random.seed(args.seed)
@@ -61,6 +72,7 @@ class Run:
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.dir = open_run_dir(args.output_dir, self.name, self.resume_dir, self.state, self.rank)
         self.name = os.path.basename(self.dir)  # suffixed if another run took the name first
+        common.RUNNING["dir"] = self.dir  # where Ctrl-C says the last checkpoint is
         if self.rank == 0 and not self.resume_dir:  # a new run that ends before its first step leaves no folder behind
             atexit.register(lambda: self.started or shutil.rmtree(self.dir, ignore_errors=True))
         if self.rank == 0:
@@ -98,16 +110,39 @@ class Run:
         x0, _ = sample(self.model, self.eval_latents, self.eval_cond, self.args.num_steps, self.args.guidance_scale,
                        self.eval_eta, generator)  # fmt: skip
         images = self.model.decode(x0)
+        if count == 0 and not (images.isfinite().all() and images.std() > 1e-4):  # the pretrained model, once
+            what = "not finite" if not images.isfinite().all() else "one flat colour"
+            fail(f"the pretrained model's first samples are {what}: its weights or scheduler config look broken"
+                 f" (check --pretrained-model {self.args.pretrained_model}); nothing was trained")  # fmt: skip
         path = os.path.join(self.dir, "samples", f"{self.counter}_{count:06d}.png")
-        grid = save_grid(images, path, columns=len(self.eval_prompts))
-        self.writer.add_image("samples", grid, count, dataformats="HWC")
+        grid = self.written("the sample grid", path, lambda: save_grid(images, path, len(self.eval_prompts)))
+        self.written("TensorBoard's events", self.dir, lambda: self.writer.add_image("samples", grid, count,
+                                                                                       dataformats="HWC"))  # fmt: skip
         return self.reward_fn(images, self.eval_prompts * 2).mean().item()
+
+    def written(self, what: str, path: str, write):
+        """write(), or one sentence naming what could not be written where and why (disk full, file too large,
+        permission), and which checkpoint is intact."""
+        try:
+            result = write()
+            if self.writer is not None and what == "TensorBoard's events":
+                self.writer.flush()  # its writes happen in a thread: a failure surfaces here
+            return result
+        except Exception as e:  # an OSError, or a library's own error around one (torch, safetensors, PIL)
+            fail(f"could not write {what} {path} ({why(e, path)}); {self.last_checkpoint()}")
+
+    def last_checkpoint(self) -> str:
+        folder = os.path.join(self.dir or "", "checkpoints")
+        names = sorted(n for n in os.listdir(folder) if ".tmp" not in n) if os.path.isdir(folder) else []
+        if not names:
+            return "no checkpoint has been written yet"
+        return f"the last checkpoint, {os.path.join(folder, names[-1])}, is intact (resume with --resume {self.dir})"
 
     def steps(self, start: int, end: int):
         """start + 1, ..., end, with a progress bar on rank 0; a new run is evaluated before its first step."""
-        self.started = True
-        if start == 0 and self.rank == 0:
+        if start == 0 and self.rank == 0:  # it also checks the pretrained model: a broken one leaves no run folder
             self.eval_reward = self.first_eval_reward = self.evaluate(0)
+        self.started = True
         yield from tqdm(range(start + 1, end + 1), initial=start, total=end, disable=self.rank != 0)
 
     def optimizer_step(self, loss: torch.Tensor | None = None) -> torch.Tensor:
@@ -117,9 +152,14 @@ class Run:
         average_gradients(self.params)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.args.max_grad_norm)
         if not (torch.isfinite(grad_norm) and (loss is None or torch.isfinite(loss))):
-            value = "" if loss is None else f"the loss {loss.item()} / "
-            fail(f"{value}the gradient's norm {grad_norm.item()} is not finite; stopped before the LoRA was"
-                 " overwritten (the last checkpoint is intact): try a lower --learning-rate")  # fmt: skip
+            args, first = self.args, self.optimizer.state_dict()["state"] == {}  # no update taken yet: not the LoRA
+            value = "" if loss is None else f"the loss ({loss.item()}) or "
+            causes = (f"the model, or --guidance-scale {args.guidance_scale}" if first else f"--learning-rate"
+                      f" {args.learning_rate} (lower it), --weight-decay {args.weight_decay} or --guidance-scale"
+                      f" {args.guidance_scale}")  # fmt: skip
+            fail(f"{value}the gradient's norm ({grad_norm.item()}) is not finite"
+                 f"{' before the first update' if first else ''}: the likely cause is {causes}; stopped before the"
+                 f" LoRA was overwritten, and {self.last_checkpoint()}")  # fmt: skip
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
@@ -130,19 +170,24 @@ class Run:
         needs besides the LoRA, optimizer and random state to resume exactly)."""
         if self.rank != 0:
             return
-        end = self.args.train_steps if self.counter == "step" else self.args.num_epochs
+        end = self.end
         if count % self.args.sample_every == 0 or count == end:
             self.eval_reward = self.evaluate(count)
         metrics = {self.counter: count, **metrics, "eval_reward_mean": self.eval_reward}
         if self.device.type == "cuda":
             metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        with open(os.path.join(self.dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        for name, value in metrics.items():
-            if name != self.counter and value is not None:
-                self.writer.add_scalar(
-                    ("losses/" if "loss" in name or "kl" in name else "charts/") + name, value, count
-                )
+        # JSON has no NaN: a value that is not a number is logged as null (and TensorBoard skips it)
+        metrics = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in metrics.items()}
+        path = os.path.join(self.dir, "metrics.jsonl")
+        self.written("the metrics", path, lambda: append_line(path, json.dumps(metrics)))
+
+        def add_scalars():
+            for name, value in metrics.items():
+                if name != self.counter and value is not None:
+                    group = "losses/" if "loss" in name or "kl" in name else "charts/"
+                    self.writer.add_scalar(group + name, value, count)
+
+        self.written("TensorBoard's events", self.dir, add_scalars)
         if count % self.args.save_every == 0 or count == end:
             state = {"script": os.path.basename(sys.argv[0]), "run_name": self.name, self.counter: count,
                      "optimizer": self.optimizer.state_dict(), "rng": self.rng.get_state(), "args": vars(self.args),
@@ -153,10 +198,15 @@ class Run:
     def finish(self) -> None:
         """The final LoRA in the run folder (the family's pipeline `.load_lora_weights(run_dir)` reads it)."""
         if self.rank == 0:
-            self.model.save_lora(self.dir)
-            self.writer.close()
+            self.written("the final LoRA", self.dir, lambda: self.model.save_lora(self.dir))
+            self.written("TensorBoard's events", self.dir, self.writer.close)
             print(f"done: {self.dir}, held-out reward {self.first_eval_reward} -> {self.eval_reward}")
         cleanup()
+
+
+def append_line(path: str, line: str) -> None:
+    with open(path, "a") as f:
+        f.write(line + "\n")
 
 
 def save_grid(images: torch.Tensor, path: str, columns: int) -> torch.Tensor:

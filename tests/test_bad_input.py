@@ -1,14 +1,18 @@
 """Every mistake a user can make on the command line or in a file ends before the run starts, with one sentence that
 names the cause, exit status 2, no traceback and no run folder left behind."""
 
+import json
+import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from scripts import LENGTH, SCRIPTS, TINY, run_script
+from scripts import LENGTH, ROOT, SCRIPTS, TINY, run_script
 
 # flags every script shares: (arguments, a fragment of the sentence); None stands for --train-steps or --num-epochs
 SHARED_BAD = [
@@ -17,7 +21,7 @@ SHARED_BAD = [
     (["--learning-rate", "1e30"], "--learning-rate must be in (0, 1], got 1e+30"),
     (["--learning-rate", "fast"], "--learning-rate: could not convert string to float: 'fast' (see --help)"),
     (["--weight-decay", "-1"], "--weight-decay must be at least 0, got -1.0"),
-    (["--lora-rank", "0"], "--lora-rank must be at least 1, got 0"),
+    (["--lora-rank", "0"], "--lora-rank must be between 1 and 1024, got 0"),
     (["--seed", "-1"], "--seed must be between 0 and 2**32 - 1, got -1"),
     (["--seed", str(2**40)], "--seed must be between 0 and 2**32 - 1"),
     (["--save-every", "0"], "--save-every must be at least 1, got 0"),
@@ -26,12 +30,16 @@ SHARED_BAD = [
     (["--eta", "-1"], "--eta must be"),
     (["--max-grad-norm", "-1"], "--max-grad-norm must be a positive number, got -1.0"),
     (["--guidance-scale", "-1"], "--guidance-scale must be at least 1 (1: no guidance), got -1.0"),
-    (["--exp-name", "../../x"], "--exp-name must be letters, digits, _ . + -, got '../../x'"),
+    (["--exp-name", "../../x"], "--exp-name must be 1 to 100 letters, digits, _ . + -, got '../../x'"),
+    (["--exp-name", "x" * 300], "--exp-name must be 1 to 100 letters, digits, _ . + -, got 'xxx"),
+    (["--lora-rank", "100000000"], "--lora-rank must be between 1 and 1024, got 100000000"),
+    (["--resolution", "1048576"], "--resolution must be between 1 and 16384, got 1048576"),
+    (["--resume", ""], "--resume needs a run folder (runs/...) or one of its checkpoint folders, got an empty path"),
     (["--prompts", "birds"], "invalid choice 'birds' for argument '--prompts'. Expected one of ('simple_animals',"),
     (["--mixed-precision", "fp16"], "invalid choice 'fp16' for argument '--mixed-precision'"),
     (["--no-such-flag", "1"], "Unrecognized options: --no-such-flag, 1 (see --help)"),
-    ([None, "0"], "must be at least 1, got 0"),
-    ([None, "-3"], "must be at least 1, got -3"),
+    ([None, "0"], "must be between 1 and 1000000, got 0"),
+    ([None, "-3"], "must be between 1 and 1000000, got -3"),
     (["--resolution", "17"], "--resolution must be a positive multiple of 2 (the VAE's downsampling), got 17"),
     (["--num-steps", "1001"], "--num-steps must be at most the scheduler's 1000 training timesteps, got 1001"),
     (["--pretrained-model", "/no/such/model"], "could not load '/no/such/model'"),
@@ -46,7 +54,7 @@ METHOD_BAD = [
     ("draft_k.py", ["--reward", "jpeg_compressibility"], "invalid choice 'jpeg_compressibility' for argument"),
     ("draft_lv.py", ["--n", "0"], "--n must be between 1 and 1000, got 0"),
     ("draft_lv.py", ["--n", "100000"], "--n must be between 1 and 1000, got 100000"),
-    ("draft_full.py", ["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    ("draft_full.py", ["--batch-size", "0"], "--batch-size must be between 1 and 1000000, got 0"),
     ("draft_full.py", ["--reward", "beauty"], "invalid choice 'beauty' for argument '--reward'. Expected one of"),
     ("ddpo.py", ["--eta", "0"], "--eta must be above 0 for DDPO"),
     ("ddpo.py", ["--estimator", "sf", "--num-inner-epochs", "2"], "DDPO-SF is on-policy"),
@@ -55,10 +63,16 @@ METHOD_BAD = [
     ("ddpo.py", ["--timestep-fraction", "0"], "--timestep-fraction must be in (0, 1], got 0.0"),
     ("ddpo.py", ["--per-prompt-buffer", "0"], "--per-prompt-buffer must be at least 1, got 0"),
     ("ddpo.py", ["--timesteps-per-call", "3"], "--timesteps-per-call must be a divisor of the trained timesteps"),
+    (
+        "ddpo.py",
+        ["--samples-per-epoch", "1", "--sample-batch-size", "1", "--train-batch-size", "1"],
+        "--samples-per-epoch must be at least 2: advantages compare rewards, got 1",
+    ),
+    ("ddpo.py", ["--group-size", "3"], "--group-size must be at least 1 and a divisor of --sample-batch-size, got 3"),
     ("ddpo.py", ["--reward", "beauty"], "invalid choice 'beauty' for argument '--reward'"),
     ("rwr.py", ["--samples-per-epoch", "5"], "--samples-per-epoch must be a multiple of --sample-batch-size"),
     ("rwr.py", ["--percentile", "120"], "--percentile must be between 0 and 100"),
-    ("rwr.py", ["--sample-batch-size", "0"], "--sample-batch-size must be at least 1, got 0"),
+    ("rwr.py", ["--sample-batch-size", "0"], "--sample-batch-size must be between 1 and 1000000, got 0"),
     ("rwr.py", ["--beta", "-1"], "--beta must be at least 0 (0: uniform weights), got -1.0"),
     ("braid.py", ["--eta", "0"], "--eta must be above 0 for BRAID"),
     ("braid.py", ["--c", "-1"], "--c must be at least 0 (0: the non-conservative baseline), got -1.0"),
@@ -108,6 +122,8 @@ def test_bad_prompt_files_and_output_folders(tiny_sd_path, tmp_path, monkeypatch
     (tmp_path / "empty.txt").write_text("\n\n")
     (tmp_path / "a_file").write_text("")
     for flags, message in [
+        (["--prompt-file", str(tmp_path)], "is a folder: pass a text file, one prompt a line"),
+        (["--prompt-file", "/dev/null"], "the prompt file '/dev/null' has no prompts"),
         (["--prompt-file", str(tmp_path / "latin1.txt")], "is not UTF-8"),
         (["--prompt-file", str(tmp_path / "binary.txt")], "NUL bytes"),
         (["--prompt-file", str(tmp_path / "empty.txt")], "has no prompts"),
@@ -179,7 +195,10 @@ BAD_DATA = [  # (case, the data under tmp_path, more flags, the one sentence: th
      "data has 9 scored examples and --val-fraction holds 1 out: the reward model needs at least 10 others"),
     ("csv equal scores", lambda p: image_folder(p, "file,score\n" + "".join(f"{i}.png,0.5\n" for i in range(12))),
      [], "data has all its scores equal"),
-    ("pt garbage", lambda p: offline_pt(p, b"not a torch file"), [], "cannot load {} with torch.load (invalid load"),
+    ("pt garbage", lambda p: offline_pt(p, b"not a torch file"), [],
+     "cannot load {} with torch.load (not a file torch.save wrote"),
+    ("pt numpy", lambda p: offline_pt(p, scores=np.arange(12.0)), [],
+     "cannot load {} with torch.load (it holds numpy._core.multiarray._reconstruct, which only an unrestricted"),
     ("pt truncated", lambda p: offline_pt(p, offline_pt(p).read_bytes()[:1000]), [],
      "cannot load {} with torch.load (PytorchStreamReader failed"),
     ("pt not a dict", lambda p: offline_pt(p, [1, 2]), [], "data.pt must hold a dict with 'scores' and either"),
@@ -228,3 +247,174 @@ def test_malformed_offline_data(make, flags, message, tiny_sd_path, tmp_path, mo
     last_line = capsys.readouterr().err.splitlines()[-1]  # above it, only transformers' progress bars
     assert exit_info.value.code == 2 and last_line.startswith("error: ") and message.format(data) in last_line
     assert not (tmp_path / "runs").exists() or not os.listdir(tmp_path / "runs")
+
+
+# ---- faults: broken models and files, odd resumes, failing writes, Ctrl-C -------------------------------------------
+def model_copy(path, tmp_path, scheduler=None, nan_vae=False, drop=None) -> str:
+    """A copy of a pipeline folder with its scheduler config changed, its VAE's weights NaN, or a file removed."""
+    import shutil
+
+    from diffusers import AutoencoderKL, DDIMScheduler
+
+    copy = tmp_path / "model"
+    shutil.copytree(path, copy)
+    if scheduler:
+        config = DDIMScheduler.load_config(copy, subfolder="scheduler")
+        (copy / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, **scheduler}))
+    if nan_vae:
+        vae = AutoencoderKL.from_pretrained(copy, subfolder="vae")
+        for p in vae.parameters():
+            p.data.fill_(float("nan"))
+        vae.save_pretrained(copy / "vae")
+    if drop:
+        os.remove(copy / drop)
+    return str(copy)
+
+
+class Payload:
+    """Unpickling this creates a file: what a malicious .pt could do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def finished_run(script, path, tmp_path, monkeypatch, steps="2") -> str:
+    run_script(script, ["--pretrained-model", path, *TINY[script], LENGTH[script], steps, "--save-every", "1",
+                        "--output-dir", str(tmp_path / "runs")], monkeypatch)  # fmt: skip
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    return str(run_dir)
+
+
+def test_a_broken_model_is_named_before_anything_is_trained(tiny_sd_path, tmp_path, monkeypatch, capsys):
+    base = [*TINY["draft_k.py"], "--output-dir", str(tmp_path / "runs")]
+    for model, message in [
+        (model_copy(tiny_sd_path, tmp_path / "a", nan_vae=True), "the pretrained model's first samples are not finite"),
+        (model_copy(tiny_sd_path, tmp_path / "b", scheduler={"beta_schedule": "foo"}),
+         "has a scheduler config these scripts cannot use (foo is not implemented"),
+        (model_copy(tiny_sd_path, tmp_path / "c", scheduler={"rescale_betas_zero_snr": True,
+                                                             "timestep_spacing": "trailing"}),
+         "starts from pure noise (a zero-terminal-SNR schedule"),
+        (model_copy(tiny_sd_path, tmp_path / "d", drop="unet/diffusion_pytorch_model.safetensors"),
+         "could not load the local"),
+    ]:  # fmt: skip
+        err = expect_exit_2("draft_k.py", ["--pretrained-model", model, *base], message, monkeypatch, capsys)
+        assert "network" not in err  # a local folder: the network has nothing to do with it
+
+
+def test_no_file_can_run_code_when_loaded(tiny_sd_path, tmp_path, monkeypatch, capsys):
+    """BRAID's --offline-data .pt and a checkpoint's state.pt are read with weights_only: a pickle that would create a
+    file is refused in one sentence, and the file is not created."""
+    marker = tmp_path / "pwned"
+    data = {
+        "scores": torch.arange(12) / 10,
+        "images": torch.zeros(12, 3, 8, 8, dtype=torch.uint8),
+        "x": Payload(marker),
+    }
+    torch.save(data, tmp_path / "data.pt")
+    args = ["--pretrained-model", tiny_sd_path, *TINY["braid.py"], "--offline-data", str(tmp_path / "data.pt"),
+            "--output-dir", str(tmp_path / "runs")]  # fmt: skip
+    expect_exit_2("braid.py", args, "which only an unrestricted torch.load rebuilds and which could run code",
+                  monkeypatch, capsys)  # fmt: skip
+    run_dir = finished_run("draft_k.py", tiny_sd_path, tmp_path, monkeypatch)
+    state_file = os.path.join(run_dir, "checkpoints", "step_000002", "state.pt")
+    state = torch.load(state_file, weights_only=True)
+    torch.save({**state, "x": Payload(marker)}, state_file)
+    checkpoint = os.path.dirname(state_file)  # named: refused (in a run folder it would be skipped, unread too)
+    expect_exit_2("draft_k.py", ["--resume", checkpoint, "--train-steps", "3"], "could run code from the file",
+                  monkeypatch, capsys)  # fmt: skip
+    torch.save({k: v for k, v in state.items() if k != "optimizer"}, state_file)
+    message = "cannot be read (it has no 'optimizer'); resume from an earlier one"
+    expect_exit_2("draft_k.py", ["--resume", os.path.dirname(state_file), "--train-steps", "3"], message, monkeypatch,
+                  capsys)  # fmt: skip
+    assert not marker.exists()
+
+
+def test_a_resume_stays_in_its_own_run_and_says_what_it_cannot_do(tiny_sd_path, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    run_dir = finished_run("draft_k.py", tiny_sd_path, tmp_path, monkeypatch)
+    checkpoint = os.path.join(run_dir, "checkpoints", "step_000001")
+    shutil.copytree(checkpoint, tmp_path / "loose")
+    for args, message in [
+        (["--resume", str(tmp_path / "loose"), "--train-steps", "3"], "is a checkpoint outside a run folder's"),
+        (["--resume", run_dir, "--train-steps", "1"], "--train-steps is 1 but"),
+        (["--resume", run_dir, "--output-dir", str(tmp_path), "--train-steps", "3"],
+         "but a resumed run continues in its own run folder"),
+    ]:  # fmt: skip
+        expect_exit_2("draft_k.py", args, message, monkeypatch, capsys)
+    with pytest.raises(SystemExit) as exit_info:  # not an error: nothing to do
+        run_script("draft_k.py", ["--resume", run_dir], monkeypatch)
+    assert exit_info.value.code == 0 and "is already finished at step 2" in capsys.readouterr().out
+    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 3, "rew')  # a kill mid-write
+    run_script("draft_k.py", ["--resume", run_dir, "--train-steps", "3"], monkeypatch)
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2, 3]
+
+
+def test_a_non_finite_loss_names_its_likely_cause(tiny_sd_path, tmp_path, monkeypatch, capsys):
+    import common.rewards
+
+    make_reward = common.rewards.make_reward
+    monkeypatch.setattr(
+        common.rewards, "make_reward", lambda *a, **k: lambda x, p: make_reward(*a, **k)(x, p) * math.nan
+    )
+    expect_exit_2("draft_k.py", ["--pretrained-model", tiny_sd_path, *TINY["draft_k.py"], "--output-dir",
+                                 str(tmp_path)],
+                  "is not finite before the first update: the likely cause is the model, or --guidance-scale 7.5;"
+                  " stopped before the LoRA was overwritten, and no checkpoint has been written yet",
+                  monkeypatch, capsys)  # fmt: skip
+
+
+def run_limited(args: list[str], file_size: int):
+    """`python draft_k.py ARGS` with files limited to `file_size` bytes (ulimit -f): writes beyond fail."""
+    import resource
+
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (file_size, file_size))  # noqa: E731
+    return subprocess.run([sys.executable, "draft_k.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, preexec_fn=limit)  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("file_size, flags, message", [
+    (60 * 1024, ["--save-every", "1"], "could not write the checkpoint"),  # state.pt is ~90 kB
+    (8 * 1024, ["--save-every", "100", "--sample-every", "1"], "could not write TensorBoard's events"),
+])  # fmt: skip
+def test_a_write_that_fails_ends_in_one_sentence_and_leaves_no_partial_checkpoint(file_size, flags, message,
+                                                                                  tiny_sd_path, tmp_path):  # fmt: skip
+    args = ["--pretrained-model", tiny_sd_path, *TINY["draft_k.py"], "--train-steps", "5", *flags,
+            "--output-dir", str(tmp_path)]  # fmt: skip
+    result = run_limited(args, file_size)
+    error = [line for line in result.stderr.replace("\r", "\n").splitlines() if "error:" in line]
+    assert result.returncode == 2 and len(error) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert message in error[0] and "File too large" in error[0], error
+    (run_dir,) = tmp_path.iterdir()
+    assert (
+        not [n for n in os.listdir(run_dir / "checkpoints") if ".tmp" in n]
+        if (run_dir / "checkpoints").exists()
+        else True
+    )
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_in_one_line_naming_the_last_checkpoint(tiny_sd_path, tmp_path):
+    import signal
+    import time
+
+    args = ["--pretrained-model", tiny_sd_path, *TINY["draft_k.py"], "--train-steps", "100000", "--save-every", "1",
+            "--output-dir", str(tmp_path)]  # fmt: skip
+    process = subprocess.Popen([sys.executable, "draft_k.py", *args], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    for _ in range(600):
+        time.sleep(0.2)
+        runs = list(tmp_path.iterdir())
+        if runs and (runs[0] / "checkpoints").is_dir() and len(os.listdir(runs[0] / "checkpoints")) >= 2:
+            break
+    process.send_signal(signal.SIGINT)
+    stderr = process.communicate(timeout=120)[1]
+    lines = [line for line in stderr.replace("\r", "\n").splitlines() if line.startswith("interrupted")]
+    assert process.returncode == 130 and "Traceback" not in stderr and len(lines) == 1, stderr[-2000:]
+    assert "the last checkpoint is" in lines[0] and f"--resume {runs[0]}" in lines[0]
+    assert not (runs[0] / ".lock").exists()

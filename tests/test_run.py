@@ -103,6 +103,11 @@ def test_importing_common_changes_nothing_global():
     assert result.returncode == 0 and not result.stderr, result.stderr
 
 
+def state(step: int) -> dict:
+    """The least a checkpoint's state.pt holds."""
+    return {"step": step, "optimizer": {}, "rng": torch.zeros(1, dtype=torch.uint8), "args": {}}
+
+
 @pytest.fixture(scope="module")
 def lora_model(tiny_sd_path):
     model = load_model(tiny_sd_path)
@@ -112,45 +117,54 @@ def lora_model(tiny_sd_path):
 
 def test_a_checkpoint_is_written_whole_or_not_at_all(lora_model, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    save_checkpoint(str(run / "checkpoints" / "step_000001"), lora_model, {"step": 1})
+    save_checkpoint(str(run / "checkpoints" / "step_000001"), lora_model, state(1))
 
     def killed(*args, **kwargs):  # the process dies after the LoRA is written, before state.pt
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch, "save", killed)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(str(run / "checkpoints" / "step_000002"), lora_model, {"step": 2})
+        save_checkpoint(str(run / "checkpoints" / "step_000002"), lora_model, state(2))
     monkeypatch.undo()
     assert sorted(os.listdir(run / "checkpoints")) == ["step_000001", "step_000002.tmp"]
-    checkpoint_dir, state = find_checkpoint(str(run))  # the newest complete one
-    assert checkpoint_dir.endswith("step_000001") and state == {"step": 1}
+    checkpoint_dir, found = find_checkpoint(str(run))  # the newest complete one
+    assert checkpoint_dir.endswith("step_000001") and found["step"] == 1
 
 
 def test_resume_skips_incomplete_and_unreadable_checkpoints_and_names_a_corrupt_one(lora_model, tmp_path, capsys):
     run = tmp_path / "run"
     for step in (1, 2, 3):
-        save_checkpoint(str(run / "checkpoints" / f"step_00000{step}"), lora_model, {"step": step})
+        save_checkpoint(str(run / "checkpoints" / f"step_00000{step}"), lora_model, state(step))
     (run / "checkpoints" / "step_000003" / "state.pt").write_bytes(b"")  # truncated by a full disk
     os.remove(run / "checkpoints" / "step_000002" / "pytorch_lora_weights.safetensors")
-    checkpoint_dir, state = find_checkpoint(str(run))
-    assert checkpoint_dir.endswith("step_000001") and state == {"step": 1}
+    checkpoint_dir, found = find_checkpoint(str(run))
+    assert checkpoint_dir.endswith("step_000001") and found["step"] == 1
     assert "skipping the unreadable checkpoint" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:  # named explicitly: one sentence, no traceback
         find_checkpoint(str(run / "checkpoints" / "step_000003"))
     assert exit_info.value.code == 2 and "cannot be read" in capsys.readouterr().err
 
 
-def test_truncate_metrics_keeps_what_the_checkpoint_had_logged(tmp_path):
-    (tmp_path / "metrics.jsonl").write_text("".join(f'{{"epoch": {i}, "loss": 0.5}}\n' for i in range(1, 6)))
+def test_truncate_metrics_keeps_what_the_checkpoint_had_logged_and_drops_a_torn_last_line(tmp_path, capsys):
+    lines = "".join(f'{{"epoch": {i}, "loss": 0.5}}\n' for i in range(1, 6))
+    (tmp_path / "metrics.jsonl").write_text(lines)
     truncate_metrics(str(tmp_path), "epoch", 3)
-    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 3
+    assert (tmp_path / "metrics.jsonl").read_text() == lines[: lines.index('{"epoch": 4')]
+    (tmp_path / "metrics.jsonl").write_text(lines + '{"epoch": 6, "lo')  # killed mid-write
+    truncate_metrics(str(tmp_path), "epoch", 6)
+    assert (tmp_path / "metrics.jsonl").read_text() == lines
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\nnot json\n{"epoch": 2}\n')  # damaged inside: refused
+    with pytest.raises(SystemExit):
+        truncate_metrics(str(tmp_path), "epoch", 2)
+    assert "metrics.jsonl, line 2, is not JSON" in capsys.readouterr().err
 
 
 def test_two_runs_never_share_a_folder_and_a_folder_in_use_is_refused(tmp_path, capsys):
     first = common.checkpoint.open_run_dir(str(tmp_path), "reward__exp__1__1700000000", None, None, rank=0)
     second = common.checkpoint.open_run_dir(str(tmp_path), "reward__exp__1__1700000000", None, None, rank=0)
     assert os.path.basename(second) == "reward__exp__1__1700000000_2" and first != second  # same name, same second
-    assert open(os.path.join(first, ".lock")).read() == str(os.getpid())  # held until this process ends
+    pid, started = open(os.path.join(first, ".lock")).read().split()  # held until this process ends
+    assert int(pid) == os.getpid() and started == common.checkpoint.process_start(os.getpid())
     checkpoint = os.path.join(first, "checkpoints", "step_000001")
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -159,6 +173,9 @@ def test_two_runs_never_share_a_folder_and_a_folder_in_use_is_refused(tmp_path, 
         with pytest.raises(SystemExit) as exit_info:
             common.checkpoint.open_run_dir(str(tmp_path), "", checkpoint, {"step": 1}, rank=0)
         assert exit_info.value.code == 2 and f"is in use by process {holder.pid}" in capsys.readouterr().err
+        with open(os.path.join(first, ".lock"), "w") as f:  # a killed run's lock whose id another process now has
+            f.write(f"{holder.pid} 12345")
+        assert common.checkpoint.open_run_dir(str(tmp_path), "", checkpoint, {"step": 1}, rank=0) == first
     finally:
         holder.kill()
         holder.wait()
