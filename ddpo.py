@@ -75,11 +75,11 @@ class Args:
     seed: int = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    """cuDNN's deterministic kernels (--no-torch-deterministic: faster, not reproducible to the bit)"""
     cuda: bool = True
     """use a CUDA device when there is one (--no-cuda: the CPU)"""
     track: bool = False
-    """if toggled, this experiment will be tracked with Weights and Biases"""
+    """also log to Weights and Biases (pip install wandb)"""
     wandb_project_name: str = "diffusion-reward-finetuning"
     """the wandb's project name"""
     wandb_entity: Optional[str] = None
@@ -90,6 +90,10 @@ class Args:
     """save a checkpoint (LoRA, optimizer, epoch, RNG, per-prompt buffers) every this many epochs"""
     sample_every: int = 5
     """save a grid of fixed-seed samples on held-out prompts every this many epochs"""
+    push_to_hub: bool = False
+    """upload the final LoRA and its model card to the Hugging Face Hub (checked before training: a token is needed)"""
+    hub_model_id: Optional[str] = None
+    """the Hub repository to upload to, user/name (default: the run folder's name under your account)"""
     resume: Optional[str] = None
     """a checkpoint folder (runs/.../checkpoints/epoch_000010) or a run folder (its latest checkpoint)"""
 
@@ -107,6 +111,9 @@ class Args:
     """the prompt set"""
     prompt_file: Optional[str] = None
     """a file of prompts, one per line, instead of --prompts"""
+    validation_prompts: tuple[str, ...] = ()
+    """prompts (or files of them, one a line) for the sample grids and the held-out reward; with them, training uses
+    every prompt of --prompts (otherwise 4 spread through it are held out)"""
     num_steps: int = 50
     """DDIM sampling steps"""
     guidance_scale: float = 5.0
@@ -183,7 +190,7 @@ if __name__ == "__main__":
         fail("DDPO-SF is on-policy: --num-inner-epochs must be 1 with --estimator sf")
     if args.samples_per_epoch % args.sample_batch_size or args.samples_per_epoch % args.train_batch_size:
         fail("--samples-per-epoch must be a multiple of --sample-batch-size and of --train-batch-size")
-    train_prompts, eval_prompts = split_prompts(load_prompts(args.prompts, args.prompt_file))
+    train_prompts, eval_prompts = split_prompts(load_prompts(args.prompts, args.prompt_file), args.validation_prompts)
 
     # TRY NOT TO MODIFY: processes and seeds, the model and the reward (common/run.py, common/models.py)
     run = Run(args, name=args.reward, counter="epoch")

@@ -36,11 +36,11 @@ class Args:
     seed: int = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    """cuDNN's deterministic kernels (--no-torch-deterministic: faster, not reproducible to the bit)"""
     cuda: bool = True
     """use a CUDA device when there is one (--no-cuda: the CPU)"""
     track: bool = False
-    """if toggled, this experiment will be tracked with Weights and Biases"""
+    """also log to Weights and Biases (pip install wandb)"""
     wandb_project_name: str = "diffusion-reward-finetuning"
     """the wandb's project name"""
     wandb_entity: Optional[str] = None
@@ -51,6 +51,10 @@ class Args:
     """save a checkpoint (LoRA, optimizer, step, RNG) every this many optimizer steps"""
     sample_every: int = 100
     """save a grid of fixed-seed samples on held-out prompts every this many optimizer steps"""
+    push_to_hub: bool = False
+    """upload the final LoRA and its model card to the Hugging Face Hub (checked before training: a token is needed)"""
+    hub_model_id: Optional[str] = None
+    """the Hub repository to upload to, user/name (default: the run folder's name under your account)"""
     resume: Optional[str] = None
     """a checkpoint folder (runs/.../checkpoints/step_000100) or a run folder (its latest checkpoint)"""
 
@@ -67,6 +71,9 @@ class Args:
     """the prompt set"""
     prompt_file: Optional[str] = None
     """a file of prompts, one per line, instead of --prompts"""
+    validation_prompts: tuple[str, ...] = ()
+    """prompts (or files of them, one a line) for the sample grids and the held-out reward; with them, training uses
+    every prompt of --prompts (otherwise 4 spread through it are held out)"""
     num_steps: int = 50
     """DDIM sampling steps"""
     guidance_scale: float = 7.5
@@ -108,7 +115,7 @@ if __name__ == "__main__":
     args = cli(Args, PRESETS)  # --help, --preset, --resume's own flags; every shared value checked
     check(args, "k", 1 <= args.k <= args.num_steps, f"between 1 and --num-steps ({args.num_steps})")
     check(args, "k_min", args.k_min is None or 1 <= args.k_min <= args.k, f"between 1 and --k ({args.k})")
-    train_prompts, eval_prompts = split_prompts(load_prompts(args.prompts, args.prompt_file))
+    train_prompts, eval_prompts = split_prompts(load_prompts(args.prompts, args.prompt_file), args.validation_prompts)
 
     # TRY NOT TO MODIFY: processes and seeds, the model and the reward (common/run.py, common/models.py)
     run = Run(args, name=args.reward)

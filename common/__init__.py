@@ -87,8 +87,8 @@ T = TypeVar("T")
 # flags that may differ from a checkpoint's when resuming it: they extend, log or place the run, or set the optimizer
 # (written into the restored optimizer); every other flag would change the model or the method mid-run
 RESUMABLE = {"resume", "train_steps", "num_epochs", "save_every", "sample_every", "track", "wandb_project_name",
-             "wandb_entity", "cuda", "torch_deterministic", "mixed_precision", "learning_rate",
-             "weight_decay", "max_grad_norm"}  # fmt: skip
+             "wandb_entity", "push_to_hub", "hub_model_id", "cuda", "torch_deterministic", "mixed_precision",
+             "learning_rate", "weight_decay", "max_grad_norm"}  # fmt: skip
 
 
 def cli(args_class: type[T], presets: dict[str, dict]) -> T:

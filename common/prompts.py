@@ -59,9 +59,12 @@ def load_prompts(name: str = "simple_animals", prompt_file: str | None = None) -
     return prompts
 
 
-def split_prompts(prompts: list[str]) -> tuple[list[str], list[str]]:
-    """(training prompts, held-out prompts): 4 prompts spread through the set are held out of training, for the
-    evaluation and its sample grids (a set of 4 or fewer is used for both)."""
+def split_prompts(prompts: list[str], validation: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
+    """(training prompts, held-out prompts for the evaluation and its sample grids): the `validation` prompts, each a
+    prompt or a file of them, with every prompt of the set trained on; or without them, 4 prompts spread through the
+    set, held out of training (a set of 4 or fewer is used for both)."""
+    if validation:
+        return prompts, [p for v in validation for p in (load_prompts(prompt_file=v) if os.path.isfile(v) else [v])]
     held_out = [round((i + 0.5) * len(prompts) / 4) for i in range(4)] if len(prompts) > 4 else []
     return [p for i, p in enumerate(prompts) if i not in held_out], [prompts[i] for i in held_out] or prompts[:4]
 

@@ -30,6 +30,7 @@ import common
 from common import fail
 from common.checkpoint import find_checkpoint, open_run_dir, run_dir_of, save_checkpoint, why
 from common.distributed import average_gradients, cleanup, setup
+from common.hub import check_hub, model_card, push
 from common.sampling import sample
 
 
@@ -61,14 +62,18 @@ class Run:
         # prompts and per-sample seeds, on the CPU: the same draws on every device and rank (each rank keeps its slice)
         self.rng = torch.Generator().manual_seed(args.seed)
         self.writer, self.eval_reward, self.first_eval_reward, self.started = None, None, None, False
+        self.hub_user = check_hub(args.hub_model_id) if args.push_to_hub and self.rank == 0 else None
 
-    def start(self, model, optimizer, reward_fn, eval_prompts: list[str], eval_eta: float = 0.0) -> int:
+    def start(self, model, optimizer, reward_fn, eval_prompts: list[str], eval_eta: float = 0.0,
+              reward_name: str | None = None, card_notes: str = "") -> int:  # fmt: skip
         """Opens the run folder (rank 0 writes it for all ranks and locks it while the run lasts: a new folder, or the
         resumed run's), tracking and TensorBoard, and loads the resumed checkpoint's LoRA, optimizer, random state
         and counter. Evaluations sample `eval_prompts` twice each from fixed x_T (DDIM at `eval_eta`, with fixed
-        noise) and score them with `reward_fn`. Returns the counter to continue from (0 for a new run)."""
+        noise) and score them with `reward_fn`, named `reward_name` (default: --reward) in the console and the model
+        card, which adds `card_notes`. Returns the counter to continue from (0 for a new run)."""
         args = self.args
         self.model, self.optimizer, self.reward_fn, self.eval_prompts = model, optimizer, reward_fn, eval_prompts
+        self.reward_name, self.card_notes = reward_name or getattr(args, "reward", "reward"), card_notes
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.dir = open_run_dir(args.output_dir, self.name, self.resume_dir, self.state, self.rank)
         self.name = os.path.basename(self.dir)  # suffixed if another run took the name first
@@ -196,12 +201,36 @@ class Run:
             save_checkpoint(checkpoint_dir, self.model, {**state, **(extra_state or {})})
 
     def finish(self) -> None:
-        """The final LoRA in the run folder (the family's pipeline `.load_lora_weights(run_dir)` reads it)."""
+        """The final LoRA in the run folder (the family's pipeline `.load_lora_weights(run_dir)` reads it), its model
+        card (README.md) and, with --push-to-hub, both uploaded; the console's last lines say what is where."""
         if self.rank == 0:
             self.written("the final LoRA", self.dir, lambda: self.model.save_lora(self.dir))
             self.written("TensorBoard's events", self.dir, self.writer.close)
-            print(f"done: {self.dir}, held-out reward {self.first_eval_reward} -> {self.eval_reward}")
+            grids = sorted(os.listdir(os.path.join(self.dir, "samples")))
+            grid = f"samples/{grids[-1]}" if grids else None
+            repo_id = None
+            if self.hub_user:
+                name = self.args.hub_model_id or self.name
+                repo_id = name if "/" in name else f"{self.hub_user}/{name}"
+            rewards = {f"pretrained ({self.counter} 0)": self.first_eval_reward,
+                       f"fine-tuned ({self.counter} {self.end})": self.eval_reward}  # fmt: skip
+            card = model_card(self.dir, self.args, self.model.family, self.reward_name, grid, rewards,
+                              self.eval_prompts[0], repo_id, self.card_notes)  # fmt: skip
+            path = os.path.join(self.dir, "README.md")
+            self.written("the model card", path, lambda: write_text(path, card))
+            where = push(self.dir, repo_id, grid) if repo_id else None
+            folder = os.path.join(self.dir, "checkpoints")
+            lines = [f"held-out {self.reward_name}: {self.first_eval_reward} at the start, {self.eval_reward} at the"
+                     " end",
+                     f"LoRA: {self.dir}/pytorch_lora_weights.safetensors", f"model card: {path}",
+                     f"last checkpoint: {folder}/{sorted(os.listdir(folder))[-1]}"]  # fmt: skip
+            print("\n".join(lines + ([f"uploaded to {where}"] if where else [])))
         cleanup()
+
+
+def write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def append_line(path: str, line: str) -> None:

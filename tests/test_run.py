@@ -388,3 +388,53 @@ def test_prompt_sets_files_splits_and_seeded_draws(tmp_path):
     assert first == sample_prompts(animals, 8, torch.Generator().manual_seed(0))
     assert first != sample_prompts(animals, 8, torch.Generator().manual_seed(1)) and set(first) <= set(animals)
     assert PROMPT_SETS["shapes"] == shapes
+
+
+def test_the_model_card_parses_and_its_snippet_loads_the_lora(tiny_sd_path, tmp_path, monkeypatch, capsys):
+    """Every run folder gets a README.md in the Hub's model-card format: the YAML header a Hub page reads, the last
+    grid, the held-out reward before and after, the command, and a snippet that loads the LoRA with plain diffusers."""
+    from huggingface_hub import ModelCard
+    from PIL import Image
+
+    run_script("draft_k.py", ["--pretrained-model", tiny_sd_path, *TINY["draft_k.py"], "--train-steps", "2",
+                              "--output-dir", str(tmp_path)], monkeypatch)  # fmt: skip
+    out = capsys.readouterr().out
+    (run_dir,) = tmp_path.iterdir()
+    card = ModelCard.load(run_dir / "README.md")
+    assert card.data.base_model == tiny_sd_path and card.data.library_name == "diffusers"
+    assert {"lora", "text-to-image", "draft_k", "colorfulness", "stable-diffusion"} <= set(card.data.tags)
+    assert "![fixed-seed samples" in card.text and (run_dir / "samples" / "step_000002.png").is_file()
+    assert "| pretrained (step 0) |" in card.text and "| fine-tuned (step 2) |" in card.text
+    snippet = card.text.split("```python")[1].split("```")[0]
+    scope = {}
+    exec(snippet, scope)  # as a user would paste it
+    assert isinstance(scope["image"], Image.Image) and "lora" in str(scope["pipeline"].unet.peft_config)
+    for line in ("held-out colorfulness:", "LoRA: ", "model card: ", "last checkpoint: "):
+        assert line in out
+
+
+def test_push_to_hub_offline_is_refused_before_training(tiny_sd_path, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # the tests run offline anyway
+    expect_exit_2("draft_k.py", ["--pretrained-model", tiny_sd_path, *TINY["draft_k.py"], "--push-to-hub",
+                                 "--output-dir", str(tmp_path)], "--push-to-hub cannot upload with HF_HUB_OFFLINE=1",
+                  monkeypatch, capsys)  # fmt: skip
+    assert not os.listdir(tmp_path)
+
+
+def test_validation_prompts_make_the_grid_and_keep_every_training_prompt(tiny_sd_path, tmp_path, monkeypatch):
+    from PIL import Image
+
+    (tmp_path / "more.txt").write_text("a white square on a black background\n")
+    script_globals = run_script("draft_k.py", [
+        "--pretrained-model", tiny_sd_path, *TINY["draft_k.py"], "--prompts", "shapes", "--train-steps", "1",
+        "--validation-prompts", "a red circle on a blue background", str(tmp_path / "more.txt"),
+        "--output-dir", str(tmp_path / "runs"),
+    ], monkeypatch)  # fmt: skip
+    assert script_globals["train_prompts"] == PROMPT_SETS["shapes"]  # none held out
+    assert script_globals["eval_prompts"] == [
+        "a red circle on a blue background",
+        "a white square on a black background",
+    ]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    grid = Image.open(run_dir / "samples" / "step_000000.png")
+    assert grid.size == (2 * 16, 2 * 16)  # a column per validation prompt, two seeds each

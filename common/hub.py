@@ -1,0 +1,94 @@
+"""A run's model card (README.md in the Hugging Face Hub's format) and its upload with --push-to-hub. The card says
+what was trained, how, how well on the held-out prompts, and how to load the LoRA with plain diffusers."""
+
+import os
+import shlex
+import sys
+
+from common import fail
+
+PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline"}
+FAMILY_TAGS = {"sd": "stable-diffusion", "sdxl": "stable-diffusion-xl", "sd3": "sd3"}
+UPLOADED = ["README.md", "pytorch_lora_weights.safetensors"]
+
+
+def check_hub(repo_id: str | None) -> str:
+    """--push-to-hub, checked before any training: Hub access (not offline, a valid token) and a well-formed repo id.
+    Returns the account the repository goes under when `repo_id` names none."""
+    from huggingface_hub import HfApi, constants, get_token
+
+    if repo_id is not None and (repo_id.count("/") > 1 or not repo_id.strip("/")):
+        fail(f"--hub-model-id must be name or user/name, got {repo_id!r}")
+    if constants.HF_HUB_OFFLINE:
+        fail("--push-to-hub cannot upload with HF_HUB_OFFLINE=1 set: unset it, or leave --push-to-hub out")
+    if not get_token():
+        fail("--push-to-hub needs a Hugging Face token: run `huggingface-cli login` or set HF_TOKEN")
+    try:
+        return HfApi().whoami()["name"]
+    except Exception as e:  # no network, or a token the Hub refuses
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        fail(f"--push-to-hub cannot reach the Hugging Face Hub with this token ({reason})")
+
+
+def model_card(run_dir: str, args, family: str, reward: str, grid: str | None, rewards: dict[str, float | None],
+               prompt: str, repo_id: str | None = None, notes: str = "") -> str:  # fmt: skip
+    """The card's text: a YAML header (base model, library, tags, pipeline) and what a user of the LoRA needs."""
+    script = os.path.basename(sys.argv[0])
+    method = (sys.modules["__main__"].__doc__ or script).strip().splitlines()[0].split(" (docs/")[0].rstrip(".")
+    base = args.pretrained_model
+    base_link = base if os.path.exists(base) else f"[{base}](https://huggingface.co/{base})"  # a local folder or an id
+    tags = ["text-to-image", "diffusers", "lora", FAMILY_TAGS[family], "reward-fine-tuning", script[:-3], reward]
+    header = "\n".join([
+        "---", f"base_model: {args.pretrained_model}", "library_name: diffusers", "pipeline_tag: text-to-image",
+        "tags:", *(f"- {tag}" for tag in dict.fromkeys(tags)), "---",
+    ])  # fmt: skip
+    table = "\n".join(f"| {name} | {value if value is None else f'{value:.4g}'} |" for name, value in rewards.items())
+    pipeline = PIPELINES[family]
+    return f"""{header}
+
+# {os.path.basename(run_dir)}
+
+A LoRA for {base_link}, fine-tuned to maximise the `{reward}` reward with `{script}`: {method}.
+
+{f"![fixed-seed samples on the held-out prompts at the end of training]({grid})" if grid else ""}
+
+## Held-out reward
+
+| | mean over the held-out prompts' samples |
+|---|---|
+{table}
+{notes}
+## How it was trained
+
+```bash
+python {" ".join(shlex.quote(a) for a in sys.argv)}
+```
+
+{args.num_steps} sampling steps, guidance {args.guidance_scale}, {args.resolution} px, LoRA rank {args.lora_rank} on the
+denoiser's attention projections.
+
+## Use
+
+```python
+from diffusers import {pipeline}
+
+pipeline = {pipeline}.from_pretrained("{args.pretrained_model}")
+pipeline.load_lora_weights("{repo_id or run_dir}")
+image = pipeline({prompt!r}, num_inference_steps={args.num_steps}, guidance_scale={args.guidance_scale}).images[0]
+```
+"""
+
+
+def push(run_dir: str, repo_id: str, grid: str | None) -> str:
+    """Uploads the final LoRA, the card and the last grid to `repo_id` (created if need be); returns its URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=run_dir, allow_patterns=UPLOADED + ([grid] if grid else []),
+                          commit_message="LoRA, model card and samples")  # fmt: skip
+    except Exception as e:  # network, permission, quota: the run folder keeps everything
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        fail(f"could not upload {run_dir} to the Hub repository {repo_id} ({reason}); the run folder is complete")
+    return f"https://huggingface.co/{repo_id}"
