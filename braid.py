@@ -17,7 +17,7 @@ code), not its reward scale (docs/braid.md); c and KL weight kept after a sweep 
 import os
 import time
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -170,8 +170,8 @@ class Args:
     """a folder of images with a scores.csv of file,score lines, or a .pt file (docs/braid.md); default: synthesised"""
     offline_size: int = 1024
     """synthesised data: images sampled from the pretrained model"""
-    labeler: Literal["aesthetic", "pickscore", "hpsv2", "colorfulness", "jpeg_compressibility",
-                     "jpeg_incompressibility"] = "aesthetic"  # fmt: skip
+    labeler: Union[Literal["aesthetic", "pickscore", "hpsv2", "colorfulness", "jpeg_compressibility",
+                           "jpeg_incompressibility"], str] = "aesthetic"  # fmt: skip
     """synthesised data: the reward that labels it (the 'true' reward, logged as true_reward_mean)"""
     label_noise: float = 0.1
     """synthesised data: scores are labeler + label_noise * N(0, 1)"""

@@ -16,7 +16,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import torch
 
@@ -104,9 +104,10 @@ class Args:
     """the model's revision on the hub"""
     t5: bool = True
     """use the T5 text encoder of a model that has one (SD 3); --no-t5 leaves it out (~9 GB less at SD 3.5 scale)"""
-    reward: Literal["aesthetic", "pickscore", "hpsv2", "colorfulness", "jpeg_compressibility",
-                    "jpeg_incompressibility"] = "aesthetic"  # fmt: skip
-    """the reward to maximise; any of them (DDPO needs no gradient of it)"""
+    reward: Union[Literal["aesthetic", "pickscore", "hpsv2", "colorfulness", "jpeg_compressibility",
+                          "jpeg_incompressibility"], str] = "aesthetic"  # fmt: skip
+    """the reward to maximise (DDPO needs no gradient of it): a name, your own path.py:Name, or a weighted sum such
+    as aesthetic+0.2*colorfulness"""
     prompts: Literal["simple_animals", "nouns_activities", "shapes"] = "simple_animals"
     """the prompt set"""
     prompt_file: Optional[str] = None

@@ -14,7 +14,7 @@ unverified against their code, which is not public); the gradient-norm clip of 1
 import os
 import time
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import torch
 
@@ -65,8 +65,9 @@ class Args:
     """the model's revision on the hub"""
     t5: bool = True
     """use the T5 text encoder of a model that has one (SD 3); --no-t5 leaves it out (~9 GB less at SD 3.5 scale)"""
-    reward: Literal["aesthetic", "pickscore", "hpsv2", "colorfulness"] = "aesthetic"
-    """the reward to maximise (DRaFT backpropagates through it: the differentiable ones)"""
+    reward: Union[Literal["aesthetic", "pickscore", "hpsv2", "colorfulness"], str] = "aesthetic"
+    """the reward to maximise, differentiable (DRaFT backpropagates through it): a name, your own path.py:Name, or a
+    weighted sum such as aesthetic+0.2*colorfulness"""
     prompts: Literal["simple_animals", "nouns_activities", "shapes"] = "simple_animals"
     """the prompt set"""
     prompt_file: Optional[str] = None
@@ -116,7 +117,7 @@ if __name__ == "__main__":
     model = load_model(
         args.pretrained_model, args.revision, run.device, run.dtype, args.resolution, args.num_steps, t5=args.t5
     )
-    reward_fn = make_reward(args.reward, run.device, run.dtype)
+    reward_fn = make_reward(args.reward, run.device, run.dtype, differentiable=True)
 
     # TRY NOT TO MODIFY: the LoRA and its optimizer; the run folder, new or --resume's (common/run.py)
     lora_params = model.add_lora(args.lora_rank)

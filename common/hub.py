@@ -2,6 +2,7 @@
 what was trained, how, how well on the held-out prompts, and how to load the LoRA with plain diffusers."""
 
 import os
+import re
 import shlex
 import sys
 
@@ -37,7 +38,8 @@ def model_card(run_dir: str, args, family: str, reward: str, grid: str | None, r
     method = (sys.modules["__main__"].__doc__ or script).strip().splitlines()[0].split(" (docs/")[0].rstrip(".")
     base = args.pretrained_model
     base_link = base if os.path.exists(base) else f"[{base}](https://huggingface.co/{base})"  # a local folder or an id
-    tags = ["text-to-image", "diffusers", "lora", FAMILY_TAGS[family], "reward-fine-tuning", script[:-3], reward]
+    reward_tag = re.sub(r"[^\w-]+", "-", os.path.basename(reward)).strip("-")  # a name, a file or a weighted sum
+    tags = ["text-to-image", "diffusers", "lora", FAMILY_TAGS[family], "reward-fine-tuning", script[:-3], reward_tag]
     header = "\n".join([
         "---", f"base_model: {args.pretrained_model}", "library_name: diffusers", "pipeline_tag: text-to-image",
         "tags:", *(f"- {tag}" for tag in dict.fromkeys(tags)), "---",

@@ -1,7 +1,10 @@
 """Rewards by name. Each is an nn.Module called as reward(images, prompts) -> (B,) float32 tensor, with images
 (B, 3, H, W) in [0, 1], and a class attribute `differentiable` (DRaFT and BRAID need True). Model-based rewards
-take their model ids or local paths as arguments, so tests pass tiny models through the same code."""
+take their model ids or local paths as arguments, so tests pass tiny models through the same code. `make_reward`
+also builds a user's own reward from a file (path.py:Name) and weighted sums (aesthetic+0.2*colorfulness)."""
 
+import importlib.util
+import inspect
 import io
 import os
 
@@ -203,9 +206,82 @@ REWARDS = {
 }
 
 
-def make_reward(name: str, device="cpu", dtype=torch.float32, **kwargs) -> nn.Module:
-    """The reward `name`, frozen and in eval mode on `device` (its weights in `dtype`). `kwargs` go to its
-    constructor: model ids or local paths."""
-    if name not in REWARDS:
-        fail(f"unknown reward '{name}'; choose one of: {', '.join(REWARDS)}")
-    return REWARDS[name](**kwargs).requires_grad_(False).eval().to(device, dtype)
+class FunctionReward(nn.Module):
+    """A user's reward function as a module: fn(images, prompts) -> (B,); differentiable if fn.differentiable."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn, self.differentiable = fn, bool(getattr(fn, "differentiable", False))
+
+    def forward(self, images, prompts=None):
+        return self.fn(images, prompts)
+
+
+class WeightedSum(nn.Module):
+    """sum_i w_i r_i(images, prompts); differentiable if every part is. `last` holds each part's rewards of the last
+    call (detached), so that the parts can be logged apart."""
+
+    def __init__(self, parts: dict[str, nn.Module], weights: dict[str, float]):
+        super().__init__()
+        self.names, self.parts = list(parts), nn.ModuleList(parts.values())  # names may hold dots: not module keys
+        self.weights, self.last = weights, {}
+        self.differentiable = all(part.differentiable for part in parts.values())
+
+    def forward(self, images, prompts=None):
+        values = {name: part(images, prompts) for name, part in zip(self.names, self.parts)}
+        self.last = {name: value.detach() for name, value in values.items()}
+        return sum(self.weights[name] * value for name, value in values.items())
+
+
+def reward_from_file(spec: str) -> nn.Module:
+    """`path.py:Name`: a class (constructed without arguments) or a function of (images, prompts) in a Python file;
+    its attribute `differentiable` says whether DRaFT and BRAID may backpropagate through it (default: no)."""
+    path, _, name = spec.rpartition(":")
+    if not os.path.isfile(path):
+        fail(f"the reward file '{path}' does not exist (--reward path/to/file.py:Name)")
+    try:
+        module_spec = importlib.util.spec_from_file_location(f"user_reward_{abs(hash(path))}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    except Exception as e:  # whatever the user's file raises on import
+        fail(f"the reward file '{path}' cannot be imported ({type(e).__name__}: {str(e).splitlines()[0][:150]})")
+    if not callable(getattr(module, name, None)):
+        fail(f"the reward file '{path}' has no class or function named '{name}'")
+    obj = getattr(module, name)
+    reward = obj() if inspect.isclass(obj) else FunctionReward(obj)
+    reward = reward if isinstance(reward, nn.Module) else FunctionReward(reward)
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # one call on two random images: the contract, checked now rather than mid-run
+        value = reward(images, ["a photo", "a painting"])
+    if not (isinstance(value, torch.Tensor) and value.shape == (2,) and value.is_floating_point()):
+        got = (
+            f"{value.dtype} of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+        )
+        fail(f"the reward '{spec}' must return a float tensor (B,) for images (B, 3, H, W), got {got}")
+    return reward
+
+
+def make_reward(spec: str, device="cpu", dtype=torch.float32, differentiable=False, **kwargs) -> nn.Module:
+    """The reward `spec`, frozen and in eval mode on `device` (its weights in `dtype`): a name of REWARDS (`kwargs` go
+    to its constructor: model ids or local paths), a user's `path.py:Name`, or a weighted sum of those,
+    "aesthetic+0.2*colorfulness". `differentiable`: refuse a reward without a gradient (DRaFT's and BRAID's need)."""
+    parts, weights = {}, {}
+    for term in spec.split("+"):
+        weight, _, name = term.partition("*") if "*" in term else ("1", "", term)
+        name = name.strip()
+        try:
+            weights[name] = float(weight)
+        except ValueError:
+            fail(f"the reward weight '{weight.strip()}' in '{spec}' is not a number (e.g. aesthetic+0.2*colorfulness)")
+        if name.endswith(".py") or ".py:" in name:
+            parts[name] = reward_from_file(name)
+        elif name in REWARDS:
+            parts[name] = REWARDS[name](**kwargs)
+        else:
+            fail(f"unknown reward '{name}'; choose one of: {', '.join(REWARDS)}, a file's path.py:Name, or a weighted"
+                 " sum such as aesthetic+0.2*colorfulness")  # fmt: skip
+    reward = next(iter(parts.values())) if len(parts) == 1 and weights[name] == 1 else WeightedSum(parts, weights)
+    if differentiable and not reward.differentiable:
+        fail(f"this method backpropagates through the reward and '{spec}' is not differentiable (a file's reward"
+             " says it is with an attribute differentiable = True); use one that is, e.g. aesthetic")  # fmt: skip
+    return reward.requires_grad_(False).eval().to(device, dtype)

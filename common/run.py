@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -54,6 +55,7 @@ class Run:
             if self.rank == 0:
                 print(f"{self.dir} is already finished at {counter} {done}: pass a larger {flag} to extend it")
             raise SystemExit(0)
+        name = re.sub(r"[^\w.+-]+", "_", os.path.basename(name))[:60]  # a reward may be a path or a weighted sum
         self.name = f"{name}__{args.exp_name}__{args.seed}__{int(time.time())}"
         random.seed(args.seed)
         np.random.seed(args.seed)
@@ -61,7 +63,13 @@ class Run:
         torch.backends.cudnn.deterministic = args.torch_deterministic
         # prompts and per-sample seeds, on the CPU: the same draws on every device and rank (each rank keeps its slice)
         self.rng = torch.Generator().manual_seed(args.seed)
-        self.writer, self.eval_reward, self.first_eval_reward, self.started = None, None, None, False
+        self.writer, self.eval_reward, self.first_eval_reward, self.started, self.eval_parts = (
+            None,
+            None,
+            None,
+            False,
+            {},
+        )
         self.hub_user = check_hub(args.hub_model_id) if args.push_to_hub and self.rank == 0 else None
 
     def start(self, model, optimizer, reward_fn, eval_prompts: list[str], eval_eta: float = 0.0,
@@ -123,7 +131,12 @@ class Run:
         grid = self.written("the sample grid", path, lambda: save_grid(images, path, len(self.eval_prompts)))
         self.written("TensorBoard's events", self.dir, lambda: self.writer.add_image("samples", grid, count,
                                                                                        dataformats="HWC"))  # fmt: skip
-        return self.reward_fn(images, self.eval_prompts * 2).mean().item()
+        reward = self.reward_fn(images, self.eval_prompts * 2).mean().item()
+        # a weighted sum of rewards: each part's held-out mean too, logged with the next metrics line
+        self.eval_parts = {
+            f"eval_{name}_mean": v.mean().item() for name, v in getattr(self.reward_fn, "last", {}).items()
+        }
+        return reward
 
     def written(self, what: str, path: str, write):
         """write(), or one sentence naming what could not be written where and why (disk full, file too large,
@@ -178,7 +191,7 @@ class Run:
         end = self.end
         if count % self.args.sample_every == 0 or count == end:
             self.eval_reward = self.evaluate(count)
-        metrics = {self.counter: count, **metrics, "eval_reward_mean": self.eval_reward}
+        metrics = {self.counter: count, **metrics, "eval_reward_mean": self.eval_reward, **self.eval_parts}
         if self.device.type == "cuda":
             metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
         # JSON has no NaN: a value that is not a number is logged as null (and TensorBoard skips it)

@@ -10,7 +10,7 @@ from PIL import Image
 from transformers import CLIPImageProcessor, CLIPModel
 
 from common.rewards import REWARDS, clip_preprocess, jpeg_size_kb, make_reward
-from scripts import SCRIPTS, definitions
+from scripts import LENGTH, SCRIPTS, TINY, definitions, read_metrics, run_script
 
 
 def to_pil(images):
@@ -140,10 +140,83 @@ def test_missing_reward_model_gives_one_clear_sentence(capsys):
 
 
 def test_each_script_offers_exactly_the_rewards_it_can_use():
-    """--reward's choices (what --help lists and the parser checks): DRaFT backpropagates through the reward, so only
-    the differentiable ones; DDPO and RWR any; BRAID's labeler any."""
+    """--reward's choices (what --help lists): DRaFT backpropagates through the reward, so only the differentiable
+    ones; DDPO and RWR any; BRAID's labeler any. Each also takes a string (a file's reward, a weighted sum)."""
     for script in SCRIPTS:
         fields = typing.get_type_hints(definitions(script)["Args"])
-        choices = typing.get_args(fields["labeler" if script == "braid.py" else "reward"])
+        literal, other = typing.get_args(fields["labeler" if script == "braid.py" else "reward"])
+        choices = typing.get_args(literal)
+        assert other is str
         differentiable_only = script.startswith("draft")
         assert set(choices) == {name for name, cls in REWARDS.items() if cls.differentiable or not differentiable_only}
+
+
+USER_REWARDS = """
+import torch
+
+class Redness(torch.nn.Module):
+    differentiable = True
+
+    def forward(self, images, prompts):
+        return images[:, 0].mean(dim=(1, 2)) - images[:, 1:].mean(dim=(1, 2, 3))
+
+
+def brightness_bucket(images, prompts):  # not differentiable: no attribute
+    return (images.mean(dim=(1, 2, 3)) * 10).round()
+
+
+def wrong_shape(images, prompts):
+    return images.mean()
+"""
+
+
+@pytest.fixture
+def reward_file(tmp_path):
+    path = tmp_path / "my_rewards.py"
+    path.write_text(USER_REWARDS)
+    return str(path)
+
+
+def test_your_own_reward_from_a_file_and_weighted_sums(reward_file, capsys):
+    redness = make_reward(f"{reward_file}:Redness", differentiable=True)
+    images = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    expected = images[:, 0].mean(dim=(1, 2)) - images[:, 1:].mean(dim=(1, 2, 3))
+    torch.testing.assert_close(redness(images, ["a"] * 3), expected)
+    total = make_reward(f"colorfulness+0.5*{reward_file}:Redness", differentiable=True)
+    value = total(images, ["a"] * 3)
+    torch.testing.assert_close(value, make_reward("colorfulness")(images) + 0.5 * expected)
+    value.sum().backward()
+    assert images.grad.abs().sum() > 0 and set(total.last) == {"colorfulness", f"{reward_file}:Redness"}
+    assert not make_reward(f"{reward_file}:brightness_bucket").differentiable
+    for spec, message in [
+        (f"{reward_file}:brightness_bucket", "is not differentiable (a file's reward says it is with an attribute"),
+        (f"{reward_file}:wrong_shape", "must return a float tensor (B,) for images (B, 3, H, W), got torch.float32 of"),
+        (f"{reward_file}:missing", "has no class or function named 'missing'"),
+        ("/no/such/file.py:Fn", "the reward file '/no/such/file.py' does not exist"),
+        ("colorfulness+x*jpeg_compressibility", "the reward weight 'x' in"),
+        ("colorfulness+beauty", "unknown reward 'beauty'; choose one of: aesthetic"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            make_reward(spec, differentiable=True)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err, spec
+
+
+@pytest.mark.parametrize("script, spec, differentiable", [
+    ("draft_k.py", "Redness", True), ("ddpo.py", "brightness_bucket", False), ("ddpo.py", "Redness", True),
+])  # fmt: skip
+def test_a_reward_file_runs_through_draft_and_ddpo(script, spec, differentiable, reward_file, tiny_sd_path, tmp_path,
+                                                   monkeypatch):  # fmt: skip
+    args = ["--pretrained-model", tiny_sd_path, *TINY[script], "--reward", f"{reward_file}:{spec}+0.01*colorfulness",
+            LENGTH[script], "1", "--output-dir", str(tmp_path / "runs")]  # fmt: skip
+    run_script(script, args, monkeypatch)
+    _, (metrics,) = read_metrics(tmp_path / "runs")
+    assert {f"eval_{reward_file}:{spec}_mean", "eval_colorfulness_mean"} <= set(metrics)  # each part logged apart
+    parts = metrics[f"eval_{reward_file}:{spec}_mean"] + 0.01 * metrics["eval_colorfulness_mean"]
+    assert metrics["eval_reward_mean"] == pytest.approx(parts, rel=1e-4)
+
+
+def test_draft_refuses_a_reward_file_without_a_gradient(reward_file, tiny_sd_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_script("draft_lv.py", ["--pretrained-model", tiny_sd_path, *TINY["draft_lv.py"], "--reward",
+                                   f"{reward_file}:brightness_bucket"], monkeypatch)  # fmt: skip
+    assert exit_info.value.code == 2 and "is not differentiable" in capsys.readouterr().err
