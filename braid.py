@@ -22,6 +22,7 @@ from typing import Literal, Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from common import check, cli
 from common.distributed import gather, sample_generators, shard
@@ -268,7 +269,7 @@ if __name__ == "__main__":
     else:
         resamples = [train]
     heads = [fit_head(features[i], scores[i], args.reward_model_steps, args.reward_model_lr, model_rng)
-             for i in resamples]  # fmt: skip
+             for i in tqdm(resamples, desc="fitting the reward model", disable=run.rank != 0)]  # fmt: skip
     conservative = ConservativeReward(heads, args.c, features[train], args.bonus_lambda).to(run.device)
     labels = data.get("true_rewards", data["scores"])  # the offline data's true rewards where known
     best, median = labels.max().item(), labels.median().item()
@@ -277,6 +278,11 @@ if __name__ == "__main__":
 
     def reward_fn(images, prompts=None):
         return conservative(featurize(images))[0]
+
+    true = f"the labeler's ({args.labeler}), logged as true_reward_mean" if labeler else "not known (your own data)"
+    reward_fn.name, reward_fn.notes = "conservative reward r_c", (
+        "The held-out reward is BRAID's conservative reward r_c, learned from the offline data: the proxy it"
+        f" maximises. The true reward is {true}.")  # fmt: skip
 
     # TRY NOT TO MODIFY: the LoRA and its optimizer; the run folder, new or --resume's (common/run.py)
     lora_params = model.add_lora(args.lora_rank)
@@ -288,6 +294,7 @@ if __name__ == "__main__":
             torch.save(data, os.path.join(run.dir, "offline_data.pt"))
         torch.save(conservative.state_dict(), os.path.join(run.dir, "reward_model.pt"))
         print(f"reward model: validation MSE {val_mse:.4g}; offline data: best {best:.4g}, median {median:.4g}")
+        print(reward_fn.notes)
     for step in run.steps(start_step, args.train_steps):
         step_start = time.time()
         rewards_seen, proxies_seen, true_seen, kls_seen, loss_total = [], [], [], [], 0.0

@@ -1,10 +1,14 @@
-"""Reading, checking and featurising BRAID's offline data (braid.py holds BRAID's protocol for synthesising it): a
-folder of images with a scores.csv of `file,score` lines, or a .pt file holding {"scores": (N,)} and either
-{"images": uint8 (N, 3, H, W)} or {"features": (N, D)}, and maybe {"true_rewards": (N,)}. Data plumbing, not the
-method: every malformed file ends the run with one sentence naming the file and the line or key (docs/braid.md
-lists the rules)."""
+"""Reading, checking and featurising BRAID's offline data (braid.py holds BRAID's protocol for synthesising it):
+- a folder of images with a metadata.jsonl or metadata.csv of `file_name`, `reward` and maybe `prompt` (the layout of
+  the `datasets` library's imagefolder, also in a train/ subfolder), or with a scores.csv of `file,score` lines;
+- a Hub dataset id (user/name) in that layout, downloaded to the Hugging Face cache;
+- a .pt file holding {"scores": (N,)} and either {"images": uint8 (N, 3, H, W)} or {"features": (N, D)}, and maybe
+  {"true_rewards": (N,)}, read with torch.load(weights_only=True).
+Data plumbing, not the method: every malformed file ends the run with one sentence naming the file and the line or
+key (docs/braid.md lists the rules)."""
 
 import csv
+import json
 import math
 import os
 
@@ -14,7 +18,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm.auto import tqdm
 
-from common import fail, load_error
+from common import fail, load_error, load_or_fail
 from common.distributed import gather, sample_generators, shard
 from common.prompts import sample_prompts
 from common.sampling import sample
@@ -36,39 +40,78 @@ def load_offline_data(path: str, resolution: int):
         except Exception as e:  # corrupt, truncated, not written by torch.save, or holding other objects
             fail(f"cannot load {path} with torch.load ({load_error(e)}); it must hold tensors, numbers, strings,"
                  " lists and dicts (docs/braid.md)")  # fmt: skip
-    table = os.path.join(path, "scores.csv")
-    if not os.path.isfile(table):
-        fail(f"--offline-data {path} is neither a .pt file nor a folder with a scores.csv of file,score lines")
+    if not os.path.exists(path) and path.count("/") == 1:  # a Hub dataset id
+        from huggingface_hub import snapshot_download
+
+        path = load_or_fail(snapshot_download, path, repo_type="dataset")
+    tables = ("metadata.jsonl", "metadata.csv", "scores.csv")
+    folders = [f for f in (path, os.path.join(path, "train")) if os.path.isdir(f)]
+    folder = next((f for f in folders if any(os.path.isfile(os.path.join(f, t)) for t in tables)), None)
+    if folder is None:
+        fail(f"--offline-data {path} is neither a .pt file nor a folder of images with a metadata.jsonl, metadata.csv"
+             " (file_name, reward, prompt) or scores.csv (file, score)")  # fmt: skip
+    if os.path.isfile(os.path.join(folder, "metadata.jsonl")):
+        table, (name_key, score_key) = os.path.join(folder, "metadata.jsonl"), ("file_name", "reward")
+        rows, header = read_jsonl(table)
+    else:
+        table = os.path.join(
+            folder, "metadata.csv" if os.path.isfile(os.path.join(folder, "metadata.csv")) else "scores.csv"
+        )
+        name_key, score_key = ("file", "score") if table.endswith("scores.csv") else ("file_name", "reward")
+        rows, header = read_csv(table, f"{name_key},{score_key}")
+    reject(table, [(not rows, f"has no rows of {name_key} and {score_key}")])
+    images, scores, prompts, seen = [], [], [], {}
+    for line, row in rows:
+        name, score = str(row.get(name_key) or "").strip(), str(row.get(score_key, "")).strip()
+        try:
+            value = float(score)
+        except ValueError:
+            value = math.nan
+        reject(f"{table}, line {line}:", [
+            (not name, f"the '{name_key}' {'cell' if table.endswith('.csv') else 'value'} is empty"),
+            (name in seen, f"'{name}' is listed twice (also on line {seen.get(name)})"),
+            (score_key not in row or row[score_key] in (None, ""), f"it has no '{score_key}'"),
+            (not math.isfinite(value), f"the {score_key} '{score}' is not a finite number"),
+        ])  # fmt: skip
+        seen[name] = line
+        try:
+            with Image.open(os.path.join(folder, name)) as image:
+                images.append(np.asarray(image.convert("RGB").resize((resolution, resolution))))
+        except OSError as e:  # missing, not an image, truncated
+            fail(f"{table}, line {line}: cannot read the image '{name}' ({e.strerror or e})")
+        scores.append(value)
+        prompts.append(str(row.get("prompt", "")))
+    images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # (N, 3, H, W) uint8
+    return {"images": images, "scores": torch.tensor(scores), "prompts": prompts}
+
+
+def read_csv(table: str, expected: str) -> tuple[list, list]:
+    """The (line number, row) of a CSV file with a header line, and its header; one sentence if it is not one."""
     try:
         with open(table, newline="", encoding="utf-8-sig") as f:  # -sig: skips the byte-order mark Excel writes
             reader = csv.DictReader(f)
             rows, header = [(reader.line_num, row) for row in reader], reader.fieldnames or []
     except (UnicodeError, csv.Error) as e:
         fail(f"{table} is not a CSV text file in UTF-8 ({e})")
-    reject(table, [(not header, "is empty: it needs the header line 'file,score', then one line per image"),
-                   (not {"file", "score"} <= set(header), f"starts with '{','.join(header)}', not 'file,score'"),
-                   (not rows, "has no lines of file,score after its header")])  # fmt: skip
-    images, scores, seen = [], [], {}
-    for line, row in rows:
-        name, score = (row["file"] or "").strip(), (row["score"] or "").strip()
-        try:
-            value = float(score)
-        except ValueError:
-            value = math.nan
-        reject(f"{table}, line {line}:", [
-            (not name, "the 'file' cell is empty"),
-            (name in seen, f"'{name}' is listed twice (also on line {seen.get(name)})"),
-            (not math.isfinite(value), f"the score '{score}' is not a finite number"),
-        ])  # fmt: skip
-        seen[name] = line
-        try:
-            with Image.open(os.path.join(path, name)) as image:
-                images.append(np.asarray(image.convert("RGB").resize((resolution, resolution))))
-        except OSError as e:  # missing, not an image, truncated
-            fail(f"{table}, line {line}: cannot read the image '{name}' ({e.strerror or e})")
-        scores.append(value)
-    images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # (N, 3, H, W) uint8
-    return {"images": images, "scores": torch.tensor(scores)}
+    reject(table, [(not header, f"is empty: it needs the header line '{expected}', then one line per image"),
+                   (not set(expected.split(",")) <= set(header),
+                    f"starts with '{','.join(header)}', not '{expected}'")])  # fmt: skip
+    return rows, header
+
+
+def read_jsonl(table: str) -> tuple[list, list]:
+    """The (line number, object) of a JSON-lines file; one sentence naming the first line that is not an object."""
+    rows = []
+    try:
+        with open(table, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    row = json.loads(line)
+                    reject(f"{table}, line {number}:", [(not isinstance(row, dict), "is not a JSON object {...}")])
+                    rows.append((number, row))
+    except (UnicodeError, json.JSONDecodeError) as e:
+        fail(f"{table}, line {number}: is not JSON ({e.msg if hasattr(e, 'msg') else e})")
+    return rows, sorted({key for _, row in rows for key in row})
 
 
 def check_offline_data(data, source: str, feature_dim: int, val_fraction: float) -> int:

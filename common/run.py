@@ -72,16 +72,16 @@ class Run:
         )
         self.hub_user = check_hub(args.hub_model_id) if args.push_to_hub and self.rank == 0 else None
 
-    def start(self, model, optimizer, reward_fn, eval_prompts: list[str], eval_eta: float = 0.0,
-              reward_name: str | None = None, card_notes: str = "") -> int:  # fmt: skip
+    def start(self, model, optimizer, reward_fn, eval_prompts: list[str], eval_eta: float = 0.0) -> int:
         """Opens the run folder (rank 0 writes it for all ranks and locks it while the run lasts: a new folder, or the
         resumed run's), tracking and TensorBoard, and loads the resumed checkpoint's LoRA, optimizer, random state
         and counter. Evaluations sample `eval_prompts` twice each from fixed x_T (DDIM at `eval_eta`, with fixed
-        noise) and score them with `reward_fn`, named `reward_name` (default: --reward) in the console and the model
-        card, which adds `card_notes`. Returns the counter to continue from (0 for a new run)."""
+        noise) and score them with `reward_fn`, named in the console and the model card by its `name` attribute
+        (default: --reward), the card adding its `notes`. Returns the counter to continue from (0 for a new run)."""
         args = self.args
         self.model, self.optimizer, self.reward_fn, self.eval_prompts = model, optimizer, reward_fn, eval_prompts
-        self.reward_name, self.card_notes = reward_name or getattr(args, "reward", "reward"), card_notes
+        self.reward_name = getattr(reward_fn, "name", None) or getattr(args, "reward", "reward")
+        self.card_notes = getattr(reward_fn, "notes", "")
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.dir = open_run_dir(args.output_dir, self.name, self.resume_dir, self.state, self.rank)
         self.name = os.path.basename(self.dir)  # suffixed if another run took the name first

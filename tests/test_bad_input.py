@@ -85,7 +85,7 @@ METHOD_BAD = [
     ("braid.py", ["--val-fraction", "1"], "--val-fraction must be in (0, 1), got 1.0"),
     ("braid.py", ["--labeler", "beauty"], "unknown reward 'beauty'; choose one of"),
     ("braid.py", ["--conservatism", "boot", "--ensemble-size", "1"], "--ensemble-size must be at least 2 with boot"),
-    ("braid.py", ["--offline-data", "/no/such/data"], "is neither a .pt file nor a folder with a scores.csv"),
+    ("braid.py", ["--offline-data", "/no/such/data"], "is neither a .pt file nor a folder of images with a metadata"),
     ("braid.py", ["--k", "9"], "--k must be between 1 and --num-steps (4), got 9"),
     ("braid.py", ["--k", "0"], "--k must be between 1 and --num-steps (4), got 0"),
     ("braid.py", ["--offline-size", "0"], "--offline-size must be at least 1, got 0"),
@@ -154,6 +154,21 @@ def image_folder(path, text=None, damage=None):
     return folder
 
 
+def metadata_jsonl(path, *lines, rows=12, subfolder="") -> str:
+    """The imagefolder layout: the 14 images of image_folder and a metadata.jsonl (file_name, prompt, reward) of the
+    first `rows`, then `lines` as they are; in `subfolder` (e.g. train) if given."""
+    folder = image_folder(path)
+    (folder / "scores.csv").unlink()
+    rows = [json.dumps({"file_name": f"{i}.png", "prompt": "a cat", "reward": i / 10}) for i in range(rows)]
+    (folder / "metadata.jsonl").write_text("\n".join([*rows, *lines]) + "\n")
+    if subfolder:
+        (folder / subfolder).mkdir()
+        for file in list(folder.iterdir()):
+            if file.is_file():
+                file.rename(folder / subfolder / file.name)
+    return folder
+
+
 def scores_csv(*lines, rows=12):
     return "\n".join(["file,score", *(f"{i}.png,{i / 10}" for i in range(rows)), *lines]) + "\n"
 
@@ -178,7 +193,7 @@ FEATURES = torch.randn(12, 64, generator=torch.Generator().manual_seed(0))  # th
 BAD_DATA = [  # (case, the data under tmp_path, more flags, the one sentence: the file, the row or key, the fault)
     ("csv empty", lambda p: image_folder(p, ""), [], "scores.csv is empty"),
     ("csv no header", lambda p: image_folder(p, scores_csv()[11:]), [], "scores.csv starts with '0.png,0.0', not"),
-    ("csv header only", lambda p: image_folder(p, "file,score\n"), [], "scores.csv has no lines of file,score"),
+    ("csv header only", lambda p: image_folder(p, "file,score\n"), [], "scores.csv has no rows of file and score"),
     ("csv not text", lambda p: image_folder(p, b"\x89PNG\r\n"), [], "scores.csv is not a CSV text file"),
     ("csv empty file cell", lambda p: image_folder(p, scores_csv(",0.5")), [],
      "scores.csv, line 14: the 'file' cell is empty"),
@@ -186,7 +201,7 @@ BAD_DATA = [  # (case, the data under tmp_path, more flags, the one sentence: th
      "scores.csv, line 14: '3.png' is listed twice (also on line 5)"),
     ("csv text score", lambda p: image_folder(p, scores_csv("12.png,high")), [],
      "scores.csv, line 14: the score 'high' is not a finite number"),
-    ("csv no score", lambda p: image_folder(p, scores_csv("12.png")), [], "line 14: the score '' is not a finite"),
+    ("csv no score", lambda p: image_folder(p, scores_csv("12.png")), [], "scores.csv, line 14: it has no 'score'"),
     ("csv nan score", lambda p: image_folder(p, scores_csv("12.png,nan")), [], "line 14: the score 'nan' is not a"),
     ("csv inf score", lambda p: image_folder(p, scores_csv("12.png,-inf")), [], "line 14: the score '-inf' is not"),
     ("csv missing image", lambda p: image_folder(p, scores_csv("99.png,1")), [],
@@ -199,6 +214,13 @@ BAD_DATA = [  # (case, the data under tmp_path, more flags, the one sentence: th
      "data has 9 scored examples and --val-fraction holds 1 out: the reward model needs at least 10 others"),
     ("csv equal scores", lambda p: image_folder(p, "file,score\n" + "".join(f"{i}.png,0.5\n" for i in range(12))),
      [], "data has all its scores equal"),
+    ("jsonl no reward", lambda p: metadata_jsonl(p, '{"file_name": "12.png", "prompt": "a dog"}'), [],
+     "metadata.jsonl, line 13: it has no 'reward'"),
+    ("jsonl not json", lambda p: metadata_jsonl(p, "12.png,1.0"), [], "metadata.jsonl, line 13: is not JSON"),
+    ("jsonl not an object", lambda p: metadata_jsonl(p, "[1, 2]"), [], "metadata.jsonl, line 13: is not a JSON obj"),
+    ("jsonl text reward", lambda p: metadata_jsonl(p, '{"file_name": "12.png", "reward": "high"}'), [],
+     "metadata.jsonl, line 13: the reward 'high' is not a finite number"),
+    ("hub dataset offline", lambda p: "nobody/no-such-dataset", [], "could not load 'nobody/no-such-dataset'"),
     ("pt garbage", lambda p: offline_pt(p, b"not a torch file"), [],
      "cannot load {} with torch.load (not a file torch.save wrote"),
     ("pt numpy", lambda p: offline_pt(p, scores=np.arange(12.0)), [],

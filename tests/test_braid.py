@@ -139,8 +139,21 @@ def test_script_runs_on_synthesised_data(variant, tiny_sd_path, tmp_path, monkey
         assert os.path.isfile(os.path.join(run_dir, name))
 
 
-def test_script_runs_on_a_folder_of_images_with_scores(tiny_sd_path, tmp_path, monkeypatch):
-    folder = image_folder(tmp_path)
+@pytest.mark.parametrize("layout", ["scores.csv", "metadata.jsonl in train/", "metadata.csv"])
+def test_script_runs_on_a_folder_of_images_with_scores(layout, tiny_sd_path, tmp_path, monkeypatch):
+    """Your own data: a folder of images and their scores, in the project's scores.csv or the `datasets` library's
+    imagefolder layout (metadata.jsonl or .csv with file_name, prompt, reward; also in a train/ subfolder)."""
+    from test_bad_input import metadata_jsonl
+
+    if layout == "scores.csv":
+        folder = image_folder(tmp_path)
+    elif layout == "metadata.csv":
+        folder = image_folder(tmp_path)
+        (folder / "scores.csv").unlink()
+        rows = "".join(f"{i}.png,a cat,{i / 10}\n" for i in range(12))
+        (folder / "metadata.csv").write_text("file_name,prompt,reward\n" + rows)
+    else:
+        folder = metadata_jsonl(tmp_path, subfolder="train")
     run_script("braid.py", ["--pretrained-model", tiny_sd_path, *TINY, "--offline-data", str(folder),
                             "--train-steps", "2", "--output-dir", str(tmp_path / "runs")], monkeypatch)  # fmt: skip
     _, metrics = read_metrics(tmp_path / "runs")
