@@ -20,9 +20,10 @@ from common.models import load_model
 from common.prompts import PROMPT_SETS, load_prompts, sample_prompts, split_prompts
 from scripts import LENGTH, ROOT, SCRIPTS, TINY, definitions, read_metrics, run_script, run_subprocess
 
-# the only differences allowed between the scripts' shared blocks: DDPO and RWR count epochs, BRAID names its run
-# after its labeler, has no reward model of its own there and evaluates at its eta
+# the only differences allowed between the scripts' shared blocks: DDPO and RWR count epochs, DRaFT asks for a reward
+# with a gradient, BRAID names its run after its labeler, has no reward model of its own there and evaluates at its eta
 ALLOWED = [
+    (r", differentiable=True", ""),
     (r"start_epoch", "start_step"),
     (r', counter="epoch"', ""),
     (r'name="offline" if args.offline_data else args.labeler', "name=args.reward"),
