@@ -153,8 +153,7 @@ class Args:
     prompt_file: Optional[str] = None
     """a file of prompts, one per line, instead of --prompts"""
     validation_prompts: tuple[str, ...] = ()
-    """prompts (or files of them, one a line) for the sample grids and the held-out reward; with them, training uses
-    every prompt of --prompts (otherwise 4 spread through it are held out)"""
+    """prompts or files of them for the grids and the held-out reward (default: 4 held out of --prompts)"""
     num_steps: int = 50
     """DDIM sampling steps"""
     guidance_scale: float = 7.5

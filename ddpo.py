@@ -26,7 +26,7 @@ from common.models import SD14, Conditioning, load_model
 from common.prompts import load_prompts, sample_prompts, split_prompts
 from common.rewards import make_reward
 from common.run import Run
-from common.sampling import ddim_step, sample
+from common.sampling import ddim_step, sample, step_kl
 
 
 class PerPromptStatTracker:
@@ -113,8 +113,7 @@ class Args:
     prompt_file: Optional[str] = None
     """a file of prompts, one per line, instead of --prompts"""
     validation_prompts: tuple[str, ...] = ()
-    """prompts (or files of them, one a line) for the sample grids and the held-out reward; with them, training uses
-    every prompt of --prompts (otherwise 4 spread through it are held out)"""
+    """prompts or files of them for the grids and the held-out reward (default: 4 held out of --prompts)"""
     num_steps: int = 50
     """DDIM sampling steps"""
     guidance_scale: float = 5.0
@@ -154,17 +153,17 @@ class Args:
     timestep_fraction: float = 1.0
     """fraction of each trajectory's stochastic steps trained on (shuffled per sample)"""
     timesteps_per_call: int = 1
-    """trained timesteps of each trajectory per denoiser call: the same gradient from fewer, larger calls (faster where
-    a call has fixed costs, as on the CPU; activation memory grows with it)"""
+    """trained steps of a trajectory per denoiser call: the same gradient from fewer, larger calls (more memory)"""
     per_prompt_buffer: int = 16
     """rewards kept per prompt for its advantage statistics"""
     per_prompt_min_count: int = 16
     """below this many rewards of a prompt, normalise with the whole epoch's statistics instead"""
     group_size: int = 1
-    """G > 1: each round samples G images of every prompt it draws and normalises rewards within the prompt's group
-    of this round (GRPO's advantages, no history); on a flow model at eta > 0 this is Flow-GRPO's recipe"""
+    """G > 1: G samples of each prompt drawn, rewards normalised within their group of this round (GRPO)"""
     max_grad_norm: float = 1.0
     """clip the LoRA gradient to this norm"""
+    kl_weight: float = 0.0
+    """weight of the per-step KL to the pretrained policy in the loss (DPOK, Flow-GRPO; 0: none, DDPO as published)"""
 
 
 # --preset tiny: the shipped tiny text-to-image model (assets/tiny-sd: coloured shapes at 32 px) on the CPU, with the
@@ -181,8 +180,8 @@ if __name__ == "__main__":
     check(args, "adv_clip_max", 0 < args.adv_clip_max <= float("inf"), "a positive number")
     check(args, "timestep_fraction", 0 < args.timestep_fraction <= 1, "in (0, 1]")
     check(args, "timestep_fraction", args.num_steps * args.timestep_fraction >= 1, "at least 1 / --num-steps")
-    check(args, "timesteps_per_call", args.timesteps_per_call >= 1, "at least 1")
     check(args, "samples_per_epoch", args.samples_per_epoch >= 2, "at least 2: advantages compare rewards")
+    check(args, "kl_weight", 0 <= args.kl_weight < float("inf"), "at least 0")
     check(args, "per_prompt_buffer", args.per_prompt_buffer >= 1, "at least 1")
     check(args, "per_prompt_min_count", args.per_prompt_min_count >= 1, "at least 1")
     check(args, "group_size", args.group_size >= 1 and args.sample_batch_size % args.group_size == 0,
@@ -203,12 +202,11 @@ if __name__ == "__main__":
     # ALGO LOGIC: the MDP's actions are the steps with noise (a step into a flow's x_0, or SD's into abar = 1, has none)
     schedule = model.schedule(args.num_steps)
     policy_steps = (schedule.step_std(args.eta) > 0).nonzero().flatten()  # (S,) step indices
-    policy_list = policy_steps.tolist()
     if len(policy_steps) == 0:
         fail(f"no step of this model's {args.num_steps}-step schedule has noise at --eta {args.eta}: raise --num-steps")
     num_train_timesteps = max(1, int(len(policy_steps) * args.timestep_fraction))
-    check(args, "timesteps_per_call", num_train_timesteps % args.timesteps_per_call == 0,
-          f"a divisor of the trained timesteps per trajectory ({num_train_timesteps})")  # fmt: skip
+    divides = args.timesteps_per_call >= 1 and num_train_timesteps % args.timesteps_per_call == 0
+    check(args, "timesteps_per_call", divides, f"a divisor of the steps trained per trajectory ({num_train_timesteps})")
 
     # TRY NOT TO MODIFY: the LoRA and its optimizer; the run folder, new or --resume's (common/run.py)
     lora_params = model.add_lora(args.lora_rank)
@@ -234,7 +232,7 @@ if __name__ == "__main__":
             batches.append({
                 "latents": torch.stack(trajectory.latents, dim=1),  # (B, T + 1, C, h, w): x_T ... x_0
                 "log_probs": torch.stack([log_prob(trajectory.latents[j + 1], trajectory.means[j], trajectory.stds[j])
-                                          for j in policy_list], dim=1),  # (B, S): log p_old of each policy step
+                                          for j in policy_steps.tolist()], dim=1),  # (B, S): log p_old of each
                 "rewards": reward_fn(model.decode(x0), prompts).float(),  # (B,)
             })  # fmt: skip
             conds.append(cond)
@@ -253,13 +251,11 @@ if __name__ == "__main__":
         # ALGO LOGIC: policy-gradient steps on the stored transitions (x_t, x_{t-1}), steps shuffled per sample
         num_batches = args.samples_per_epoch // args.train_batch_size
         batches_per_update = num_batches if args.estimator == "sf" else args.grad_accum_steps  # SF: one step an epoch
-        losses, approx_kls, clipfracs, grad_norms = [], [], [], []
+        losses, approx_kls, clipfracs, kls, grad_norms = [], [], [], [], []
         for inner_epoch in range(args.num_inner_epochs):
             order = shuffle(args.samples_per_epoch, rng=run.rng)  # (N,), a permutation of this rank's samples
-            step_order = [
-                torch.randperm(len(policy_steps), generator=run.rng) for _ in range(run.world_size * len(order))
-            ]
-            step_order = shard(torch.stack(step_order), len(order))  # (N, S): each of this rank's samples' order
+            draws = [torch.randperm(len(policy_steps), generator=run.rng) for _ in range(len(order) * run.world_size)]
+            step_order = shard(torch.stack(draws), len(order))  # (N, S): each of this rank's samples' order of steps
             # drawn on the CPU (the same draws on every device), indexing on the device: one copy, not one per step
             order, step_order = order.to(run.device), step_order.to(run.device)
             for b in range(num_batches):
@@ -269,15 +265,17 @@ if __name__ == "__main__":
                     rows = index[:, None].expand(-1, args.timesteps_per_call).flatten()  # (B J,): each sample J times
                     step_index = policy_steps[position]  # (B J,) indices into the schedule
                     x_t, x_prev = samples["latents"][rows, step_index], samples["latents"][rows, step_index + 1]
-                    output = model.predict(x_t, schedule.timesteps[step_index], samples["cond"][rows],
-                                           args.guidance_scale)  # fmt: skip
+                    t, cond = schedule.timesteps[step_index], samples["cond"][rows]
+                    output = model.predict(x_t, t, cond, args.guidance_scale)
                     step = ddim_step(schedule, step_index, output, x_t, args.eta, prev_latents=x_prev)
-                    new_log_prob, old_log_prob = (
-                        log_prob(x_prev, step.mean, step.std),
-                        samples["log_probs"][rows, position],
-                    )
+                    new_log_prob = log_prob(x_prev, step.mean, step.std)
+                    old_log_prob = samples["log_probs"][rows, position]
                     loss, ratio = policy_loss(args.estimator, new_log_prob, old_log_prob, advantages[rows],
                                               args.clip_range)  # fmt: skip
+                    if args.kl_weight:  # the KL to the pretrained policy, exact between Gaussians (docs/ddpo.md)
+                        pre = model.predict(x_t, t, cond, args.guidance_scale, pretrained=True)  # LoRA off: no graph
+                        kl = step_kl(schedule, step_index, output, pre, x_t, args.eta).mean()
+                        loss, kls = loss + args.kl_weight * kl, kls + [kl.detach()]
                     # the mean over this call's J steps, weighted as J of the num_train_timesteps
                     (loss * args.timesteps_per_call / (num_train_timesteps * batches_per_update)).backward()
                     # kept on the device and read once an epoch: no host-device sync per denoiser call
@@ -293,6 +291,7 @@ if __name__ == "__main__":
             "loss": losses.mean().item(),
             "approx_kl": approx_kls.mean().item(),
             "clipfrac": clipfracs.mean().item(),
+            "kl": gather(torch.stack(kls)).mean().item() if kls else None,
             "grad_norm": torch.stack(grad_norms).mean().item(),
             "images_per_sec": len(rewards) / (time.time() - epoch_start),
         }

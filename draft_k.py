@@ -24,7 +24,7 @@ from common.models import SD14, load_model
 from common.prompts import load_prompts, sample_prompts, split_prompts
 from common.rewards import make_reward
 from common.run import Run
-from common.sampling import ddim_step
+from common.sampling import ddim_step, step_kl
 
 
 @dataclass
@@ -73,8 +73,7 @@ class Args:
     prompt_file: Optional[str] = None
     """a file of prompts, one per line, instead of --prompts"""
     validation_prompts: tuple[str, ...] = ()
-    """prompts (or files of them, one a line) for the sample grids and the held-out reward; with them, training uses
-    every prompt of --prompts (otherwise 4 spread through it are held out)"""
+    """prompts or files of them for the grids and the held-out reward (default: 4 held out of --prompts)"""
     num_steps: int = 50
     """DDIM sampling steps"""
     guidance_scale: float = 7.5
@@ -101,6 +100,8 @@ class Args:
     """optimizer steps"""
     max_grad_norm: float = 1.0
     """clip the LoRA gradient to this norm"""
+    kl_weight: float = 0.0
+    """weight of the KL to the pretrained model on the steps that carry gradient (0: none, the paper's DRaFT)"""
     k: int = 1
     """backpropagate through the last K sampling steps only (with --k-min: the largest K drawn)"""
     k_min: Optional[int] = None
@@ -114,6 +115,7 @@ PRESETS = {"sd14": {}, "tiny": dict(pretrained_model="assets/tiny-sd", reward="c
 
 if __name__ == "__main__":
     args = cli(Args, PRESETS)  # --help, --preset, --resume's own flags; every shared value checked
+    check(args, "kl_weight", 0 <= args.kl_weight < float("inf"), "at least 0")
     check(args, "k", 1 <= args.k <= args.num_steps, f"between 1 and --num-steps ({args.num_steps})")
     check(args, "k_min", args.k_min is None or 1 <= args.k_min <= args.k, f"between 1 and --k ({args.k})")
     train_prompts, eval_prompts = split_prompts(load_prompts(args.prompts, args.prompt_file), args.validation_prompts)
@@ -132,7 +134,7 @@ if __name__ == "__main__":
 
     for step in run.steps(start_step, args.train_steps):
         step_start = time.time()
-        rewards_seen, ks_drawn, loss_total = [], [], 0.0
+        rewards_seen, kls_seen, ks_drawn, loss_total = [], [], [], 0.0
         for _ in range(args.grad_accum_steps):
             # this rank's slice of the global batch: its prompts, and one generator per sample for all its noise
             prompts = shard(sample_prompts(train_prompts, run.world_size * args.batch_size, run.rng), args.batch_size)
@@ -143,25 +145,27 @@ if __name__ == "__main__":
             # this rank's slice)
             k = torch.full((args.batch_size,), args.k)  # (B,)
             if args.k_min is not None:
-                ks_drawn.append(
-                    torch.randint(args.k_min, args.k + 1, (len(prompts) * run.world_size,), generator=run.rng)
-                )
+                ks_drawn.append(torch.randint(args.k_min, args.k + 1, (len(k) * run.world_size,), generator=run.rng))
                 k = shard(ks_drawn[-1], args.batch_size)
             # ALGO LOGIC: DDIM from x_T to x_0; each trajectory's first T - K steps run without gradient, so the latent
             # entering its last K is a constant. The denoiser runs with autograd on from the earliest window in the
             # batch; a step outside a sample's own window is cut from its graph. The denoiser calls that carry
             # gradient, and the decoder, are checkpointed (their activations are recomputed in the backward pass)
-            schedule = model.schedule(args.num_steps)
+            schedule, kl = model.schedule(args.num_steps), torch.zeros(args.batch_size, device=run.device)
             for i, t in enumerate(schedule.timesteps):
                 in_window = i >= args.num_steps - k  # (B,): whether step i is one of the sample's last K
                 with torch.set_grad_enabled(bool(in_window.any())):
                     output = model.predict(latents, t, cond, args.guidance_scale, checkpointed=True)
+                    if args.kl_weight and torch.is_grad_enabled():  # this step's KL to the pretrained model's policy
+                        pre = model.predict(latents, t, cond, args.guidance_scale, checkpointed=True, pretrained=True)
+                        kl = kl + in_window.to(run.device) * step_kl(schedule, i, output, pre, latents, 1.0)
                     latents = ddim_step(schedule, i, output, latents, args.eta, generator=generators).latents
                 latents = torch.where(in_window.to(run.device).view(-1, 1, 1, 1), latents, latents.detach())
             rewards = reward_fn(model.decode(latents, checkpointed=True), prompts)  # (B,)
-            loss = -rewards.mean() / args.grad_accum_steps  # gradient ascent on the reward
+            loss = (-rewards + args.kl_weight * kl).mean() / args.grad_accum_steps  # gradient ascent on the reward
             loss.backward()
             rewards_seen.append(rewards.detach())
+            kls_seen.append(kl.detach())
             loss_total += loss.detach()
         grad_norm = run.optimizer_step(loss_total)
         rewards_seen = gather(torch.cat(rewards_seen))  # the global batch's, on every rank
@@ -169,6 +173,7 @@ if __name__ == "__main__":
             "reward_mean": rewards_seen.mean().item(),
             "reward_std": rewards_seen.std().item() if len(rewards_seen) > 1 else 0.0,
             "loss": gather(loss_total.view(1)).mean().item(),
+            "kl": gather(torch.cat(kls_seen)).mean().item(),
             "grad_norm": grad_norm.item(),
             "images_per_sec": len(rewards_seen) / (time.time() - step_start),
         }

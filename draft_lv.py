@@ -25,7 +25,7 @@ from common.models import SD14, load_model
 from common.prompts import load_prompts, sample_prompts, split_prompts
 from common.rewards import make_reward
 from common.run import Run
-from common.sampling import ddim_step, randn, sample
+from common.sampling import ddim_step, randn, sample, step_kl
 
 
 @dataclass
@@ -74,8 +74,7 @@ class Args:
     prompt_file: Optional[str] = None
     """a file of prompts, one per line, instead of --prompts"""
     validation_prompts: tuple[str, ...] = ()
-    """prompts (or files of them, one a line) for the sample grids and the held-out reward; with them, training uses
-    every prompt of --prompts (otherwise 4 spread through it are held out)"""
+    """prompts or files of them for the grids and the held-out reward (default: 4 held out of --prompts)"""
     num_steps: int = 50
     """DDIM sampling steps"""
     guidance_scale: float = 7.5
@@ -102,6 +101,8 @@ class Args:
     """optimizer steps"""
     max_grad_norm: float = 1.0
     """clip the LoRA gradient to this norm"""
+    kl_weight: float = 0.0
+    """weight of the KL to the pretrained model on the steps that carry gradient (0: none, the paper's DRaFT)"""
     n: int = 2
     """re-noised copies of x_0 whose last step carries gradient"""
 
@@ -113,6 +114,7 @@ PRESETS = {"sd14": {}, "tiny": dict(pretrained_model="assets/tiny-sd", reward="c
 
 if __name__ == "__main__":
     args = cli(Args, PRESETS)  # --help, --preset, --resume's own flags; every shared value checked
+    check(args, "kl_weight", 0 <= args.kl_weight < float("inf"), "at least 0")
     check(args, "n", 1 <= args.n <= 1000, "between 1 and 1000")
     train_prompts, eval_prompts = split_prompts(load_prompts(args.prompts, args.prompt_file), args.validation_prompts)
 
@@ -130,7 +132,7 @@ if __name__ == "__main__":
 
     for step in run.steps(start_step, args.train_steps):
         step_start = time.time()
-        rewards_seen, loss_total = [], 0.0
+        rewards_seen, kls_seen, loss_total = [], [], 0.0
         for _ in range(args.grad_accum_steps):
             # this rank's slice of the global batch: its prompts, and one generator per sample for all its noise
             prompts = shard(sample_prompts(train_prompts, run.world_size * args.batch_size, run.rng), args.batch_size)
@@ -140,18 +142,22 @@ if __name__ == "__main__":
             # ALGO LOGIC: x_0 from the whole chain without gradient, then n re-noised copies of it at the last step's
             # noise level: x_1^i = alpha_1 x_0 + sigma_1 eps_i, each taken back to x_0^i by the last DDIM step
             x0, _ = sample(model, latents, cond, args.num_steps, args.guidance_scale, args.eta, generator=generators)
-            schedule, last = model.schedule(args.num_steps), args.num_steps - 1
-            rewards = []
+            schedule, kl = model.schedule(args.num_steps), torch.zeros(args.batch_size, device=run.device)
+            last, rewards = args.num_steps - 1, []
             for _ in range(args.n):
                 noise = randn(x0.shape, generators, run.device)  # a distinct eps_i for each copy
                 x1 = schedule.alphas[last] * x0.detach() + schedule.sigmas[last] * noise
                 output = model.predict(x1, schedule.timesteps[last], cond, args.guidance_scale, checkpointed=True)
+                if args.kl_weight:  # this step's KL to the pretrained model's policy
+                    pre = model.predict(x1, schedule.timesteps[last], cond, args.guidance_scale, pretrained=True)
+                    kl = kl + step_kl(schedule, last, output, pre, x1, 1.0)
                 x0_i = ddim_step(schedule, last, output, x1, args.eta, generator=generators).latents
                 rewards.append(reward_fn(model.decode(x0_i, checkpointed=True), prompts))  # (B,)
             rewards = torch.stack(rewards)  # (n, B)
-            loss = -rewards.sum(0).mean() / args.grad_accum_steps  # -sum_i r(x_0^i), averaged over the batch
+            loss = (-rewards.sum(0) + args.kl_weight * kl).mean() / args.grad_accum_steps  # -sum_i r(x_0^i), ...
             loss.backward()
             rewards_seen.append(rewards.detach().flatten())
+            kls_seen.append(kl.detach())
             loss_total += loss.detach()
         grad_norm = run.optimizer_step(loss_total)
         rewards_seen = gather(torch.cat(rewards_seen))  # the global batch's, on every rank
@@ -159,6 +165,7 @@ if __name__ == "__main__":
             "reward_mean": rewards_seen.mean().item(),
             "reward_std": rewards_seen.std().item() if len(rewards_seen) > 1 else 0.0,
             "loss": gather(loss_total.view(1)).mean().item(),
+            "kl": gather(torch.cat(kls_seen)).mean().item(),
             "grad_norm": grad_norm.item(),
             "images_per_sec": len(rewards_seen) / (time.time() - step_start),
         }

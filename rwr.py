@@ -38,17 +38,21 @@ def rwr_weights(rewards, beta: float, sparse: bool, percentile: float, sample_ba
     return (batches >= thresholds).float().flatten()
 
 
-def denoising_loss(model, latents, cond, index, noise, weights) -> torch.Tensor:
+def denoising_loss(model, latents, cond, index, noise, weights, kl_weight: float = 0.0) -> torch.Tensor:
     """mean_i w_i || target_i - model(z_t, t_i, c_i) ||^2 (mean over latent dims), z_t = alpha_t z_0 + sigma_t eps at
     the training timesteps `index` (B,): the model's ordinary training loss, on the conditional model (no guidance),
     with the target it was trained on: eps (SD), v = alpha eps - sigma z_0 (SD 2.x at 768 px), or the velocity
-    eps - z_0 (a flow)."""
+    eps - z_0 (a flow). `kl_weight`: adds the squared distance to the pretrained model's prediction (docs/rwr.md)."""
     path = model.training_schedule()
     alpha, sigma = path.alphas[index].view(-1, 1, 1, 1), path.sigmas[index].view(-1, 1, 1, 1)
     noisy_latents = alpha * latents + sigma * noise
     target = {"epsilon": noise, "v_prediction": alpha * noise - sigma * latents, "flow": noise - latents}
     output = model.predict(noisy_latents, path.timesteps[index], cond, guidance_scale=1.0)
-    return (weights * ((output - target[path.prediction_type]) ** 2).mean(dim=(1, 2, 3))).mean()
+    loss = (weights * ((output - target[path.prediction_type]) ** 2).mean(dim=(1, 2, 3))).mean()
+    if kl_weight:  # the pull towards the pretrained model: the KL between the two models' reverse steps at (z_t, t)
+        pretrained = model.predict(noisy_latents, path.timesteps[index], cond, guidance_scale=1.0, pretrained=True)
+        loss = loss + kl_weight * ((output - pretrained) ** 2).mean()  # up to a per-timestep factor, left out as above
+    return loss
 
 
 @dataclass
@@ -98,8 +102,7 @@ class Args:
     prompt_file: Optional[str] = None
     """a file of prompts, one per line, instead of --prompts"""
     validation_prompts: tuple[str, ...] = ()
-    """prompts (or files of them, one a line) for the sample grids and the held-out reward; with them, training uses
-    every prompt of --prompts (otherwise 4 spread through it are held out)"""
+    """prompts or files of them for the grids and the held-out reward (default: 4 held out of --prompts)"""
     num_steps: int = 50
     """DDIM sampling steps"""
     guidance_scale: float = 5.0
@@ -138,6 +141,8 @@ class Args:
     """passes over each epoch's samples"""
     max_grad_norm: float = 1.0
     """clip the LoRA gradient to this norm"""
+    kl_weight: float = 0.0
+    """weight of the squared distance to the pretrained model's prediction in the loss (0: none, RWR as published)"""
 
 
 # --preset tiny: the shipped tiny text-to-image model (assets/tiny-sd: coloured shapes at 32 px) on the CPU, with the
@@ -152,6 +157,7 @@ if __name__ == "__main__":
     args = cli(Args, PRESETS)  # --help, --preset, --resume's own flags; every shared value checked
     check(args, "percentile", 0 <= args.percentile <= 100, "between 0 and 100")
     check(args, "beta", 0 <= args.beta < float("inf"), "at least 0 (0: uniform weights)")
+    check(args, "kl_weight", 0 <= args.kl_weight < float("inf"), "at least 0")
     if args.samples_per_epoch % args.sample_batch_size or args.samples_per_epoch % args.train_batch_size:
         fail("--samples-per-epoch must be a multiple of --sample-batch-size and of --train-batch-size")
     train_prompts, eval_prompts = split_prompts(load_prompts(args.prompts, args.prompt_file), args.validation_prompts)
@@ -204,9 +210,10 @@ if __name__ == "__main__":
                 index = order[b * args.train_batch_size : (b + 1) * args.train_batch_size]
                 sample_rngs = [generators[i] for i in index]  # t and eps from each sample's generator
                 timesteps = torch.cat([torch.randint(num_timesteps, (1,), generator=g) for g in sample_rngs])
-                noise = randn(samples["latents"][index].shape, sample_rngs, run.device)
-                loss = denoising_loss(model, samples["latents"][index], samples["cond"][index.to(run.device)],
-                                      timesteps.to(run.device), noise, local_weights[index])  # fmt: skip
+                latents, timesteps = samples["latents"][index], timesteps.to(run.device)
+                noise = randn(latents.shape, sample_rngs, run.device)
+                loss = denoising_loss(model, latents, samples["cond"][index], timesteps, noise, local_weights[index],
+                                      args.kl_weight)  # fmt: skip
                 (loss / args.grad_accum_steps).backward()
                 losses.append(loss.detach())  # kept on the device and read once an epoch
                 if (b + 1) % args.grad_accum_steps == 0 or b == num_batches - 1:

@@ -63,7 +63,7 @@ class Run:
         torch.backends.cudnn.deterministic = args.torch_deterministic
         # prompts and per-sample seeds, on the CPU: the same draws on every device and rank (each rank keeps its slice)
         self.rng = torch.Generator().manual_seed(args.seed)
-        self.writer, self.eval_reward, self.first_eval_reward, self.started, self.eval_parts = (
+        self.writer, self.eval_reward, self.first_eval_reward, self.started, self.eval_extra = (
             None,
             None,
             None,
@@ -118,10 +118,11 @@ class Run:
 
     @torch.no_grad()
     def evaluate(self, count: int) -> float:
-        """Fixed-seed samples on the held-out prompts: a grid (samples/ and TensorBoard), and their mean reward."""
+        """Fixed-seed samples on the held-out prompts: a grid (samples/ and TensorBoard), and their mean reward; and
+        eval_kl, the KL of the fine-tuned sampler from the pretrained one along these paths (common.sampling.sample)."""
         generator = torch.Generator().manual_seed(self.args.seed) if self.eval_eta > 0 else None
-        x0, _ = sample(self.model, self.eval_latents, self.eval_cond, self.args.num_steps, self.args.guidance_scale,
-                       self.eval_eta, generator)  # fmt: skip
+        x0, record = sample(self.model, self.eval_latents, self.eval_cond, self.args.num_steps,
+                            self.args.guidance_scale, self.eval_eta, generator, kl=True)  # fmt: skip
         images = self.model.decode(x0)
         if count == 0 and not (images.isfinite().all() and images.std() > 1e-4):  # the pretrained model, once
             what = "not finite" if not images.isfinite().all() else "one flat colour"
@@ -132,9 +133,12 @@ class Run:
         self.written("TensorBoard's events", self.dir, lambda: self.writer.add_image("samples", grid, count,
                                                                                        dataformats="HWC"))  # fmt: skip
         reward = self.reward_fn(images, self.eval_prompts * 2).mean().item()
-        # a weighted sum of rewards: each part's held-out mean too, logged with the next metrics line
-        self.eval_parts = {
-            f"eval_{name}_mean": v.mean().item() for name, v in getattr(self.reward_fn, "last", {}).items()
+        # logged with the next metrics line: the divergence from the pretrained model along these paths, and for a
+        # weighted sum of rewards each part's held-out mean
+        parts = getattr(self.reward_fn, "last", {})
+        self.eval_extra = {
+            "eval_kl": record.kl.mean().item(),
+            **{f"eval_{n}_mean": v.mean().item() for n, v in parts.items()},
         }
         return reward
 
@@ -191,7 +195,7 @@ class Run:
         end = self.end
         if count % self.args.sample_every == 0 or count == end:
             self.eval_reward = self.evaluate(count)
-        metrics = {self.counter: count, **metrics, "eval_reward_mean": self.eval_reward, **self.eval_parts}
+        metrics = {self.counter: count, **metrics, "eval_reward_mean": self.eval_reward, **self.eval_extra}
         if self.device.type == "cuda":
             metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
         # JSON has no NaN: a value that is not a number is logged as null (and TensorBoard skips it)

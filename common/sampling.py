@@ -75,26 +75,45 @@ def ddim_step(schedule: Schedule, i, output, latents, eta: float = 0.0, prev_lat
     return Step(prev_latents, pred_x0, mean, std)
 
 
+def step_kl(schedule: Schedule, i, output, output_ref, latents, eta: float) -> torch.Tensor:
+    """KL(p(. | x_t) || p_ref(. | x_t)) of step i at this eta, for the model's `output` and a reference's (the
+    pretrained model's) from the same x_t: two Gaussians of the same std, so ||mean - mean_ref||^2 / (2 std^2), taken
+    as the MEAN over latent dimensions (the scale of DDPO's log-prob). (B,); 0 where the step has no noise (its KL
+    is not defined: a deterministic step is not a policy)."""
+    step = ddim_step(schedule, i, output, latents, eta, prev_latents=latents)  # prev_latents: no noise drawn
+    mean_ref = ddim_step(schedule, i, output_ref, latents, eta, prev_latents=latents).mean
+    kl = ((step.mean - mean_ref) ** 2).mean(dim=tuple(range(1, latents.ndim))) / (2 * step.std.flatten() ** 2)
+    return torch.where(step.std.flatten() > 0, kl, torch.zeros_like(kl))
+
+
 @dataclass
 class Trajectory:
     latents: list = field(default_factory=list)  # x_T, ..., x_0: T + 1 tensors (B, C, h, w)
     means: list = field(default_factory=list)  # each step's Gaussian: T means (B, C, h, w) ...
     stds: list = field(default_factory=list)  # ... and T stds (0-d)
+    kl: torch.Tensor | None = None  # (B,) with kl=True: the path's KL from the pretrained model, summed over steps
 
 
 @torch.no_grad()
 def sample(model, latents, cond, num_steps: int, guidance_scale: float, eta: float = 0.0, generator=None,
-           trajectory: bool = False):  # fmt: skip
+           trajectory: bool = False, kl: bool = False):  # fmt: skip
     """DDIM from x_T = `latents` to x_0 with guidance, without gradient (evaluation, DDPO's and RWR's sampling rounds,
     BRAID's offline data; the scripts that backpropagate through the sampler write their loop inline). Returns x_0,
-    and the Trajectory when asked (else None)."""
+    and the Trajectory when asked (else None). `kl`: also the pretrained model's output at every x_t visited, and the
+    sum over steps of the KL between the two models' eta-1 steps (step_kl): how far the fine-tuned sampler has moved
+    from the pretrained one along this path, whatever eta it is sampled at."""
     schedule = model.schedule(num_steps)
-    record = Trajectory(latents=[latents]) if trajectory else None
+    record = Trajectory(latents=[latents]) if trajectory or kl else None
+    if kl:
+        record.kl = torch.zeros(len(latents), device=latents.device)
     for i, t in enumerate(schedule.timesteps):
         output = model.predict(latents, t, cond, guidance_scale)
+        if kl:
+            output_pre = model.predict(latents, t, cond, guidance_scale, pretrained=True)
+            record.kl += step_kl(schedule, i, output, output_pre, latents, 1.0)
         step = ddim_step(schedule, i, output, latents, eta, generator=generator)
         latents = step.latents
-        if record:
+        if trajectory:
             record.latents.append(latents)
             record.means.append(step.mean)
             record.stds.append(step.std)

@@ -66,7 +66,11 @@ METHOD_BAD = [
     ("ddpo.py", ["--adv-clip-max", "-1"], "--adv-clip-max must be a positive number, got -1.0"),
     ("ddpo.py", ["--timestep-fraction", "0"], "--timestep-fraction must be in (0, 1], got 0.0"),
     ("ddpo.py", ["--per-prompt-buffer", "0"], "--per-prompt-buffer must be at least 1, got 0"),
-    ("ddpo.py", ["--timesteps-per-call", "3"], "--timesteps-per-call must be a divisor of the trained timesteps"),
+    (
+        "ddpo.py",
+        ["--timesteps-per-call", "3"],
+        "--timesteps-per-call must be a divisor of the steps trained per trajectory",
+    ),
     (
         "ddpo.py",
         ["--samples-per-epoch", "1", "--sample-batch-size", "1", "--train-batch-size", "1"],

@@ -269,3 +269,42 @@ def test_the_ddim_loop_reads_nothing_back_to_the_host(model):
     ops = [event.key for event in profile.key_averages()]
     assert "aten::mkldnn_convolution" in ops or "aten::convolution" in ops  # the profiler saw the UNet
     assert "aten::_local_scalar_dense" not in ops  # what .item() runs
+
+
+def test_the_path_kl_is_zero_for_the_pretrained_model_and_the_gaussian_kl_of_diffusers_steps(tiny_sd_path):
+    """sample(kl=True): along the visited path, the sum over steps of KL(fine-tuned eta-1 step || pretrained eta-1
+    step), each the mean over dims of (mean - mean_pre)^2 / (2 sigma_t^2): 0 while the LoRA is the identity, and with
+    a LoRA equal to the same sum computed from diffusers' DDIMScheduler.step and its _get_variance."""
+    from common.sampling import step_kl
+
+    model, pretrained = load_model(tiny_sd_path, resolution=16), load_model(tiny_sd_path, resolution=16)
+    model.add_lora(rank=4)
+    cond, latents = model.encode(PROMPTS), model.initial_latents(2, torch.Generator().manual_seed(0))
+    _, record = sample(model, latents, cond, 4, GUIDANCE, kl=True)
+    assert torch.equal(record.kl, torch.zeros(2))
+    for name, p in model.denoiser.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(std=0.1, generator=torch.Generator().manual_seed(2))
+    x0, record = sample(model, latents, cond, 4, GUIDANCE, kl=True)  # at eta 0: the deterministic path
+    scheduler, x_t, expected = pretrained.scheduler, latents, torch.zeros(2)
+    scheduler.set_timesteps(4)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            output, output_pre = model.predict(x_t, t, cond, GUIDANCE), pretrained.predict(x_t, t, cond, GUIDANCE)
+            zero = torch.zeros_like(x_t)
+            mean = scheduler.step(output, t, x_t, eta=1.0, variance_noise=zero).prev_sample
+            mean_pre = scheduler.step(output_pre, t, x_t, eta=1.0, variance_noise=zero).prev_sample
+            expected += ((mean - mean_pre) ** 2).mean(dim=(1, 2, 3)) / (2 * scheduler._get_variance(t, t - 250))
+            x_t = scheduler.step(output, t, x_t, eta=0.0).prev_sample
+    torch.testing.assert_close(x0, x_t, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(record.kl, expected, rtol=1e-4, atol=1e-8)
+    assert (record.kl > 0).all()
+    # its gradient, for the DRaFT and DDPO penalties: against central finite differences in the model's output
+    schedule, x = model.schedule(4), torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    output, output_pre = torch.randn(2, 1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    output.requires_grad_()
+    step_kl(schedule, 1, output, output_pre, x, 1.0).sum().backward()
+    for index in [(0, 0, 0, 0), (0, 3, 5, 2)]:  # the KL is quadratic in the output: central differences are exact
+        bump = torch.zeros_like(output).index_put_(tuple(torch.tensor([i]) for i in index), torch.tensor(1e-2))
+        plus, minus = (step_kl(schedule, 1, output.detach() + s * bump, output_pre, x, 1.0) for s in (1, -1))
+        assert output.grad[index].item() == pytest.approx(((plus - minus) / 2e-2).item(), rel=1e-3)
