@@ -8,9 +8,9 @@ few visible lines:
     start = run.start(model, optimizer, reward_fn, eval_prompts)       # the run folder; --resume's checkpoint
     for step in run.steps(start, args.train_steps):                    # the first evaluation, a progress bar
         ...                                                            # the method
-        grad_norm = run.optimizer_step()                               # mean over ranks, clip, step
+        grad_norm = run.optimizer_step(loss)                           # mean over ranks, clip, step
         run.log(step, metrics)                                         # metrics, grids, checkpoints (rank 0)
-    run.finish()                                                       # the final LoRA
+    run.finish()                                                       # the final LoRA, the model card
 """
 
 import atexit
@@ -63,13 +63,8 @@ class Run:
         torch.backends.cudnn.deterministic = args.torch_deterministic
         # prompts and per-sample seeds, on the CPU: the same draws on every device and rank (each rank keeps its slice)
         self.rng = torch.Generator().manual_seed(args.seed)
-        self.writer, self.eval_reward, self.first_eval_reward, self.started, self.eval_extra = (
-            None,
-            None,
-            None,
-            False,
-            {},
-        )
+        self.writer, self.started, self.eval_reward, self.first_eval_reward = None, False, None, None
+        self.eval_extra = {}  # what the last evaluation adds to the metrics lines: eval_kl, a sum's parts
         self.hub_user = check_hub(args.hub_model_id) if args.push_to_hub and self.rank == 0 else None
 
     def start(self, model, optimizer, reward_fn, eval_prompts: list[str], eval_eta: float = 0.0) -> int:
@@ -114,6 +109,7 @@ class Run:
         self.rng.set_state(self.state["rng"])
         self.eval_reward = self.state.get("eval_reward")
         self.first_eval_reward = self.state.get("first_eval_reward")
+        self.eval_extra = self.state.get("eval_extra", {})
         return self.state[self.counter]
 
     @torch.no_grad()
@@ -213,7 +209,8 @@ class Run:
         if count % self.args.save_every == 0 or count == end:
             state = {"script": os.path.basename(sys.argv[0]), "run_name": self.name, self.counter: count,
                      "optimizer": self.optimizer.state_dict(), "rng": self.rng.get_state(), "args": vars(self.args),
-                     "eval_reward": self.eval_reward, "first_eval_reward": self.first_eval_reward}  # fmt: skip
+                     "eval_reward": self.eval_reward, "first_eval_reward": self.first_eval_reward,
+                     "eval_extra": self.eval_extra}  # fmt: skip
             checkpoint_dir = os.path.join(self.dir, "checkpoints", f"{self.counter}_{count:06d}")
             save_checkpoint(checkpoint_dir, self.model, {**state, **(extra_state or {})})
 

@@ -243,6 +243,7 @@ def test_a_kill_while_writing_a_checkpoint_resumes_to_the_uninterrupted_run(tiny
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
         assert a["eval_reward_mean"] == pytest.approx(b["eval_reward_mean"], rel=1e-6)  # logged as if never stopped
+        assert a["eval_kl"] == pytest.approx(b["eval_kl"], rel=1e-5, abs=1e-9)
     for a, b in zip(once["lora_params"], resumed["lora_params"]):
         torch.testing.assert_close(a, b)
 
