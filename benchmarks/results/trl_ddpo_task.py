@@ -1,16 +1,18 @@
 """TRL 0.23.1's DDPOTrainer on the task of benchmarks/compare.py, with ddpo.py's flags and run folder: a reference row.
 
-    pip install --no-deps -r benchmarks/requirements-peers.txt      # TRL 0.23.1, for the benchmarks only
-    python benchmarks/trl_ddpo_task.py --preset tiny --reward colorfulness --prompts shapes --resolution 32 \\
+    pip install --no-deps -r benchmarks/peers/requirements-trl.txt    # TRL 0.23.1, for the benchmarks only
+    python benchmarks/results/trl_ddpo_task.py --preset tiny --reward colorfulness --prompts shapes --resolution 32 \\
         --num-steps 10 --guidance-scale 5 --samples-per-epoch 16 --sample-batch-size 16 --train-batch-size 4 \\
         --num-epochs 32 --sample-every 4 --learning-rate 0.03 --seed 0 --output-dir runs/trl
 
-TRL trains; this file evaluates. Each epoch is one `trainer.step` (sampling round, per-prompt advantages, PPO's
-clipped importance ratio on every step of every trajectory); between epochs our evaluation runs on TRL's UNet (LoRA
-included), exactly as ddpo.py's: DDIM at eta 0 from x_T = randn(seed) for 2 rows of the 4 held-out prompts, the grid
-saved by common.sampling.save_grid, the reward by common.rewards. So `eval_reward_mean` and the grids mean what they
-mean for the six scripts. The run folder is theirs: {output_dir}/{reward}__{exp_name}__{seed}__{time}/metrics.jsonl,
-samples/epoch_XXXXXX.png (epoch 0, every --sample-every, the last), TensorBoard events, the LoRA.
+TRL trains; the scripts' own run lifecycle (common/run.py's Run) evaluates and records. Each epoch is one
+`trainer.step` (sampling round, per-prompt advantages, PPO's clipped importance ratio on every step of every
+trajectory); around it, Run does what it does in ddpo.py, on this project's Model wrapped around TRL's modules (the
+same UNet object, LoRA included): the held-out evaluation (DDIM at eta 0 from x_T = randn(seed) for 2 rows of the 4
+held-out prompts of common.prompts.split_prompts, the grid, the reward of common.rewards), metrics.jsonl, TensorBoard,
+checkpoints and the final LoRA. So `eval_reward_mean` and the grids mean what they mean for the six scripts, and the
+run folder is theirs: {output_dir}/{reward}__{exp_name}__{seed}__{time}/metrics.jsonl, samples/epoch_XXXXXX.png
+(epoch 0, every --sample-every, the last), TensorBoard events, checkpoints/, the LoRA.
 
 The same as `ddpo.py --preset tiny --estimator is` (the defaults below are that preset's; FROM_DDPO holds the ddpo.py
 defaults this file has no flag for): the model, prompts (all but the 4 held out, drawn uniformly), reward, image
@@ -21,39 +23,35 @@ sample), clip range 1e-4, advantages clipped to +-5, per-prompt statistics over 
 below 16), gradient norm clipped to 1, fp32 on the CPU and bf16 frozen weights on CUDA, no x0 clipping.
 Different: the random streams (prompts, noise and shuffles are drawn in another order: same distributions, other
 draws); TRL keys its per-prompt statistics by the prompt decoded from its token ids, and needs --sample-batch-size
-to be a multiple of --train-batch-size; no resuming (--save-every writes the LoRA only); no grad_norm in the metrics.
+to be a multiple of --train-batch-size; no resuming (TRL's trainer state is not in the checkpoints that --save-every
+writes); no grad_norm in the metrics.
 """
 
-import json
 import logging
 import os
 import sys
 import time
 import warnings
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Literal
 
 import torch
-import tyro
-from accelerate import PartialState
-from torch.utils.tensorboard import SummaryWriter
-from tqdm.auto import tqdm
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
-
-from common import check_args, fail, load_or_fail  # noqa: E402
-from common.checkpoint import open_run_dir  # noqa: E402
-from common.prompts import load_prompts, sample_prompts  # noqa: E402
-from common.rewards import REWARDS, make_reward  # noqa: E402
-from common.sampling import decode, initial_latents, sample, save_grid  # noqa: E402
-from common.sd import StableDiffusion, encode_prompts, save_lora  # noqa: E402
+from benchmarks.shared import pipeline_model  # noqa: E402
+from common import cli, fail, load_or_fail  # noqa: E402
+from common.prompts import load_prompts, sample_prompts, split_prompts  # noqa: E402
+from common.rewards import make_reward  # noqa: E402
+from common.run import Run  # noqa: E402
 
 try:
+    from accelerate import PartialState
     from diffusers import DDIMScheduler
     from trl import DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline
 except ImportError:
-    fail("TRL 0.23.1's DDPOTrainer is not installed: pip install --no-deps -r benchmarks/requirements-peers.txt")
+    fail("TRL 0.23.1's DDPOTrainer is not installed: pip install --no-deps -r benchmarks/peers/requirements-trl.txt")
 
 
 @dataclass
@@ -67,15 +65,16 @@ class Args:
     output_dir: str = "runs"
     """the run folder is {output_dir}/{run_name}"""
     save_every: int = 10
-    """write the LoRA to checkpoints/epoch_XXXXXX every this many epochs (no resuming)"""
+    """save a checkpoint (the LoRA, for inspection: no resuming) every this many epochs"""
     sample_every: int = 5
     """save a grid of fixed-seed samples on held-out prompts every this many epochs"""
     pretrained_model: str = "assets/tiny-sd"
     """a local folder or hub id of a Stable Diffusion 1.x pipeline"""
-    reward: str = "jpeg_compressibility"
-    """the reward to maximise (any of common/rewards.py; DDPO needs no gradient of it)"""
-    prompts: str = "shapes"
-    """the prompt set (simple_animals, nouns_activities, shapes)"""
+    reward: Literal["aesthetic", "pickscore", "hpsv2", "colorfulness", "jpeg_compressibility",
+                    "jpeg_incompressibility"] = "jpeg_compressibility"  # fmt: skip
+    """the reward to maximise (DDPO needs no gradient of it)"""
+    prompts: Literal["simple_animals", "nouns_activities", "shapes"] = "shapes"
+    """the prompt set"""
     num_steps: int = 10
     """DDIM sampling steps"""
     guidance_scale: float = 5.0
@@ -96,10 +95,12 @@ class Args:
     """trajectories per training batch (one optimizer step each); must divide --sample-batch-size"""
 
 
-# ddpo.py's defaults (its Args, not changed by its tiny preset) for what this file has no flag for
+# ddpo.py's defaults (its Args, not changed by its tiny preset) for what this file has no flag for; with them, Run
+# reads these arguments as it reads ddpo.py's
 FROM_DDPO = dict(eta=1.0, lora_rank=4, weight_decay=1e-4, grad_accum_steps=1, num_inner_epochs=1, clip_range=1e-4,
                  adv_clip_max=5.0, timestep_fraction=1.0, per_prompt_buffer=16, per_prompt_min_count=16,
-                 max_grad_norm=1.0)  # fmt: skip
+                 max_grad_norm=1.0, mixed_precision="auto", cuda=True, torch_deterministic=True, track=False,
+                 resume=None)  # fmt: skip
 
 
 class Pipeline(DefaultDDPOStableDiffusionPipeline):
@@ -112,41 +113,29 @@ class Pipeline(DefaultDDPOStableDiffusionPipeline):
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
-    check_args(args)
+    args = cli(Args, {"tiny": {}})  # --help, one-sentence errors, every shared value checked
     if args.samples_per_epoch % args.sample_batch_size or args.sample_batch_size % args.train_batch_size:
         fail("--samples-per-epoch must be a multiple of --sample-batch-size, and that of --train-batch-size (TRL's)")
-    if args.reward not in REWARDS:
-        fail(f"unknown reward '{args.reward}'; choose one of: {', '.join(REWARDS)}")
-    prompts = load_prompts(args.prompts)
-    run_name = f"{args.reward}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    train_prompts, eval_prompts = split_prompts(load_prompts(args.prompts))
 
-    # TRY NOT TO MODIFY: run folder, tracking, quiet libraries
-    run_dir = open_run_dir(args.output_dir, run_name, None, None, rank=0)
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
-        f"|{k}|{v}|" for k, v in {**vars(args), **FROM_DDPO}.items()))  # fmt: skip
+    # TRY NOT TO MODIFY: processes and seeds, as in ddpo.py (common/run.py); quiet libraries
+    run = Run(SimpleNamespace(**vars(args), **FROM_DDPO), name=args.reward, counter="epoch")
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # DDPOTrainer is deprecated in 0.23
     logging.getLogger("trl").setLevel(logging.ERROR)  # "no LoRA weights found", "no image_samples_hook"
-    cuda = torch.cuda.is_available()  # TRL's accelerator takes the GPU if there is one
-    device, dtype = torch.device("cuda" if cuda else "cpu"), torch.bfloat16 if cuda else torch.float32  # as ddpo.py
-    # 4 prompts spread through the set are held out of training and used for the sample grids (as in ddpo.py)
-    held_out = [round((i + 0.5) * len(prompts) / 4) for i in range(4)] if len(prompts) > 4 else []
-    eval_prompts = [prompts[i] for i in held_out] or prompts[:4]
-    train_prompts = [p for i, p in enumerate(prompts) if i not in held_out]
+    reward_fn = make_reward(args.reward, run.device, run.dtype)
 
     # ALGO LOGIC: TRL's trainer with ddpo.py's settings
     PartialState()  # TRL's pipeline logs through accelerate, which needs its state first
     pipeline = load_or_fail(Pipeline, args.pretrained_model)
     pipeline.resolution = args.resolution
-    # ddpo.py's scheduler (common.sd.load_sd) never clips x0_hat; TRL's takes clip_sample from the model's config,
-    # which DDIM reads as True when it is missing (a PNDM config, as the tests' random model has)
+    # ddpo.py's sampler never clips x0_hat (common/models.py); TRL's scheduler takes clip_sample from the model's
+    # config, which DDIM reads as True when it is missing (a PNDM config, as the tests' random model has)
     pipeline.sd_pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config, clip_sample=False)
     config = DDPOConfig(
         seed=args.seed,
         num_epochs=args.num_epochs,
-        save_freq=10**9,  # TRL's accelerate checkpoints: never (the LoRA is written below)
-        mixed_precision="bf16" if cuda else "no",
+        save_freq=10**9,  # TRL's accelerate checkpoints: never (Run writes the LoRA)
+        mixed_precision="bf16" if run.dtype == torch.bfloat16 else "no",  # ddpo.py's frozen weights' dtype
         sample_num_steps=args.num_steps,
         sample_guidance_scale=args.guidance_scale,
         sample_eta=FROM_DDPO["eta"],
@@ -161,13 +150,12 @@ if __name__ == "__main__":
         train_adv_clip_max=FROM_DDPO["adv_clip_max"],
         train_timestep_fraction=FROM_DDPO["timestep_fraction"],
         train_max_grad_norm=FROM_DDPO["max_grad_norm"],
-        train_cfg=True,  # guidance in the training forward pass too, as ddpo.py's predict_noise
+        train_cfg=True,  # guidance in the training forward pass too, as ddpo.py's
         per_prompt_stat_tracking=True,
         per_prompt_stat_tracking_buffer_size=FROM_DDPO["per_prompt_buffer"],
         per_prompt_stat_tracking_min_count=FROM_DDPO["per_prompt_min_count"],
     )
-    reward_fn = make_reward(args.reward, device, dtype)
-    prompt_rng, epoch_rewards = torch.Generator().manual_seed(args.seed), []  # the prompt draws; this epoch's rewards
+    epoch_rewards = []  # this epoch's rewards
 
     def reward_function(images, batch_prompts, metadata):
         """TRL's signature: images (B, 3, H, W) in [0, 1], as from our decode."""
@@ -176,8 +164,8 @@ if __name__ == "__main__":
         epoch_rewards.append(rewards.cpu())
         return rewards, {}
 
-    def prompt_function():
-        return sample_prompts(train_prompts, 1, prompt_rng)[0], {}
+    def prompt_function():  # drawn from Run's generator, as ddpo.py draws its prompts
+        return sample_prompts(train_prompts, 1, run.rng)[0], {}
 
     trainer = DDPOTrainer(config, reward_function, prompt_function, pipeline)
     pipeline.set_progress_bar_config(disable=True)
@@ -186,31 +174,15 @@ if __name__ == "__main__":
     logged = []
     trainer.accelerator.log = lambda values, step=None, log_kwargs=None: logged.append(values)
 
-    # our evaluation (ddpo.py's), on TRL's modules: the same UNet object, LoRA included
-    sd = StableDiffusion(pipeline.tokenizer, pipeline.text_encoder, pipeline.unet, pipeline.vae,
-                         DDIMScheduler.from_config(pipeline.scheduler.config))  # fmt: skip
-    negative_embeds = encode_prompts(sd, [""])  # (1, 77, D)
-    eval_embeds = encode_prompts(sd, eval_prompts * 2)
-    eval_latents = initial_latents(
-        sd, len(eval_embeds), args.resolution, torch.Generator().manual_seed(args.seed), device
-    )
-
-    def evaluate(epoch: int) -> float:
-        """Fixed-seed samples on the held-out prompts: a grid (on disk and in TensorBoard), and their mean reward."""
-        pipeline.unet.eval()  # TRL leaves it in train mode after a step
-        x0, _ = sample(sd, eval_latents, eval_embeds, negative_embeds, args.num_steps, args.guidance_scale)
-        with torch.no_grad():
-            images = decode(sd, x0)
-            grid = save_grid(
-                images, os.path.join(run_dir, "samples", f"epoch_{epoch:06d}.png"), columns=len(eval_prompts)
-            )
-            writer.add_image("samples", grid, epoch, dataformats="HWC")
-            return reward_fn(images, eval_prompts * 2).mean().item()
-
-    eval_reward, global_step = evaluate(0), 0
-    for epoch in tqdm(range(1, args.num_epochs + 1)):
+    # TRY NOT TO MODIFY: the run folder and the evaluation of ddpo.py (common/run.py), on TRL's modules
+    model = pipeline_model(pipeline.sd_pipeline, args.resolution)
+    start_epoch = run.start(model, trainer.optimizer, reward_fn, eval_prompts)
+    pipeline.unet.eval()
+    global_step = 0
+    for epoch in run.steps(start_epoch, args.num_epochs):
         epoch_start, logged[:], epoch_rewards[:] = time.time(), [], []
         global_step = trainer.step(epoch - 1, global_step)  # TRL counts epochs from 0
+        pipeline.unet.eval()  # TRL leaves it in train mode after a step
         rewards = torch.cat(epoch_rewards)
         steps = [values for values in logged if "loss" in values]  # one per optimizer step
         metrics = {
@@ -219,21 +191,6 @@ if __name__ == "__main__":
             **{k: torch.stack([s[k] for s in steps]).mean().item() for k in ("loss", "approx_kl", "clipfrac")},
             "images_per_sec": len(rewards) / (time.time() - epoch_start),
         }
+        run.log(epoch, metrics)  # TRY NOT TO MODIFY: metrics, grids, checkpoints
 
-        # TRY NOT TO MODIFY: logging, samples and LoRA checkpoints
-        if epoch % args.sample_every == 0 or epoch == args.num_epochs:
-            eval_reward = evaluate(epoch)
-        metrics = {"epoch": epoch, **metrics, "eval_reward_mean": eval_reward}
-        if cuda:
-            metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        for name, value in metrics.items():
-            if name != "epoch":
-                writer.add_scalar(("losses/" if "loss" in name or "kl" in name else "charts/") + name, value, epoch)
-        if epoch % args.save_every == 0 or epoch == args.num_epochs:
-            save_lora(pipeline.unet, os.path.join(run_dir, "checkpoints", f"epoch_{epoch:06d}"))
-
-    save_lora(pipeline.unet, run_dir)
-    writer.close()
-    print(f"done: {run_dir}, eval reward {eval_reward}")
+    run.finish()  # TRY NOT TO MODIFY: the final LoRA
