@@ -105,7 +105,7 @@ class Args:
     quick: bool = False
     """a smoke run: budget 24, batch 4, 1 seed, no sweep, 2 evaluations, then the summary into --output-dir"""
     pretrained_model: Optional[str] = None
-    """another pipeline in place of assets/tiny-sd (the tests pass a random tiny one, with --resolution 16)"""
+    """another pipeline in place of assets/tiny-sd (the tests pass a random tiny one, to be quick)"""
     extra: str = ""
     """flags appended to every script's command line, e.g. --extra="--resolution 16 --num-steps 4" """
     summarize: bool = False

@@ -46,12 +46,7 @@ from common.prompts import load_prompts, sample_prompts, split_prompts  # noqa: 
 from common.rewards import make_reward  # noqa: E402
 from common.run import Run  # noqa: E402
 
-try:
-    from accelerate import PartialState
-    from diffusers import DDIMScheduler
-    from trl import DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline
-except ImportError:
-    fail("TRL 0.23.1's DDPOTrainer is not installed: pip install --no-deps -r benchmarks/peers/requirements-trl.txt")
+REQUIREMENTS = "benchmarks/peers/requirements-trl.txt"  # TRL 0.23.1 and what its DDPOTrainer imports
 
 
 @dataclass
@@ -103,13 +98,15 @@ FROM_DDPO = dict(eta=1.0, lora_rank=4, weight_decay=1e-4, grad_accum_steps=1, nu
                  resume=None)  # fmt: skip
 
 
-class Pipeline(DefaultDDPOStableDiffusionPipeline):
-    """TRL's pipeline, sampling at --resolution: its trainer passes no image size (so the UNet's default)."""
+def trl_pipeline(name: str, resolution: int):
+    """TRL's pipeline of `name`, sampling at `resolution`: its trainer passes no image size (so the UNet's default)."""
+    from trl import DefaultDDPOStableDiffusionPipeline
 
-    resolution: int
+    class Pipeline(DefaultDDPOStableDiffusionPipeline):
+        def __call__(self, *args, **kwargs):
+            return super().__call__(*args, height=resolution, width=resolution, **kwargs)
 
-    def __call__(self, *args, **kwargs):
-        return super().__call__(*args, height=self.resolution, width=self.resolution, **kwargs)
+    return load_or_fail(Pipeline, name)
 
 
 if __name__ == "__main__":
@@ -117,6 +114,12 @@ if __name__ == "__main__":
     if args.samples_per_epoch % args.sample_batch_size or args.sample_batch_size % args.train_batch_size:
         fail("--samples-per-epoch must be a multiple of --sample-batch-size, and that of --train-batch-size (TRL's)")
     train_prompts, eval_prompts = split_prompts(load_prompts(args.prompts))
+    try:  # after cli, which quiets the libraries' warnings
+        from accelerate import PartialState
+        from diffusers import DDIMScheduler
+        from trl import DDPOConfig, DDPOTrainer
+    except ImportError:
+        fail(f"TRL 0.23.1's DDPOTrainer is not installed: pip install --no-deps -r {REQUIREMENTS}")
 
     # TRY NOT TO MODIFY: processes and seeds, as in ddpo.py (common/run.py); quiet libraries
     run = Run(SimpleNamespace(**vars(args), **FROM_DDPO), name=args.reward, counter="epoch")
@@ -126,8 +129,7 @@ if __name__ == "__main__":
 
     # ALGO LOGIC: TRL's trainer with ddpo.py's settings
     PartialState()  # TRL's pipeline logs through accelerate, which needs its state first
-    pipeline = load_or_fail(Pipeline, args.pretrained_model)
-    pipeline.resolution = args.resolution
+    pipeline = trl_pipeline(args.pretrained_model, args.resolution)
     # ddpo.py's sampler never clips x0_hat (common/models.py); TRL's scheduler takes clip_sample from the model's
     # config, which DDIM reads as True when it is missing (a PNDM config, as the tests' random model has)
     pipeline.sd_pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config, clip_sample=False)

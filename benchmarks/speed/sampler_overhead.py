@@ -13,10 +13,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-import diffusers
 import torch
 import tyro
-from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from common import fail, quiet_and_catch  # noqa: E402
@@ -42,9 +40,12 @@ class Args:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    quiet_and_catch()  # the libraries' warnings that say nothing about the measurement
     if min(args.resolution, args.batch_size, args.num_steps, args.repeats) < 1:
         fail("--resolution, --batch-size, --num-steps and --repeats must be at least 1")
+    quiet_and_catch()  # before diffusers' pipelines import transformers: its warnings say nothing about this
+    import diffusers
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
     torch.set_grad_enabled(False)
     model = load_model(args.model, device="cpu", dtype=torch.float32, resolution=args.resolution,
                        num_steps=args.num_steps)  # fmt: skip

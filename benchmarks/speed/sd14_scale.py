@@ -12,10 +12,11 @@
 2. Runs each script as `python script.py ...` at 512 px with its default batch for --steps optimizer steps (DDPO and
    RWR: epochs of --samples-per-epoch images) and reads its metrics.jsonl: the median images/s over the steps after
    the first (the warm-up), and the peak GPU memory.
-3. Counts the FLOPs of one step with torch's FlopCounterMode: the script runs in-process for 2 steps with the counter
-   on during the first (loading, the offline data and the sample grids are outside it). The model-FLOP utilisation
-   is that count per second of a step over the device's dense bf16 peak. The count is taken without --levers: they
-   change how fast the same work runs, not the work.
+3. Counts the FLOPs of one step with torch's FlopCounterMode during the first step of that same run, the warm-up
+   that is not timed (the script runs in a child process of this file, under the counter from the first step's
+   start to the second's: loading, the offline data and the sample grids are outside it). The model-FLOP
+   utilisation is that count per second of a step over the device's dense bf16 peak. No count with --levers: they
+   change how fast the same work runs, not the work, which the plain run counts.
 Prints a markdown table for docs/BENCHMARKS.md and writes the numbers to --out as JSON (docs/results/sd14_scale.json).
 """
 
@@ -60,7 +61,7 @@ class Args:
     """levers switched on from outside the scripts (levers.py, beside this file): tf32 channels_last fused_adamw
     compile"""
     count_flops: bool = True
-    """count one step's FLOPs (one more short run per script)"""
+    """count the first step's FLOPs, in the warm-up step that is not timed (never with --levers)"""
     peak_tflops: Optional[float] = None
     """the device's dense bf16 peak in TFLOP/s; by default looked up from the GPU's name"""
     tiny: bool = False
@@ -97,9 +98,9 @@ def images_per_step(script: str, args: Args) -> int:
 
 
 def count_flops(script: str, script_args: list[str]) -> int:
-    """The FLOPs of one training iteration (a step; an epoch for DDPO and RWR): the script runs in this process (a
-    child process) for 2 iterations and the counter is on during the first only, so loading, BRAID's offline data
-    and the sample grids are outside it."""
+    """Runs the script in this process (a child process) and returns the FLOPs of its first training iteration (a
+    step; an epoch for DDPO and RWR): the counter is on from its start to the second's, so loading, BRAID's offline
+    data and the sample grids are outside it."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from common.run import Run
@@ -130,7 +131,7 @@ def run(command: list[str], env: dict, script: str) -> str:
 
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--count-flops-child":  # sd14_scale.py --count-flops-child script ...
-        print("FLOPS", count_flops(sys.argv[2], sys.argv[3:]))
+        print("FLOPS", count_flops(sys.argv[2], sys.argv[3:]), flush=True)
         raise SystemExit(0)
     args = tyro.cli(Args)
     if set(args.levers) - set(LEVERS):
@@ -139,6 +140,9 @@ if __name__ == "__main__":
         fail(f"unknown script(s) {sorted(set(args.scripts) - set(SCRIPTS))}; choose from: {', '.join(SCRIPTS)}")
     if args.steps < 1 or args.samples_per_epoch < 1:
         fail(f"--steps and --samples-per-epoch must be at least 1, got {args.steps} and {args.samples_per_epoch}")
+    count = args.count_flops and not args.levers
+    if count and args.steps < 2:
+        fail("--steps must be at least 2 to count the FLOPs of the first (or pass --no-count-flops)")
     cuda = torch.cuda.is_available()
     model = build_models(args.models_dir, args.tiny)
     env = dict(os.environ, HF_HUB_CACHE=os.path.abspath(os.path.join(args.models_dir, "hub")), HF_HUB_OFFLINE="1")
@@ -146,16 +150,20 @@ if __name__ == "__main__":
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None) if cuda else None
     results = []
     for script in args.scripts:
-        with tempfile.TemporaryDirectory() as out:
+        if count:  # this file runs the script, with the counter on during its first step
+            launcher = [os.path.abspath(__file__), "--count-flops-child"]
+        else:
             launcher = [os.path.join("benchmarks", "speed", "levers.py"), ",".join(args.levers)] if args.levers else []
+        with tempfile.TemporaryDirectory() as out:
             command = [sys.executable, *launcher, script, *script_args(script, model, args.steps, args),
                        "--output-dir", out]  # fmt: skip
             start = time.time()
-            run(command, env, script)
+            stdout = run(command, env, script)
             (run_dir,) = os.listdir(out)
             with open(os.path.join(out, run_dir, "metrics.jsonl")) as f:
                 metrics = [json.loads(line) for line in f]
-        timed = metrics[1:-1] or metrics  # the first step warms up; the last one draws the final sample grid
+        # the first step warms up (and counts FLOPs); the last one draws the final sample grid
+        timed = metrics[1:-1] or metrics[-1:]
         result = {
             "script": script,
             "levers": args.levers,
@@ -163,11 +171,9 @@ if __name__ == "__main__":
             "peak_mem_gb": max((m.get("peak_mem_gb") or 0.0) for m in metrics) if cuda else None,
             "wall_s": time.time() - start,
         }
-        if args.count_flops:
-            with tempfile.TemporaryDirectory() as out:
-                child = [sys.executable, os.path.abspath(__file__), "--count-flops-child", script,
-                         *script_args(script, model, 2, args), "--output-dir", out]  # fmt: skip
-                result["tflop_per_step"] = int(run(child, env, script).split("FLOPS")[-1]) / 1e12
+        if count:
+            flops = next(line for line in stdout.splitlines()[::-1] if line.startswith("FLOPS "))
+            result["tflop_per_step"] = int(flops.removeprefix("FLOPS ")) / 1e12
             if peak:
                 step_s = images_per_step(script, args) / result["images_per_sec"]
                 result["mfu"] = result["tflop_per_step"] / step_s / peak
