@@ -1,15 +1,15 @@
 """Per UNet pass: the scripts without a peer in TRL (rwr.py, draft_lv.py, braid.py) next to their siblings that have
-one (ddpo.py, draft_k.py, which benchmarks/peers.py compares with TRL), on tiny-sd on the CPU.
+one (ddpo.py, draft_k.py, which benchmarks/peers/trl_trainers.py compares with TRL), on tiny-sd on the CPU.
 
-    python benchmarks/per_unet_call.py                  # every case, 3 repeats, one thread per run
+    python benchmarks/speed/per_unet_call.py            # every case, 3 repeats, one thread per run
 
 Each case runs its script as `python script.py --preset tiny ...` (20 DDIM steps, guidance 5, colourfulness) in a
-fresh process under benchmarks/peers.py's meter: a hook on the UNet counts its forward passes and their rows, with
+fresh process under benchmarks/shared.py's meter: a hook on the UNet counts its forward passes and their rows, with
 autograd off (sampling) and on (the steps that carry gradient, and checkpointing's recomputations), and the training
 loop's iterations are timed in CPU time (the first and the last are not). The cases alternate, in reverse order every
 other repeat. Reported per case: CPU seconds per iteration (median and range over the repeats), UNet passes and rows
 per iteration, and CPU milliseconds per UNet row. Between siblings whose passes are of the same kind, a higher cost per
-row is time spent outside the UNet.
+row is time spent outside the UNet. Every run's numbers go to --out (docs/results/per_unet_call.json).
 """
 
 import json
@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 
 import tyro
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
+from benchmarks.shared import median_range  # noqa: E402
+from common import fail  # noqa: E402
 
 SAMPLING = dict(num_steps=20, guidance_scale=5.0, reward="colorfulness")  # what the DRaFT presets already use
 CASES = {  # name: (script, flags on top of --preset tiny); siblings side by side
@@ -45,7 +47,7 @@ class Args:
     """runs of each case"""
     threads: int = 1
     """torch threads per run (OMP_NUM_THREADS too)"""
-    out: str = "benchmarks/per_unet_call.json"
+    out: str = "docs/results/per_unet_call.json"
     """every run's numbers, as JSON"""
 
 
@@ -53,7 +55,7 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":  # per_unet_call.py --child CASE THREADS
         import torch
 
-        from benchmarks.peers import Meter, run_script
+        from benchmarks.shared import Meter, run_script
 
         torch.set_num_threads(int(sys.argv[3]))
         script, flags = CASES[sys.argv[2]]
@@ -62,8 +64,6 @@ if __name__ == "__main__":
         print("RESULT " + json.dumps(meter.result(images_per_iteration=1)), flush=True)
         raise SystemExit(0)
     args = tyro.cli(Args)
-    from common import fail
-
     if set(args.cases) - set(CASES):
         fail(f"unknown case(s) {sorted(set(args.cases) - set(CASES))}; choose from: {', '.join(CASES)}")
     if args.repeats < 1 or args.threads < 1:
@@ -76,9 +76,10 @@ if __name__ == "__main__":
             result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
             lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
             if result.returncode != 0 or not lines:
-                raise SystemExit(f"{case} failed:\n{result.stderr[-3000:]}")
+                sys.exit(f"{case} failed:\n{result.stderr[-3000:]}")
             runs[case].append(json.loads(lines[-1].removeprefix("RESULT ")))
             print(f"repeat {repeat} {case}: {statistics.median(runs[case][-1]['cpu_seconds']):.3f} CPU s", flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"args": vars(args), "cases": {case: CASES[case] for case in args.cases}, "runs": runs}, f, indent=1)
     print("\n| case | script, flags on top of --preset tiny | CPU s per iteration | UNet passes (rows) per iteration:"
@@ -89,6 +90,6 @@ if __name__ == "__main__":
         rows = passes["rows"] + passes["grad_rows"]
         script, flags = CASES[case]
         flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in flags.items() if k not in SAMPLING)
-        print(f"| {case} | {script} {flags} | {statistics.median(seconds):.3f} ({min(seconds):.3f}-{max(seconds):.3f})"
+        print(f"| {case} | {script} {flags} | {median_range(seconds, 3)}"
               f" | {passes['passes']} ({passes['rows']}) / {passes['grad_passes']} ({passes['grad_rows']})"
               f" | {1e3 * statistics.median(seconds) / rows:.2f} |")  # fmt: skip

@@ -1,10 +1,11 @@
 """The six methods side by side on one task: the shipped tiny model, colourfulness, the `shapes` prompts.
 
-    python benchmarks/compare.py --jobs 2     # the full run: LR sweep on seed 0, 3 seeds at the best LR, the claims'
-                                              # runs: 147 min of one-thread runs here, an estimated 80 at 2 jobs
-    python benchmarks/compare.py --claims     # claims (b) and (e): gradient variance, LoRA scale and mix (~3 min)
-    python benchmarks/compare.py --summarize  # docs/RESULTS.md and docs/results/*.png from the runs' files
-    python benchmarks/compare.py --quick      # a smoke run: tiny budget, 1 seed, no sweep
+    python benchmarks/results/compare.py --jobs 2     # the full run: LR sweep on seed 0, 3 seeds at the best LR, the
+                                                      # claims' runs: 147 min of one-thread runs, ~80 at 2 jobs
+    python benchmarks/results/compare.py --claims     # claims (b) and (e): gradient variance, LoRA scale and mix
+    python benchmarks/results/compare.py --summarize  # docs/RESULTS.md and docs/results/*.png from the runs' files
+    python benchmarks/results/compare.py --quick      # a smoke run of all of it: tiny budget, 1 seed, no sweep, then
+                                                      # its summary, everything in runs/compare_quick/
 
 Every method runs as users run it (`python script.py --preset tiny ...` in a subprocess) and is read back from its
 run folder (metrics.jsonl, samples/). One budget of reward queries for all: one decoded image scored by the reward
@@ -16,6 +17,7 @@ the PNGs, for every method alike (BRAID's own eval_reward_mean is its conservati
 Runs go to {output_dir}/{method}/lr{lr}/seed{seed}/; a run whose metrics.jsonl reached its last step is skipped, a
 half-written one is started again, so an interrupted sweep resumes. wall_clock.json beside metrics.jsonl records
 when each line appeared (seconds since the process started: loading, offline data and evaluations included).
+The TRL row needs benchmarks/peers/requirements-trl.txt, the curves benchmarks/results/requirements-plots.txt.
 """
 
 import importlib.util
@@ -37,9 +39,11 @@ import numpy as np
 import torch
 import tyro
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
-from common import fail  # noqa: E402  (the repository's root is on the path only from here)
+from benchmarks.shared import mean_sd  # noqa: E402  (the repository's root is on the path only from here)
+from common import fail  # noqa: E402
+from common.prompts import load_prompts, split_prompts  # noqa: E402
 
 # the task, the same for every method (flags after --preset tiny). Guidance 5 and 10 DDIM steps for all, so that
 # the held-out grids come from the same sampler (the tiny presets differ: RWR's uses guidance 1, DRaFT's 20 steps)
@@ -61,7 +65,7 @@ METHODS = {
     "braid_bonus": ("braid.py", [*BRAID, "--conservatism", "bonus"], 1e-3, "step"),
     "braid_c0": ("braid.py", [*BRAID, "--c", "0"], 1e-3, "step"),
     # a reference row: TRL 0.23.1's DDPOTrainer on the same task, evaluated as ddpo.py is (needs TRL installed)
-    "trl_ddpo": ("benchmarks/trl_ddpo_task.py", [*REWARD, "--estimator", "is"], 3e-2, "epoch"),
+    "trl_ddpo": ("benchmarks/results/trl_ddpo_task.py", [*REWARD, "--estimator", "is"], 3e-2, "epoch"),
 }
 # not in the comparison: claim (e)'s second LoRA, trained for another reward, at the sizes of ddpo.py's learning test
 # for it (64 samples an epoch in minibatches of 16; at the comparison's 16 in minibatches of 4 it did not learn)
@@ -71,12 +75,18 @@ PARTNER_SIZES = ["--samples-per-epoch", "64", "--sample-batch-size", "32", "--tr
 RUNS = METHODS | PARTNER
 # claim (d): braid_boot at its best learning rate, one flag at a time from its defaults (c 1, kl-weight 0.01)
 BRAID_SWEEP = {"c": [0.0, 0.5, 1.0, 2.0, 4.0], "kl_weight": [0.0, 0.01, 0.1, 1.0]}
+# BRAID's tiny preset keeps the offline data's lower half (--offline-quantile 0.5), and its reward model needs 11
+# examples (10 to fit, 1 to validate): 21 queries keep 11
+BRAID_MIN_BUDGET = 21
+# --quick: enough for BRAID's reward model; DRaFT takes 6 steps, DDPO and RWR 2 epochs
+QUICK = dict(budget=24, batch=4, seeds=1, evals=2)
 
 
 @dataclass
 class Args:
-    output_dir: str = "runs/compare"
-    """where the runs go: {output_dir}/{method}/lr{lr}/seed{seed}/"""
+    output_dir: Optional[str] = None
+    """where the runs go, {output_dir}/{method}/lr{lr}/seed{seed}/ (default runs/compare; with --quick,
+    runs/compare_quick, so that a smoke run never replaces the full run's folders)"""
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     """which methods to run (names in METHODS)"""
     budget: int = 512
@@ -93,17 +103,17 @@ class Args:
     evals: int = 8
     """held-out evaluations (sample grids) per run, besides the one at the start"""
     quick: bool = False
-    """a smoke run: budget 16, batch 4, 1 seed, no sweep, 2 evaluations (with --pretrained-model: the tests' model)"""
+    """a smoke run: budget 24, batch 4, 1 seed, no sweep, 2 evaluations, then the summary into --output-dir"""
     pretrained_model: Optional[str] = None
-    """another pipeline in place of assets/tiny-sd (the tests pass a random tiny one, with --resolution 16)"""
+    """another pipeline in place of assets/tiny-sd (the tests pass a random tiny one, to be quick)"""
     extra: str = ""
     """flags appended to every script's command line, e.g. --extra="--resolution 16 --num-steps 4" """
     summarize: bool = False
     """write {docs_dir}/RESULTS.md and {docs_dir}/results/*.png from the runs under --output-dir (no new runs)"""
     claims: bool = False
     """measure claims (b) and (e) (writes {output_dir}/claims.json; (e) needs a finished draft_k1 run)"""
-    docs_dir: str = "docs"
-    """where --summarize writes RESULTS.md and results/"""
+    docs_dir: Optional[str] = None
+    """where --summarize writes RESULTS.md and results/ (default docs; with --quick, --output-dir)"""
     draws: int = 256
     """--claims: gradient draws per estimator for claim (b)"""
     braid_sweep: bool = True
@@ -332,12 +342,6 @@ def braid_sweep(args: Args) -> list[dict]:
     return points
 
 
-def spread(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
-
-
 def plot_braid_sweep(points: list[dict], out: str, plt) -> str:
     """Claim (d): proxy and true reward at the end of training against --c and against --kl-weight."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
@@ -385,7 +389,7 @@ def plots(results: dict, out: str, sweep_points=()) -> list[str]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed (pip install -r benchmarks/requirements-results.txt): no curves")
+        print("matplotlib is not installed (pip install -r benchmarks/results/requirements-plots.txt): no curves")
         return written
     for axis, label, file in [(0, "reward queries", "reward_vs_queries.png"), (1, "seconds (2 shared CPU cores)",
                                                                               "reward_vs_seconds.png")]:  # fmt: skip
@@ -420,22 +424,19 @@ def plots(results: dict, out: str, sweep_points=()) -> list[str]:
 def load_task(lora: Optional[str], pretrained_model: str):
     """The tiny model with a rank-8 LoRA (DRaFT's default rank) at fixed weights: a trained one, or a seeded random
     one (B is zero at initialisation, which would make every gradient with respect to A zero)."""
-    from common.prompts import load_prompts
+    from common.models import load_model
     from common.rewards import make_reward
-    from common.sd import add_lora, encode_prompts, load_lora, load_sd
 
-    sd = load_sd(pretrained_model, num_steps=10)
-    params = add_lora(sd.unet, 8)
+    model = load_model(pretrained_model, resolution=32, num_steps=10)
+    params = model.add_lora(8)
     if lora:
-        load_lora(sd.unet, lora)
+        model.load_lora(lora)
     else:
         torch.manual_seed(0)
         for p in params:
             p.data.normal_(0, 0.02)
-    prompts = load_prompts("shapes")
-    held_out = [round((i + 0.5) * len(prompts) / 4) for i in range(4)]
-    train = [p for i, p in enumerate(prompts) if i not in held_out]
-    return sd, params, train, encode_prompts(sd, [""]), make_reward("colorfulness")
+    train, _ = split_prompts(load_prompts("shapes"))
+    return model, params, train, make_reward("colorfulness")
 
 
 def gradient_draws(task, estimator: str, images: int, draws: int) -> torch.Tensor:
@@ -443,34 +444,33 @@ def gradient_draws(task, estimator: str, images: int, draws: int) -> torch.Tenso
     `images` decoded images: "k1" (DRaFT-1 on `images` trajectories) or "lv2" (DRaFT-LV, n = 2 re-noised copies of
     images / 2 trajectories; the loss divided by n, so both estimate a gradient of the mean reward). The same steps
     as draft_k.py and draft_lv.py, written out here (the scripts keep theirs in their training loop)."""
+    from common.models import Conditioning
     from common.prompts import sample_prompts
-    from common.sampling import ddim_step, decode, initial_latents, predict_noise, randn
-    from common.sd import encode_prompts
+    from common.sampling import ddim_step, randn
 
-    sd, params, train, negative_embeds, reward_fn = task
+    model, params, train, reward_fn = task
+    schedule, last = model.schedule(10), 9
     rng, grads = torch.Generator().manual_seed(1 if estimator == "k1" else 2), []
+
+    def step(i, latents, cond):  # DDIM at eta 0, guidance 5
+        return ddim_step(schedule, i, model.predict(latents, schedule.timesteps[i], cond, 5.0), latents).latents
+
     for _ in range(draws):
         n = 2 if estimator == "lv2" else 1
         batch = images // n
-        prompt_embeds = encode_prompts(sd, sample_prompts(train, batch, rng))
-        latents = initial_latents(sd, batch, 32, rng)
-        sd.scheduler.set_timesteps(10)
-        *early, t1 = sd.scheduler.timesteps
-        with torch.no_grad():  # the first 9 of the 10 DDIM steps (eta 0), no gradient: x_1
-            x1 = latents
-            for t in early:
-                x1 = ddim_step(sd.scheduler, predict_noise(sd.unet, x1, t, prompt_embeds, negative_embeds, 5.0), t, x1)
-                x1 = x1.latents
+        cond = model.encode(sample_prompts(train, batch, rng))
+        x1 = model.initial_latents(batch, rng)
+        with torch.no_grad():  # the first 9 of the 10 DDIM steps, no gradient: x_1
+            for i in range(last):
+                x1 = step(i, x1, cond)
             if estimator == "lv2":  # x_0 without gradient, then n re-noised copies x_1^i, each taken back to x_0^i
-                eps = predict_noise(sd.unet, x1, t1, prompt_embeds, negative_embeds, 5.0)
-                x0 = ddim_step(sd.scheduler, eps, t1, x1).latents
+                x0 = step(last, x1, cond)
         if estimator == "lv2":
-            abar = sd.scheduler.alphas_cumprod[t1]
-            x1 = torch.cat([abar.sqrt() * x0 + (1 - abar).sqrt() * randn(x0.shape, rng) for _ in range(n)])
-            prompt_embeds = prompt_embeds.repeat(n, 1, 1)
-        eps = predict_noise(sd.unet, x1, t1, prompt_embeds, negative_embeds, 5.0)
-        x0 = ddim_step(sd.scheduler, eps, t1, x1).latents
-        loss = -reward_fn(decode(sd, x0)).mean()
+            x1 = torch.cat(
+                [schedule.alphas[last] * x0 + schedule.sigmas[last] * randn(x0.shape, rng) for _ in range(n)]
+            )
+            cond = Conditioning.cat([cond] * n)
+        loss = -reward_fn(model.decode(step(last, x1, cond))).mean()
         grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]))
     return torch.stack(grads)  # (draws, LoRA parameters)
 
@@ -499,15 +499,13 @@ def claim_e(run: str, pretrained_model: str, partner: Optional[str] = None, scal
     weights: both rewards at each pair of weights (colourfulness LoRA, JPEG LoRA)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from common.prompts import load_prompts
     from common.rewards import make_reward
 
     pipe = StableDiffusionPipeline.from_pretrained(pretrained_model, safety_checker=None)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # the scripts' sampler
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(run, adapter_name="draft")
-    prompts = load_prompts("shapes")
-    held_out = [prompts[round((i + 0.5) * len(prompts) / 4)] for i in range(4)] * 4
+    held_out = split_prompts(load_prompts("shapes"))[1] * 4
     reward_fn, jpeg_fn, rewards = make_reward("colorfulness"), make_reward("jpeg_compressibility"), {}
 
     def images():
@@ -562,10 +560,10 @@ def results_md(args: Args, results: dict, claims: dict, figures: list[str], swee
     lines = [
         "# Results: the six methods side by side on one task",
         "",
-        "Written by `python benchmarks/compare.py --summarize` from the runs' own files (metrics.jsonl, samples/,",
-        "wall_clock.json). Task: the shipped tiny model (`assets/tiny-sd`, 32 px), reward `colorfulness`, the",
-        "`shapes` prompts (86 for training, 4 held out as the scripts split them), 10 DDIM steps and guidance 5 for",
-        "every method, on the CPU with one torch thread per run. One reward query is one decoded image scored;",
+        "Written by `python benchmarks/results/compare.py --summarize` from the runs' own files (metrics.jsonl,",
+        "samples/, wall_clock.json). Task: the shipped tiny model (`assets/tiny-sd`, 32 px), reward `colorfulness`,",
+        "the `shapes` prompts (86 for training, 4 held out as the scripts split them), 10 DDIM steps and guidance 5",
+        "for every method, on the CPU with one torch thread per run. One reward query is one decoded image scored;",
         "BRAID's budget is its offline data (queries of the labeler), 0 online queries.",
         "",
         f"**This run: {fewest if fewest == seeds else f'{fewest}-{seeds}'} seed(s) at each method's best learning"
@@ -573,11 +571,11 @@ def results_md(args: Args, results: dict, claims: dict, figures: list[str], swee
         f" {run_seconds(args.output_dir) / 60:.0f} min of run time in all (sweeps and the runs of claims (d) and"
         " (e) included).**"
         + (
-            " This is the full run: `python benchmarks/compare.py --jobs 2` (two one-thread runs at a time on 2"
+            " This is the full run: `python benchmarks/results/compare.py --jobs 2` (two one-thread runs at a time on 2"
             " cores: about half that time), then `--claims`, then `--summarize`."
             if is_full
             else f" The full run ({full.seeds} seeds, {len(full.lr_factors)}-point sweep, {full.budget} queries) is"
-            " `python benchmarks/compare.py`."
+            " `python benchmarks/results/compare.py`."
         ),
         "",
         "The held-out reward is the colourfulness of the sample grids (4 held-out prompts x 2 fixed seeds, read back",
@@ -586,8 +584,8 @@ def results_md(args: Args, results: dict, claims: dict, figures: list[str], swee
         "from the others'. Spreads are the standard deviation over seeds. The seconds are one thread's on a 2-core",
         "machine whose other core did other work part of the time: they rank the methods' cost per query only",
         "roughly (docs/BENCHMARKS.md measures speed under control). `trl_ddpo` is a reference row: TRL 0.23.1's",
-        "`DDPOTrainer` on the same task with ddpo.py's settings (`benchmarks/trl_ddpo_task.py`), evaluated by the",
-        "same grids.",
+        "`DDPOTrainer` on the same task with ddpo.py's settings (`benchmarks/results/trl_ddpo_task.py`), evaluated by",
+        "the same grids.",
         "",
         "| method | lr | seeds | reward queries (online / offline) | held-out start | held-out end | gain per 100"
         " queries | wall-clock (s) | images/s |",
@@ -597,10 +595,11 @@ def results_md(args: Args, results: dict, claims: dict, figures: list[str], swee
         runs, queries = result["runs"], sizes(name, args)[1] * sizes(name, args)[2]
         online = f"0 / {queries}" if name.startswith("braid") else f"{queries} / 0"
         label = f"{name} (reference)" if name == "trl_ddpo" else name
+        start, end = mean_sd([r["points"][0][2] for r in runs]), mean_sd([final(r["points"]) for r in runs])
+        seconds, speed = mean_sd([r["total_s"] for r in runs]), mean_sd([r["images_per_sec"] for r in runs])
         lines.append(
-            f"| {label} | {result['best'][2:]} | {len(runs)} | {online} | {spread([r['points'][0][2] for r in runs])} |"
-            f" {spread([final(r['points']) for r in runs])} | {gain_per_query(result):+.1f} |"
-            f" {spread([r['total_s'] for r in runs])} | {spread([r['images_per_sec'] for r in runs])} |"
+            f"| {label} | {result['best'][2:]} | {len(runs)} | {online} | {start} | {end} |"
+            f" {gain_per_query(result):+.1f} | {seconds} | {speed} |"
         )
     header = "| method | " + " | ".join(f"lr {i + 1}" for i in range(n_lrs)) + " |"
     lines += ["", "Learning-rate sweep (seed 0, final held-out reward; the best is kept):", "", header,
@@ -757,19 +756,44 @@ def claim_d_md(results: dict, sweep_points: list[dict]) -> list[str]:
     return out
 
 
+def summarize(args: Args) -> None:
+    """{docs_dir}/RESULTS.md and its figures, from the finished runs under --output-dir."""
+    results = collect(args)
+    if not results:
+        fail(f"no finished runs under {args.output_dir}: run `python benchmarks/results/compare.py` first")
+    os.makedirs(os.path.join(args.docs_dir, "results"), exist_ok=True)
+    sweep_points = braid_sweep(args)
+    figures = plots(results, os.path.join(args.docs_dir, "results"), sweep_points)
+    path = os.path.join(args.output_dir, "claims.json")
+    claims = json.load(open(path)) if os.path.isfile(path) else {}
+    for file in ("claims.json", "sweep.json"):  # the raw numbers, beside the figures
+        if os.path.isfile(os.path.join(args.output_dir, file)) and args.docs_dir != args.output_dir:
+            shutil.copy(os.path.join(args.output_dir, file), os.path.join(args.docs_dir, "results", file))
+    with open(os.path.join(args.docs_dir, "RESULTS.md"), "w") as f:
+        f.write(results_md(args, results, claims, figures, sweep_points))
+    print(f"wrote {args.docs_dir}/RESULTS.md and {len(figures)} figures")
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.quick:
-        args.budget, args.batch, args.seeds, args.evals = 16, 4, 1, 2  # BRAID's reward model needs 11+ examples
+        for name, value in QUICK.items():
+            setattr(args, name, value)
+    args.output_dir = args.output_dir or ("runs/compare_quick" if args.quick else "runs/compare")
+    args.docs_dir = args.docs_dir or (args.output_dir if args.quick else "docs")  # a smoke run never writes docs/
     unknown = set(args.methods) - set(METHODS)
     if unknown:
         fail(f"unknown methods {sorted(unknown)}: choose from {', '.join(METHODS)}")
     for name in ("jobs", "threads", "seeds", "budget", "batch", "evals"):
         if getattr(args, name) < 1:
             fail(f"--{name} must be at least 1, got {getattr(args, name)}")
+    braid = [name for name in args.methods if METHODS[name][0] == "braid.py"]
+    if braid and args.budget < BRAID_MIN_BUDGET and not (args.summarize or args.claims):
+        fail(f"--budget must be at least {BRAID_MIN_BUDGET} with {', '.join(braid)}, got {args.budget}: BRAID's tiny"
+             " preset keeps the lower half of its offline data, and its reward model needs 11 examples")  # fmt: skip
     if "trl_ddpo" in args.methods and importlib.util.find_spec("trl") is None and not args.summarize:
-        print("TRL is not installed: no trl_ddpo row (pip install --no-deps -r benchmarks/requirements-peers.txt)")
+        print("TRL is not installed: no trl_ddpo row (pip install --no-deps -r benchmarks/peers/requirements-trl.txt)")
         args.methods.remove("trl_ddpo")
     os.makedirs(args.output_dir, exist_ok=True)
     torch.set_num_threads(args.threads)  # --claims computes in this process
@@ -790,21 +814,12 @@ if __name__ == "__main__":
             json.dump(claims, f, indent=1)
         print(json.dumps(claims, indent=1))
     elif args.summarize:
-        results = collect(args)
-        if not results:
-            fail(f"no finished runs under {args.output_dir}: run `python benchmarks/compare.py` first")
-        os.makedirs(os.path.join(args.docs_dir, "results"), exist_ok=True)
-        sweep_points = braid_sweep(args)
-        figures = plots(results, os.path.join(args.docs_dir, "results"), sweep_points)
-        path = os.path.join(args.output_dir, "claims.json")
-        claims = json.load(open(path)) if os.path.isfile(path) else {}
-        for file in ("claims.json", "sweep.json"):  # the raw numbers, beside the figures
-            if os.path.isfile(os.path.join(args.output_dir, file)):
-                shutil.copy(os.path.join(args.output_dir, file), os.path.join(args.docs_dir, "results", file))
-        with open(os.path.join(args.docs_dir, "RESULTS.md"), "w") as f:
-            f.write(results_md(args, results, claims, figures, sweep_points))
-        print(f"wrote {args.docs_dir}/RESULTS.md and {len(figures)} figures")
+        summarize(args)
     else:
         start = time.time()
         compare(args)
-        print(f"done in {time.time() - start:.0f} s: python benchmarks/compare.py --summarize --output-dir ...")
+        print(f"done in {time.time() - start:.0f} s")
+        if args.quick:
+            summarize(args)
+        else:
+            print(f"then: python benchmarks/results/compare.py --summarize --output-dir {args.output_dir}")

@@ -1,6 +1,6 @@
 """The project's DDIM loop against diffusers' StableDiffusionPipeline, the same work side by side on the CPU.
 
-    python benchmarks/sampler_overhead.py --model assets/tiny-sd --resolution 32
+    python benchmarks/speed/sampler_overhead.py --model assets/tiny-sd --resolution 32
 
 Both start from the same x_T, with the same prompts, steps and guidance, and decode to images in [0, 1]; runs are
 interleaved (ours, theirs, ours, ...) so that drifts in machine load hit both alike, and the medians compared.
@@ -13,14 +13,13 @@ import sys
 import time
 from dataclasses import dataclass
 
-import diffusers
 import torch
 import tyro
-from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.sampling import decode, initial_latents, sample  # noqa: E402
-from common.sd import encode_prompts, load_sd  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from common import fail, quiet_and_catch  # noqa: E402
+from common.models import load_model  # noqa: E402
+from common.sampling import sample  # noqa: E402
 
 
 @dataclass
@@ -41,20 +40,26 @@ class Args:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    if min(args.resolution, args.batch_size, args.num_steps, args.repeats) < 1:
+        fail("--resolution, --batch-size, --num-steps and --repeats must be at least 1")
+    quiet_and_catch()  # before diffusers' pipelines import transformers: its warnings say nothing about this
+    import diffusers
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
     torch.set_grad_enabled(False)
-    sd = load_sd(args.model)
+    model = load_model(args.model, device="cpu", dtype=torch.float32, resolution=args.resolution,
+                       num_steps=args.num_steps)  # fmt: skip
     pipeline = StableDiffusionPipeline.from_pretrained(
         args.model, scheduler=DDIMScheduler.from_pretrained(args.model, subfolder="scheduler"), safety_checker=None
     )
     pipeline.set_progress_bar_config(disable=True)
     prompts = ["a red circle on a white background"] * args.batch_size
-    latents = initial_latents(sd, args.batch_size, args.resolution, torch.Generator().manual_seed(0))
+    latents = model.initial_latents(args.batch_size, torch.Generator().manual_seed(0))
 
     def ours():
-        # prompt encoding is part of the work, as in the pipeline call
-        x0, _ = sample(sd, latents, encode_prompts(sd, prompts), encode_prompts(sd, [""]), args.num_steps,
-                       args.guidance_scale)  # fmt: skip
-        return decode(sd, x0)
+        # prompt encoding is part of the work, as in the pipeline call (ours encodes "" once, when it loads)
+        x0, _ = sample(model, latents, model.encode(prompts), args.num_steps, args.guidance_scale)
+        return model.decode(x0)
 
     def theirs():
         size = dict(height=args.resolution, width=args.resolution)

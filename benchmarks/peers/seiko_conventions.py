@@ -4,7 +4,8 @@ SEIKO: Uehara, Zhao, Black, Hajiramezanali, Scalia, Diamant, Tseng, Levine and B
 Online Fine-Tuning of Diffusion Models", arXiv 2402.16359; code zhaoyl18/SEIKO, the BRAID authors' sibling code.
 
     git clone https://github.com/zhaoyl18/SEIKO /tmp/seiko         # measured at 947f9ad
-    OMP_NUM_THREADS=1 python benchmarks/seiko_conventions.py --seiko-dir /tmp/seiko --out seiko_conventions.json
+    OMP_NUM_THREADS=1 python benchmarks/peers/seiko_conventions.py --seiko-dir /tmp/seiko \
+        --out docs/results/seiko_conventions.json
 
 SEIKO's code is read from --seiko-dir when this runs; none of it is copied here. Its modules import wandb, hpsv2,
 torchvision, ml_collections and accelerate at the top and its scorer downloads CLIP, so they are not imported: the
@@ -41,10 +42,10 @@ from diffusers.schedulers.scheduling_ddim import DDIMScheduler, DDIMSchedulerOut
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(ROOT))
 from common import fail  # noqa: E402
-from common.sampling import predict_noise  # noqa: E402
+from common.models import Conditioning, Model  # noqa: E402
 
 
 @dataclass
@@ -52,7 +53,7 @@ class Args:
     seiko_dir: Optional[str] = None
     """a checkout of zhaoyl18/SEIKO"""
     out: Optional[str] = None
-    """also write the numbers to this JSON file"""
+    """also write the numbers to this JSON file (the recorded ones: docs/results/seiko_conventions.json)"""
     seed: int = 0
     """seed of every tensor both codes are given"""
     sizes: tuple[int, ...] = (64, 256, 1024, 3072, 7168, 15360)
@@ -138,7 +139,9 @@ class FakeUNet(nn.Module):
 
     def __init__(self, generator):
         super().__init__()
-        self.conv_in = nn.Conv2d(4, 4, 1)  # predict_noise reads the weights' dtype from it
+        # unused, but its initialisation draws from the global generator, as SEIKO's label noise does after it: kept
+        # so that the recorded numbers (docs/braid.md, seeds 0 and 1) come out again
+        self.conv_in = nn.Conv2d(4, 4, 1)
         self.delta = nn.Parameter(0.1 * torch.randn(1, 4, 8, 8, generator=generator))
         self.adapters = True
 
@@ -153,6 +156,16 @@ class FakeUNet(nn.Module):
         if self.adapters:
             eps = eps + self.delta * (1 + encoder_hidden_states[:, :1, 1:2, None]) * float(t) / 1000
         return SimpleNamespace(sample=eps)
+
+
+class FakeModel(Model):
+    """braid.py's sampler reads the model through Model.predict (guidance, the LoRA switched off for the pretrained
+    model's output) and Model.schedule only: here they run on FakeUNet and SD 1.x's DDIM scheduler, with
+    `negative_embeds` as the unconditional conditioning."""
+
+    def __init__(self, unet, scheduler, negative_embeds):
+        self.denoiser, self.scheduler, self.dtype, self.device = unet, scheduler, torch.float32, torch.device("cpu")
+        self.prediction_type, self.schedules, self.uncond = "epsilon", {}, Conditioning(negative_embeds)
 
 
 def copy_linears(source: nn.Module, target: nn.Module) -> nn.Module:
@@ -240,20 +253,17 @@ if __name__ == "__main__":
                               set_alpha_to_one=False, steps_offset=1)  # fmt: skip
     unet = FakeUNet(generator)
     x_T, prompt_embeds = torch.randn(4, 4, 8, 8, generator=generator), torch.randn(4, 2, 3, generator=generator)
-    negative_embeds = torch.randn(1, 2, 3, generator=generator)
+    model = FakeModel(unet, scheduler, negative_embeds=torch.randn(1, 2, 3, generator=generator))
+    cond = Conditioning(prompt_embeds)
     scheduler.set_timesteps(steps)
     latents, namespace = x_T, dict(torch=torch, inference_dtype=torch.float32, kl_loss=0)
-    for t in scheduler.timesteps:
-        noise_pred = predict_noise(unet, latents, t, prompt_embeds, negative_embeds, ucb.sd_guidance_scale)
-        unet.disable_adapters()
-        old_noise_pred = predict_noise(unet, latents, t, prompt_embeds, negative_embeds, ucb.sd_guidance_scale)
-        unet.enable_adapters()
+    for t in scheduler.timesteps:  # the guided outputs of both models, from the same Model.predict as braid.py's
+        noise_pred = model.predict(latents, t, cond, ucb.sd_guidance_scale)
+        old_noise_pred = model.predict(latents, t, cond, ucb.sd_guidance_scale, pretrained=True)
         latents, namespace["kl_terms"] = kl_step(scheduler, noise_pred, old_noise_pred, t, latents, eta=ucb.sample_eta)
         exec(kl_line, namespace)
     generators = [torch.Generator().manual_seed(i) for i in range(len(x_T))]
-    sd = SimpleNamespace(unet=unet, scheduler=scheduler)
-    _, kl = braid["sample_with_kl"](sd, x_T, prompt_embeds, negative_embeds, steps, ucb.sd_guidance_scale,
-                                    ucb.sample_eta, steps, generators)  # fmt: skip
+    _, kl = braid["sample_with_kl"](model, x_T, cond, steps, ucb.sd_guidance_scale, ucb.sample_eta, steps, generators)
     loss["path_kl"] = {"seiko": namespace["kl_loss"].item(), "ours": kl.mean().item()}
     results["loss"] = loss
 

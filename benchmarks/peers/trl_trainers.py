@@ -1,16 +1,16 @@
 """This project's DDPO and DRaFT-1 against TRL 0.23.1's DDPOTrainer and AlignPropTrainer: the same work, side by side.
 
-    pip install --no-deps -r benchmarks/requirements-peers.txt      # TRL 0.23.1, for this file only
-    python benchmarks/peers.py                                       # CPU: tiny-sd at 32 px, one thread per run
-    python benchmarks/peers.py --sd14 --threads 0                    # GPU: SD 1.4's shapes at 512 px, random weights
+    pip install --no-deps -r benchmarks/peers/requirements-trl.txt    # TRL 0.23.1, for the benchmarks only
+    python benchmarks/peers/trl_trainers.py                            # CPU: tiny-sd at 32 px, one thread per run
+    python benchmarks/peers/trl_trainers.py --sd14 --threads 0         # GPU: SD 1.4's shapes at 512 px, random weights
 
 Pairs: `ddpo.py` (DDPO-IS) against DDPOTrainer, and `draft_k.py --k 1` against AlignPropTrainer with its truncation
 fixed at the last step (truncated_backprop_rand off, truncated_backprop_timestep = steps - 1), DRaFT-1 in both. Both
 sides get the same model, image size (TRL samples at the UNet's default size, and our scripts are given it), DDIM
 steps, guidance, eta, LoRA (rank 4 on to_q, to_k, to_v, to_out.0: TRL's fixed choice), batches, AdamW settings,
 precision, prompts and reward: colourfulness (common/rewards.py), given to TRL as a callable, since TRL's aesthetic
-scorer needs torchvision and breaks on transformers 5. --sd14 builds SD-1.4-shaped random models with
-benchmarks/sd14_scale.py (once, in --models-dir).
+scorer needs torchvision and breaks on transformers 5. --sd14 builds SD-1.4-shaped random models (once, in
+--models-dir; benchmarks/shared.py's build_models, as speed/sd14_scale.py's).
 
 The same work, checked: every run reports what its side holds and computes, and the first runs of a pair must agree
 on all of it, or the benchmark stops and prints the table. Settings: our script's parsed Args and TRL's config, each
@@ -31,19 +31,15 @@ other jobs on a shared machine disturb less than the wall time.
 
 Learning: each side's UNet samples the same fixed batch before the first iteration and after the last (our scripts'
 evaluation: DDIM at eta 0 from fixed noise on 2 seeds of 4 held-out prompts) and the mean reward of each is reported.
+Every run's numbers, the same-work tables and the summary go to --out (docs/results/trl_trainers.json).
 """
 
 import json
 import os
-import platform
 import random
-import resource
-import runpy
 import statistics
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -52,12 +48,16 @@ from typing import Literal
 import torch
 import tyro
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
+from benchmarks.shared import Meter, build_models, median_range, pipeline_model, run_script  # noqa: E402
+from common import fail  # noqa: E402
+from common.prompts import load_prompts, split_prompts  # noqa: E402
 
 PAIRS = {"ddpo": ("ddpo.py", "DDPOTrainer"), "draft1": ("draft_k.py", "AlignPropTrainer")}
 WEIGHT_DECAY = {"ddpo": 1e-4, "draft1": 0.1}  # each script's default, given to TRL too
 LORA_RANK = 4  # TRL's DefaultDDPOStableDiffusionPipeline always adds rank 4, alpha 4
+REQUIREMENTS = "benchmarks/peers/requirements-trl.txt"  # TRL 0.23.1 and what its two trainers import
 
 
 @dataclass
@@ -67,7 +67,7 @@ class Args:
     model: str = "assets/tiny-sd"
     """a Stable Diffusion pipeline folder"""
     sd14: bool = False
-    """instead of --model, SD-1.4-shaped random weights built by benchmarks/sd14_scale.py in --models-dir (a GPU)"""
+    """instead of --model, SD-1.4-shaped random weights built in --models-dir (a GPU)"""
     models_dir: str = "bench_models"
     """where --sd14's models are built (once)"""
     prompts: str = "shapes"
@@ -102,7 +102,7 @@ class Args:
     """torch threads per run (OMP_NUM_THREADS too); 0 leaves torch's default"""
     seed: int = 1
     """seed of both sides"""
-    out: str = "benchmarks/peers.json"
+    out: str = "docs/results/trl_trainers.json"
     """every run's numbers, as JSON"""
 
 
@@ -114,111 +114,6 @@ def default_resolution(model: str) -> int:
         return sample_size * 2 ** (len(json.load(f)["block_out_channels"]) - 1)
 
 
-def split_prompts(args: Args) -> tuple[list[str], list[str]]:
-    """(train, eval) prompts as our scripts split them: 4 prompts spread through the set are held out."""
-    from common.prompts import load_prompts
-
-    prompts = load_prompts(args.prompts)
-    held_out = [round((i + 0.5) * len(prompts) / 4) for i in range(4)] if len(prompts) > 4 else []
-    return [p for i, p in enumerate(prompts) if i not in held_out], [prompts[i] for i in held_out] or prompts[:4]
-
-
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    try:  # Linux: the CPU's model name
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
-def rss() -> int:
-    """This process's resident set, in bytes (Linux)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class Meter:
-    """What one run measures: when each iteration starts, the UNet's work in the first one, rewards, memory."""
-
-    def __init__(self):
-        self.starts, self.cpu_starts, self.rewards, self.seen = [], [], {}, set()
-        self.work = {"unet_evaluations": 0, "rows": 0, "latent_shape": None, "embeds_shape": None, "timesteps": set()}
-        self.recomputations, self.rss_start, self.rss_peak, self.done = 0, 0, 0, False
-        self.passes = []  # per iteration: UNet passes and rows with autograd off, and on (recomputations included)
-
-    def loop(self, iterable, *args, **kwargs):
-        """Stands in for tqdm around a training loop: marks the start of each iteration and the end of the last."""
-        for item in iterable:
-            self.mark()
-            yield item
-        self.mark()
-        self.done = True
-
-    def mark(self):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.starts.append(time.perf_counter())
-        self.cpu_starts.append(time.process_time())
-        self.passes.append({"passes": 0, "rows": 0, "grad_passes": 0, "grad_rows": 0})
-        if len(self.starts) == 1:
-            self.rss_start = self.rss_peak = rss()
-            threading.Thread(target=self.watch_rss, daemon=True).start()
-
-    def watch_rss(self):
-        while not self.done:
-            self.rss_peak = max(self.rss_peak, rss())
-            time.sleep(0.01)
-
-    def unet_call(self, unet, args, kwargs):
-        """A forward pre-hook on the UNet: counts every pass, and records the first iteration's evaluations."""
-        sample, timestep, embeds = (list(args) + [None] * 3)[:3]
-        sample = kwargs.get("sample", sample)
-        if self.passes:
-            grad = "grad_" if torch.is_grad_enabled() else ""
-            self.passes[-1][grad + "passes"] += 1
-            self.passes[-1][grad + "rows"] += len(sample)
-        if len(self.starts) != 1:
-            return
-        timestep = torch.as_tensor(kwargs.get("timestep", timestep)).flatten().tolist()
-        embeds = kwargs.get("encoder_hidden_states", embeds)
-        key = (tuple(sample.shape), tuple(timestep), float(sample.double().sum()))
-        if key in self.seen:  # the same input again: a checkpointed call recomputed in the backward pass
-            self.recomputations += 1
-            return
-        self.seen.add(key)
-        self.work["unet_evaluations"] += 1
-        self.work["rows"] += len(sample)
-        self.work["latent_shape"], self.work["embeds_shape"] = list(sample.shape[1:]), list(embeds.shape[1:])
-        self.work["timesteps"].update(int(t) for t in timestep)
-
-    def add_rewards(self, rewards: torch.Tensor):
-        self.rewards.setdefault(len(self.starts), []).append(rewards.detach().float().cpu())
-
-    def result(self, images_per_iteration: int) -> dict:
-        self.done = True
-        seconds = [b - a for a, b in zip(self.starts, self.starts[1:])]
-        cpu_seconds = [b - a for a, b in zip(self.cpu_starts, self.cpu_starts[1:])]
-        timed, cpu_timed = seconds[1:-1] or seconds, cpu_seconds[1:-1] or cpu_seconds
-        passes = self.passes[: len(seconds)][1:-1] or self.passes[: len(seconds)]  # those of the timed iterations
-        timesteps = sorted(self.work["timesteps"], reverse=True)
-        return {
-            "device": device_name(),
-            "threads": torch.get_num_threads(),
-            "seconds": seconds,
-            "images_per_sec": images_per_iteration * len(timed) / sum(timed),
-            "images_per_cpu_sec": images_per_iteration * len(cpu_timed) / sum(cpu_timed),
-            "work": {**self.work, "timesteps": f"{len(timesteps)}: {timesteps[0]} ... {timesteps[-1]}"},
-            "recomputations": self.recomputations,
-            "cpu_seconds": cpu_timed,
-            "unet_passes": passes,
-            "peak_cuda_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30,
-            "rss_rise_gb": (self.rss_peak - self.rss_start) / 2**30,
-        }
-
-
 def optimizer_settings(param_groups: list[dict]) -> dict:
     group = param_groups[0]
     return {
@@ -227,35 +122,6 @@ def optimizer_settings(param_groups: list[dict]) -> dict:
         "eps": group["eps"],
         "weight_decay": group["weight_decay"],
     }
-
-
-def run_script(script: str, flags: dict, meter: Meter) -> tuple[dict, list[dict]]:
-    """`python script --flag value ...` in this process, with the meter on its UNet and around its training loop.
-    Returns the script's globals at its end and its metrics.jsonl."""
-    import tqdm.auto
-
-    import common.sd
-
-    load_sd, progress_bar = common.sd.load_sd, tqdm.auto.tqdm
-
-    def load_sd_metered(*args, **kwargs):
-        sd = load_sd(*args, **kwargs)
-        sd.unet.register_forward_pre_hook(meter.unet_call, with_kwargs=True)
-        return sd
-
-    def tqdm_metered(*args, **kwargs):  # the script's own tqdm, around its training loop, is the meter's loop
-        called_from_script = sys._getframe(1).f_globals.get("__file__") == os.path.join(ROOT, script)
-        return meter.loop(args[0]) if called_from_script and "desc" not in kwargs else progress_bar(*args, **kwargs)
-
-    # the script imports both by name when it starts (as in benchmarks/levers.py)
-    common.sd.load_sd, tqdm.auto.tqdm = load_sd_metered, tqdm_metered
-    with tempfile.TemporaryDirectory() as output_dir:
-        flags = {**flags, "output_dir": output_dir}
-        sys.argv = [script, *(x for name, value in flags.items() for x in (f"--{name.replace('_', '-')}", str(value)))]
-        run = runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
-        (run_dir,) = os.listdir(output_dir)
-        with open(os.path.join(output_dir, run_dir, "metrics.jsonl")) as f:
-            return run, [json.loads(line) for line in f]
 
 
 def run_ours(pair: str, args: Args, model: str, meter: Meter) -> dict:
@@ -302,7 +168,7 @@ def run_ours(pair: str, args: Args, model: str, meter: Meter) -> dict:
         "eta": a.eta,
         "lora_rank": a.lora_rank,
         "lora_parameters": sum(p.numel() for p in run["lora_params"]),
-        "unet_dtype": str(run["sd"].unet.conv_in.weight.dtype),
+        "unet_dtype": str(run["model"].denoiser.conv_in.weight.dtype),
         "max_grad_norm": a.max_grad_norm,
         **optimizer_settings(run["optimizer"].param_groups),
     }
@@ -337,17 +203,15 @@ def run_trl(pair: str, args: Args, model: str, meter: Meter) -> dict:
     import warnings
 
     from accelerate import PartialState
-    from diffusers import DDIMScheduler
     from trl import AlignPropConfig, AlignPropTrainer, DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline
 
     from common.rewards import make_reward
-    from common.sampling import decode, initial_latents, sample
-    from common.sd import StableDiffusion, encode_prompts
+    from common.sampling import sample
 
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # both trainers are deprecated in 0.23
     PartialState()  # TRL's pipeline logs through accelerate, which needs its state first
     pipeline = DefaultDDPOStableDiffusionPipeline(model, use_lora=True)
-    train_prompts, eval_prompts = split_prompts(args)
+    train_prompts, eval_prompts = split_prompts(load_prompts(args.prompts))
     prompt_rng, reward = random.Random(args.seed), make_reward("colorfulness")
 
     def reward_fn(images, prompts, metadata):  # TRL's signature: images in [0, 1], as from our decode
@@ -393,23 +257,16 @@ def run_trl(pair: str, args: Args, model: str, meter: Meter) -> dict:
         trainer = AlignPropTrainer(config, reward_fn, prompt_fn, pipeline)
     pipeline.set_progress_bar_config(disable=True)
     pipeline.unet.register_forward_pre_hook(meter.unet_call, with_kwargs=True)
-    # our scripts' evaluation, on TRL's modules (the same UNet object, LoRA included)
-    sd = StableDiffusion(
-        pipeline.tokenizer,
-        pipeline.text_encoder,
-        pipeline.unet,
-        pipeline.vae,
-        DDIMScheduler.from_config(pipeline.scheduler.config),
-    )
+    # our scripts' evaluation (common/run.py's Run.evaluate), on TRL's modules (the same UNet object, LoRA included)
     resolution = pipeline.unet.config.sample_size * pipeline.sd_pipeline.vae_scale_factor
+    ours = pipeline_model(pipeline.sd_pipeline, resolution)
 
+    @torch.no_grad()
     def evaluate() -> float:
-        embeds = encode_prompts(sd, eval_prompts * 2)
-        generator = torch.Generator().manual_seed(args.seed)
-        latents = initial_latents(sd, len(embeds), resolution, generator, pipeline.unet.device)
-        x0, _ = sample(sd, latents, embeds, encode_prompts(sd, [""]), args.num_steps, args.guidance_scale)
-        with torch.no_grad():
-            return reward(decode(sd, x0)).mean().item()
+        pipeline.unet.eval()  # TRL leaves it in train mode after a step
+        latents = ours.initial_latents(len(eval_prompts) * 2, torch.Generator().manual_seed(args.seed))
+        x0, _ = sample(ours, latents, ours.encode(eval_prompts * 2), args.num_steps, args.guidance_scale)
+        return reward(ours.decode(x0), eval_prompts * 2).mean().item()
 
     eval_before, global_step = evaluate(), 0
     for epoch in meter.loop(range(iterations)):
@@ -465,11 +322,9 @@ def run_child(side: str, pair: str, args: Args, model: str) -> dict:
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
     last = (result.stderr.strip().splitlines() or [""])[-1]
     if result.returncode == 2 and last.startswith("error: "):  # a script refused a setting: its one sentence
-        from common import fail
-
         fail(f"the {side} run of {pair}: {last.removeprefix('error: ')}")
     if result.returncode != 0 or not lines:
-        raise SystemExit(f"the {side} run of {pair} failed:\n{result.stderr[-3000:]}")
+        sys.exit(f"the {side} run of {pair} failed:\n{result.stderr[-3000:]}")
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
@@ -496,12 +351,8 @@ def check_same_work(pair: str, ours: dict, theirs: dict) -> list[str]:
                      f" {ours['work']['unet_evaluations']} | {theirs['work']['unet_evaluations']} | |")  # fmt: skip
     print("\n".join(lines), flush=True)
     if not all(same(a, b) for _, a, b in compared):
-        raise SystemExit(f"{pair}: the two sides do not do the same work (the lines marked NO above)")
+        sys.exit(f"{pair}: the two sides do not do the same work (the lines marked NO above)")
     return lines
-
-
-def spread(values: list[float], digits: int = 2) -> str:
-    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
 def summarise(pair: str, ours: list[dict], theirs: list[dict]) -> dict:
@@ -513,15 +364,16 @@ def summarise(pair: str, ours: list[dict], theirs: list[dict]) -> dict:
 
     def memory(runs: list[dict]) -> str:
         if cuda:
-            return spread([r["peak_cuda_gb"] for r in runs])
-        return f"{spread([r['peak_rss_gb'] for r in runs], 3)} [{spread([r['rss_rise_gb'] for r in runs], 3)}]"
+            return median_range([r["peak_cuda_gb"] for r in runs])
+        peak, rise = (median_range([r[key] for r in runs], 3) for key in ("peak_rss_gb", "rss_rise_gb"))
+        return f"{peak} [{rise}]"
 
     learned = [" -> ".join(f"{r:.2f}" for r in runs[0]["eval_reward"]) for runs in (ours, theirs)]
     table = [
-        spread([r["images_per_sec"] for r in ours], 3),
-        spread([r["images_per_sec"] for r in theirs], 3),
-        spread(ratios),
-        spread(cpu_ratios) if not cuda else "n/a",
+        median_range([r["images_per_sec"] for r in ours], 3),
+        median_range([r["images_per_sec"] for r in theirs], 3),
+        median_range(ratios),
+        median_range(cpu_ratios) if not cuda else "n/a",
         memory(ours),
         memory(theirs),
         *learned,
@@ -535,7 +387,7 @@ def summarise(pair: str, ours: list[dict], theirs: list[dict]) -> dict:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":  # peers.py --child SIDE PAIR MODEL ARGS_JSON
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":  # trl_trainers.py --child SIDE PAIR MODEL ARGS_JSON
         side, pair, model, settings = sys.argv[2:6]
         args = Args(**json.loads(settings))
         if args.threads:
@@ -545,14 +397,12 @@ if __name__ == "__main__":
         print("RESULT " + json.dumps({"side": side, "pair": pair, **result}), flush=True)
         raise SystemExit(0)
     args = tyro.cli(Args)
-    from common import fail
-
     try:
         trl_version = version("trl")
     except PackageNotFoundError:
-        fail("TRL is not installed: pip install --no-deps -r benchmarks/requirements-peers.txt")
+        fail(f"TRL is not installed: pip install --no-deps -r {REQUIREMENTS}")
     if trl_version != "0.23.1":
-        fail(f"this benchmark compares with TRL 0.23.1 (found {trl_version}): see benchmarks/requirements-peers.txt")
+        fail(f"this benchmark compares with TRL 0.23.1 (found {trl_version}): pip install --no-deps -r {REQUIREMENTS}")
     if set(args.pairs) - set(PAIRS):
         fail(f"unknown pair(s) {sorted(set(args.pairs) - set(PAIRS))}; choose from: {', '.join(PAIRS)}")
     for name in ("repeats", "ddpo_epochs", "draft_steps", "threads"):  # the first and last iterations are not timed
@@ -560,8 +410,6 @@ if __name__ == "__main__":
         if getattr(args, name) < least:
             fail(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
     if args.sd14:
-        from benchmarks.sd14_scale import build_models
-
         model = os.path.abspath(build_models(args.models_dir, tiny=False))
     else:
         model = os.path.abspath(args.model)
