@@ -8,6 +8,8 @@
 - pipeline_model: this project's Model on the modules of a loaded diffusers pipeline (TRL's), so that the scripts'
   own evaluation runs on the peer's UNet (peers/trl_trainers.py, results/trl_ddpo_task.py)
 - build_models: SD-1.4-shaped random models, no downloads (speed/sd14_scale.py, peers/trl_trainers.py --sd14)
+- build_family: SDXL-base- and SD-3.5-Medium-shaped random pipelines, no downloads (speed/gpu_check.py)
+- count_all_attention: FlopCounterMode counts scaled_dot_product_attention on every device (speed/sd14_scale.py)
 """
 
 import json
@@ -253,3 +255,159 @@ def build_models(folder: str, tiny: bool) -> str:
         head[f"layers.{index}.weight"], head[f"layers.{index}.bias"] = layer.weight.data, layer.bias.data
     torch.save(head, os.path.join(head_dir, "aesthetic-model.pth"))
     return pipeline_dir
+
+
+def build_family(folder: str, family: str, tiny: bool) -> str:
+    """A random pipeline folder in the layout of SDXL base 1.0 (family "sdxl": UNet 2.6B, CLIP ViT-L and OpenCLIP
+    bigG text encoders, Euler scheduler config) or SD 3.5 Medium ("sd35": MMDiT-X 2.5B with dual attention in its
+    first 13 blocks and RMS q/k norms, the two CLIP encoders with projections, no T5, a flow scheduler at shift 3),
+    with their published configs' shapes; tiny=True shrinks every width and depth (a CPU check of the plan). The
+    tokenizers come from a small vocabulary. Weights are bf16 when a GPU builds them. Returns the folder; skips what
+    exists."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from assets.train_tiny_sd import make_tokenizer
+    from common.prompts import SIMPLE_ANIMALS
+
+    path = os.path.join(folder, f"{family}-{'tiny' if tiny else 'random'}")
+    if os.path.isfile(os.path.join(path, "model_index.json")):
+        return path
+    torch.manual_seed(0)
+    words = SIMPLE_ANIMALS + ["a", "an", "photo", "of", "the"]
+    tokenizer, tokenizer_2 = make_tokenizer(words), make_tokenizer(words)
+    tokenizer_2.pad_token = "!"  # OpenCLIP's padding
+
+    def clip_text(tok, width, layers, heads, act, projection=None):
+        config = CLIPTextConfig(vocab_size=49408, hidden_size=width, intermediate_size=4 * width,
+                                num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=77,
+                                hidden_act=act, projection_dim=projection or width, bos_token_id=tok.bos_token_id,
+                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
+        return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
+
+    (w1, l1, h1), (w2, l2, h2) = ((32, 2, 4), (48, 2, 4)) if tiny else ((768, 12, 12), (1280, 32, 20))
+    vae_blocks = (16, 32) if tiny else (128, 256, 512, 512)
+    vae = dict(in_channels=3, out_channels=3, block_out_channels=vae_blocks, layers_per_block=1 if tiny else 2,
+               down_block_types=("DownEncoderBlock2D",) * len(vae_blocks), norm_num_groups=8 if tiny else 32,
+               up_block_types=("UpDecoderBlock2D",) * len(vae_blocks), sample_size=1024)  # fmt: skip
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # random init of billions of weights: seconds on a GPU
+    with torch.device(device):
+        if family == "sdxl":
+            text_encoder, text_encoder_2 = (
+                clip_text(tokenizer, w1, l1, h1, "quick_gelu"),
+                clip_text(tokenizer_2, w2, l2, h2, "gelu", projection=w2),
+            )
+            unet = UNet2DConditionModel(
+                sample_size=128, in_channels=4, out_channels=4, layers_per_block=1 if tiny else 2,
+                block_out_channels=(32, 64) if tiny else (320, 640, 1280),
+                down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (1 if tiny else 2),
+                up_block_types=("CrossAttnUpBlock2D",) * (1 if tiny else 2) + ("UpBlock2D",),
+                transformer_layers_per_block=(1, 2) if tiny else (1, 2, 10),
+                attention_head_dim=(2, 4) if tiny else (5, 10, 20), cross_attention_dim=w1 + w2,
+                use_linear_projection=True, norm_num_groups=8 if tiny else 32, addition_embed_type="text_time",
+                addition_time_embed_dim=8 if tiny else 256,
+                projection_class_embeddings_input_dim=6 * (8 if tiny else 256) + w2,
+            )  # fmt: skip
+            pipeline = StableDiffusionXLPipeline(
+                vae=AutoencoderKL(latent_channels=4, scaling_factor=0.13025, force_upcast=True, **vae),
+                text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                tokenizer_2=tokenizer_2, unet=unet, add_watermarker=False,
+                scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                                 steps_offset=1, timestep_spacing="leading"),
+            )  # fmt: skip
+        elif family == "sd35":
+            text_encoder = clip_text(tokenizer, w1, l1, h1, "quick_gelu", projection=w1)
+            text_encoder_2 = clip_text(tokenizer_2, w2, l2, h2, "gelu", projection=w2)
+            layers, heads, head_dim = (2, 4, 8) if tiny else (24, 24, 64)
+            transformer = SD3Transformer2DModel(
+                sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=layers,
+                attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=96 if tiny else 4096,
+                caption_projection_dim=heads * head_dim, pooled_projection_dim=w1 + w2,
+                pos_embed_max_size=16 if tiny else 384, qk_norm="rms_norm",
+                dual_attention_layers=(0,) if tiny else tuple(range(13)),
+            )  # fmt: skip
+            pipeline = StableDiffusion3Pipeline(
+                transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                vae=AutoencoderKL(latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609,
+                                  use_quant_conv=False, use_post_quant_conv=False, **vae),
+                text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+                tokenizer_2=tokenizer_2, text_encoder_3=None, tokenizer_3=None,
+            )  # fmt: skip
+        else:
+            raise ValueError(f"unknown family {family!r}")
+    if device == "cuda":
+        pipeline.to(torch.bfloat16)
+    pipeline.save_pretrained(path)
+    return path
+
+
+ATTENTION_OPS = [  # (op, backward?) that FlopCounterMode may lack a formula for (torch 2.13: the CPU kernels)
+    ("_scaled_dot_product_flash_attention_for_cpu", False),
+    ("_scaled_dot_product_flash_attention_for_cpu_backward", True),
+    ("_scaled_dot_product_cudnn_attention", False),
+    ("_scaled_dot_product_cudnn_attention_backward", True),
+]
+
+
+def count_all_attention() -> list[str]:
+    """Gives FlopCounterMode a formula, by the shapes, for each fused attention kernel it does not count: on the CPU,
+    torch 2.13 counts no FLOPs for scaled_dot_product_attention (only the CUDA kernels have formulas). The formulas
+    are torch's own for the CUDA kernels: forward 4 B H L S D (Q K^T and P V), backward 10 B H L S D (the scores
+    recomputed and four products). Returns the ops it registered."""
+    from torch.utils import flop_counter
+
+    registered = []
+    for name, backward in ATTENTION_OPS:
+        op = getattr(torch.ops.aten, name, None)
+        if op is None or op in flop_counter.flop_registry or op.default in flop_counter.flop_registry:
+            continue
+
+        def formula(*shapes, out_shape=None, backward=backward, **kwargs):
+            if backward:  # (grad_out, query, key, value, ...)
+                return flop_counter.sdpa_backward_flop_count(shapes[0], shapes[1], shapes[2], shapes[3])
+            return flop_counter.sdpa_flop_count(shapes[0], shapes[1], shapes[2])
+
+        flop_counter.register_flop_formula(op)(formula)
+        registered.append(name)
+    return registered
+
+
+class FlopCounter:
+    """Counts the FLOPs of every operation run while it is on, with FlopCounterMode's formulas (torch's registry,
+    attention included after count_all_attention) but without its per-module tracking, whose backward hooks keep
+    the activations that gradient checkpointing recomputes alive to the end of the backward pass: under
+    FlopCounterMode, draft_full.py's memory grows with the number of steps (and ran out of a 141 GB GPU at SD 1.4's
+    shapes and 50 steps), under this counter it does not."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils.flop_counter import flop_registry
+
+        count_all_attention()
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                out = func(*args, **kwargs)
+                formula = flop_registry.get(func._overloadpacket)
+                if formula is not None:
+                    counter.flops += formula(*args, **kwargs, out_val=out)
+                return out
+
+        self.flops, self.mode = 0, Mode()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)

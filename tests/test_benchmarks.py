@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from scripts import ROOT, definitions, read_metrics, run_script
+from scripts import ROOT, SCRIPTS, definitions, read_metrics, run_script
 
 TRL = "TRL is not installed: pip install --no-deps -r benchmarks/peers/requirements-trl.txt"  # benchmark-only (.ci/run)
 METHODS = ["draft_full", "draft_k1", "draft_lv2", "ddpo_is", "ddpo_sf", "rwr_softmax", "rwr_sparse", "braid_boot",
@@ -45,13 +45,45 @@ def test_sampler_overhead_runs_its_equivalence_check_and_times_both(tiny_sd_path
 
 
 @pytest.mark.slow
-def test_sd14_scale_runs_on_tiny_shapes(tmp_path):
-    result = run(["benchmarks/speed/sd14_scale.py", "--tiny", "--steps", "2", "--scripts", "draft_k.py",
-                  "--models-dir", str(tmp_path / "models"), "--out", str(tmp_path / "out.json")])  # fmt: skip
+def test_gpu_check_dry_run_runs_the_whole_plan(tmp_path):
+    """The GPU machine's one command, at tiny shapes on the CPU: every part ends (the six scripts through
+    speed/sd14_scale.py, SDXL- and SD-3.5-shaped pipelines, the pairs with TRL through peers/trl_trainers.py),
+    every run is timed with its FLOPs counted, both sides of each TRL pair do the same work, and the tables are
+    written. TRL is a benchmark-only dependency; CI installs it (.ci/run)."""
+    pytest.importorskip("trl", reason=TRL)
+    out = tmp_path / "out"
+    result = run(["benchmarks/speed/gpu_check.py", "--dry-run", "--out-dir", str(out), "--models-dir",
+                  str(tmp_path / "models")])  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    (row,) = json.loads((tmp_path / "out.json").read_text())["results"]
-    assert row["script"] == "draft_k.py" and row["images_per_sec"] > 0 and row["tflop_per_step"] > 0
-    assert "| draft_k.py |" in result.stdout
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert [p["status"] for p in report["parts"]] == ["ok"] * 12, [(p["name"], p.get("tail")) for p in report["parts"]]
+    rows = [r for p in report["parts"] if "sd14_scale" in p["command"] for r in p["result"]["results"]]
+    assert sorted({r["script"] for r in rows}) == sorted(SCRIPTS) and len(rows) == 6 + 4 + 6
+    assert all(r["images_per_sec"] > 0 and r["tflop_per_step"] > 0 for r in rows)
+    (trl,) = [p["result"] for p in report["parts"] if "trl_trainers" in p["command"]]
+    assert [s["pair"] for s in trl["summary"]] == ["ddpo", "draft1"]
+    for pair, table in trl["same_work"].items():
+        assert "| NO |" not in "\n".join(table) and any("unet_evaluations" in line for line in table), pair
+    runs = [run for pair in trl["runs"].values() for side in pair.values() for run in side]
+    assert len(runs) == 4 and all(run["images_per_sec"] > 0 and run["eval_reward"][0] > 0 for run in runs)
+    table = (out / "gpu_check.md").read_text()
+    assert "| sdxl draft_k.py --k 1 batch 1 | draft_k.py |" in table and "| ddpo |" in table
+
+
+def test_flop_counter_counts_attention_by_its_shapes():
+    """scaled_dot_product_attention on the CPU: 4 B H L S D forward (Q K^T and P V), 10 B H L S D backward (the
+    scores again and four products), as torch counts its CUDA kernels; torch 2.13 alone counts 0 on the CPU."""
+    from benchmarks.shared import FlopCounter
+
+    b, h, length, s, d = 2, 3, 16, 24, 8
+    q = torch.randn(b, h, length, d, requires_grad=True)
+    k, v = torch.randn(b, h, s, d), torch.randn(b, h, s, d)
+    with FlopCounter() as forward:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    with FlopCounter() as backward:
+        out.sum().backward()
+    assert forward.flops == 4 * b * h * length * s * d
+    assert backward.flops == 10 * b * h * length * s * d
 
 
 @pytest.mark.slow
@@ -95,24 +127,6 @@ def test_per_unet_call_counts_a_scripts_unet_passes(tmp_path):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # peers/
-
-
-@pytest.mark.slow
-def test_trl_trainers_runs_both_pairs_on_tiny_sd(tmp_path):
-    """Tiny settings (2 DDIM steps, batches of 2): every run ends, both sides do the same work and the report is
-    written. TRL is a benchmark-only dependency; CI installs it (.ci/run)."""
-    pytest.importorskip("trl", reason=TRL)
-    result = run(["benchmarks/peers/trl_trainers.py", "--num-steps", "2", "--ddpo-epochs", "3", "--draft-steps", "3",
-                  "--repeats", "1", "--samples-per-epoch", "4", "--sample-batch-size", "2", "--train-batch-size", "2",
-                  "--batch-size", "2", "--out", str(tmp_path / "peers.json")])  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((tmp_path / "peers.json").read_text())
-    assert [s["pair"] for s in report["summary"]] == ["ddpo", "draft1"]
-    for pair, table in report["same_work"].items():
-        assert "| NO |" not in "\n".join(table) and any("unet_evaluations" in line for line in table), pair
-    runs = [run for pair in report["runs"].values() for side in pair.values() for run in side]
-    assert len(runs) == 4 and all(run["images_per_sec"] > 0 and run["eval_reward"][0] > 0 for run in runs)
-    assert "| ddpo.py vs DDPOTrainer |" in result.stdout
 
 
 @pytest.mark.slow
@@ -246,11 +260,12 @@ def test_trl_ddpo_task_defaults_are_ddpo_tiny_preset():
     (["benchmarks/speed/sd14_scale.py", "--levers", "warp_speed"], "unknown lever(s) ['warp_speed']"),
     (["benchmarks/speed/sd14_scale.py", "--scripts", "ppo.py"], "unknown script(s) ['ppo.py']"),
     (["benchmarks/speed/sd14_scale.py", "--steps", "1"], "--steps must be at least 2 to count the FLOPs"),
+    (["benchmarks/speed/gpu_check.py"], "no GPU is visible to torch; gpu_check.py measures a GPU"),
     (["benchmarks/speed/per_unet_call.py", "--cases", "nope"], "unknown case(s) ['nope']"),
     (["benchmarks/speed/per_unet_call.py", "--repeats", "0"], "--repeats and --threads must be at least 1"),
     (["benchmarks/peers/trl_trainers.py", "--draft-steps", "2"], "--draft-steps must be at least 3, got 2"),
     (["benchmarks/peers/trl_trainers.py", "--pairs", "ddpo", "--ddpo-timesteps-per-call", "3"],  # ddpo.py's own
-     "the ours run of ddpo: --timesteps-per-call must be a divisor of the trained timesteps"),
+     "the ours run of ddpo: --timesteps-per-call must be a divisor of the steps trained per trajectory"),
     (["benchmarks/results/compare.py", "--jobs", "0"], "--jobs must be at least 1, got 0"),
     (["benchmarks/results/compare.py", "--methods", "ppo"], "unknown methods ['ppo']"),
     (["benchmarks/results/compare.py", "--budget", "16"], "--budget must be at least 21 with braid_boot, braid_bonus"),

@@ -12,7 +12,8 @@
 2. Runs each script as `python script.py ...` at 512 px with its default batch for --steps optimizer steps (DDPO and
    RWR: epochs of --samples-per-epoch images) and reads its metrics.jsonl: the median images/s over the steps after
    the first (the warm-up), and the peak GPU memory.
-3. Counts the FLOPs of one step with torch's FlopCounterMode during the first step of that same run, the warm-up
+3. Counts the FLOPs of one step (torch's formulas, attention included: benchmarks/shared.py's FlopCounter) during
+   the first step of that same run, the warm-up
    that is not timed (the script runs in a child process of this file, under the counter from the first step's
    start to the second's: loading, the offline data and the sample grids are outside it). The model-FLOP
    utilisation is that count per second of a step over the device's dense bf16 peak. No count with --levers: they
@@ -66,13 +67,19 @@ class Args:
     """the device's dense bf16 peak in TFLOP/s; by default looked up from the GPU's name"""
     tiny: bool = False
     """tiny shapes at 32 px instead of SD 1.4's at 512: to check this file on a CPU, not to measure"""
+    model: Optional[str] = None
+    """another pipeline folder to run the scripts on instead of the SD-1.4-shaped one (e.g. an SDXL-shaped one that
+    gpu_check.py builds); the reward models are still the ones built in --models-dir"""
+    resolution: Optional[int] = None
+    """image size in pixels; by default 512 (32 with --tiny)"""
     out: str = "docs/results/sd14_scale.json"
     """the numbers, as JSON"""
 
 
 def script_args(script: str, model: str, steps: int, args: Args) -> list[str]:
     """The script at SD 1.4 scale with its default batch, `steps` steps, no grids or checkpoints on the way."""
-    resolution = ["--resolution", "32", "--num-steps", "4"] if args.tiny else ["--resolution", "512"]
+    resolution = ["--resolution", str(args.resolution or (32 if args.tiny else 512))]
+    resolution += ["--num-steps", "4"] if args.tiny else []
     common = ["--pretrained-model", model, *resolution, "--sample-every", "100000", "--save-every", "100000"]
     if script in ("ddpo.py", "rwr.py"):
         length = ["--num-epochs", str(steps), "--samples-per-epoch", str(args.samples_per_epoch),
@@ -101,11 +108,10 @@ def count_flops(script: str, script_args: list[str]) -> int:
     """Runs the script in this process (a child process) and returns the FLOPs of its first training iteration (a
     step; an epoch for DDPO and RWR): the counter is on from its start to the second's, so loading, BRAID's offline
     data and the sample grids are outside it."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+    from benchmarks.shared import FlopCounter
     from common.run import Run
 
-    counter, steps = FlopCounterMode(display=False), Run.steps
+    counter, steps = FlopCounter(), Run.steps
 
     def steps_counted(self, start, end):  # the body of the first iteration runs between its yield and the next
         for i, step in enumerate(steps(self, start, end)):
@@ -116,17 +122,19 @@ def count_flops(script: str, script_args: list[str]) -> int:
     Run.steps = steps_counted
     sys.argv = [script, *script_args]
     runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
-    return counter.get_total_flops()
+    return counter.flops
 
 
-def run(command: list[str], env: dict, script: str) -> str:
+def run(command: list[str], env: dict) -> tuple[str, Optional[str]]:
+    """The script's output, and None or why it failed: its one sentence (a setting it refused, memory it ran out
+    of) or the end of its traceback."""
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     last = (result.stderr.strip().splitlines() or [""])[-1]
-    if result.returncode == 2 and last.startswith("error: "):  # the script refused a setting: its one sentence
-        fail(f"{script}: {last.removeprefix('error: ')}")
+    if result.returncode == 2 and last.startswith("error: "):
+        return result.stdout, last.removeprefix("error: ")
     if result.returncode != 0:
-        sys.exit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
-    return result.stdout
+        return result.stdout, f"{' '.join(command)} failed:\n{result.stderr[-3000:]}"
+    return result.stdout, None
 
 
 if __name__ == "__main__":
@@ -144,7 +152,8 @@ if __name__ == "__main__":
     if count and args.steps < 2:
         fail("--steps must be at least 2 to count the FLOPs of the first (or pass --no-count-flops)")
     cuda = torch.cuda.is_available()
-    model = build_models(args.models_dir, args.tiny)
+    built = build_models(args.models_dir, args.tiny)
+    model = args.model or built
     env = dict(os.environ, HF_HUB_CACHE=os.path.abspath(os.path.join(args.models_dir, "hub")), HF_HUB_OFFLINE="1")
     name = device_name()
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None) if cuda else None
@@ -158,7 +167,11 @@ if __name__ == "__main__":
             command = [sys.executable, *launcher, script, *script_args(script, model, args.steps, args),
                        "--output-dir", out]  # fmt: skip
             start = time.time()
-            stdout = run(command, env, script)
+            stdout, error = run(command, env)
+            if error:  # recorded, and the next script runs: one failure does not cost the others' numbers
+                results.append({"script": script, "levers": args.levers, "error": error})
+                print(json.dumps(results[-1]), flush=True)
+                continue
             (run_dir,) = os.listdir(out)
             with open(os.path.join(out, run_dir, "metrics.jsonl")) as f:
                 metrics = [json.loads(line) for line in f]
@@ -168,6 +181,7 @@ if __name__ == "__main__":
             "script": script,
             "levers": args.levers,
             "images_per_sec": statistics.median(m["images_per_sec"] for m in timed),
+            "images_per_step": images_per_step(script, args),
             "peak_mem_gb": max((m.get("peak_mem_gb") or 0.0) for m in metrics) if cuda else None,
             "wall_s": time.time() - start,
         }
@@ -175,7 +189,7 @@ if __name__ == "__main__":
             flops = next(line for line in stdout.splitlines()[::-1] if line.startswith("FLOPS "))
             result["tflop_per_step"] = int(flops.removeprefix("FLOPS ")) / 1e12
             if peak:
-                step_s = images_per_step(script, args) / result["images_per_sec"]
+                step_s = result["images_per_step"] / result["images_per_sec"]
                 result["mfu"] = result["tflop_per_step"] / step_s / peak
         results.append(result)
         print(json.dumps(result), flush=True)
@@ -195,7 +209,14 @@ if __name__ == "__main__":
     )
     print("| script | images/s | TFLOP per step | MFU (bf16 peak) | peak memory (GB) |\n|-|-|-|-|-|")
     for r in results:
+        if "error" in r:
+            print(f"| {r['script']} | failed: {r['error'].splitlines()[0][:120]} | | | |")
+            continue
         mfu = f"{100 * r['mfu']:.0f}%" if r.get("mfu") is not None else "n/a"
         mem = f"{r['peak_mem_gb']:.1f}" if r["peak_mem_gb"] is not None else "n/a"
         tflop = f"{r['tflop_per_step']:.1f}" if "tflop_per_step" in r else "n/a"
         print(f"| {r['script']} | {r['images_per_sec']:.2f} | {tflop} | {mfu} | {mem} |")
+    failed = [r for r in results if "error" in r]
+    if failed:  # the first failure decides the exit status: a script's own sentence (2), or its traceback (1)
+        error = failed[0]["error"]
+        fail(f"{failed[0]['script']}: {error}") if "\n" not in error else sys.exit(error)
