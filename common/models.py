@@ -341,9 +341,9 @@ def load_model(name: str = SD14, revision=None, device="cpu", dtype=None, resolu
             scheduler = DDIMScheduler.from_config(scheduler_config, clip_sample=False, set_alpha_to_one=alpha_to_one)
     except (NotImplementedError, ValueError, TypeError) as e:  # e.g. a beta_schedule diffusers does not know
         fail(f"'{name}' has a scheduler config these scripts cannot use ({str(e).splitlines()[0][:200]})")
-        if scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
-            fail(f"'{name}' predicts '{scheduler.config.prediction_type}'; these scripts need a model that predicts "
-                 "'epsilon' (SD 1.x, SD 2.x base, SDXL) or 'v_prediction' (SD 2.x at 768 px)")  # fmt: skip
+    if family != "sd3" and scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
+        fail(f"'{name}' predicts '{scheduler.config.prediction_type}'; these scripts need a model that predicts "
+             "'epsilon' (SD 1.x, SD 2.x base, SDXL) or 'v_prediction' (SD 2.x at 768 px)")  # fmt: skip
     if num_steps > scheduler.config.num_train_timesteps:
         steps = scheduler.config.num_train_timesteps
         fail(f"--num-steps must be at most the scheduler's {steps} training timesteps, got {num_steps}")
