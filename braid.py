@@ -167,7 +167,8 @@ class Args:
 
     # Algorithm specific arguments
     offline_data: Optional[str] = None
-    """a folder of images with a scores.csv of file,score lines, or a .pt file (docs/braid.md); default: synthesised"""
+    """your data: an imagefolder (metadata.jsonl/.csv of file_name, prompt, reward), a Hub dataset id, a scores.csv
+    folder or a .pt file (docs/braid.md); default: synthesised from the pretrained model"""
     offline_size: int = 1024
     """synthesised data: images sampled from the pretrained model"""
     labeler: Union[Literal["aesthetic", "pickscore", "hpsv2", "colorfulness", "jpeg_compressibility",
