@@ -23,6 +23,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import common.run
 from scripts import ROOT, SCRIPTS
@@ -172,8 +173,10 @@ def fake_run(script: str, run_dir) -> None:
     counter = "epoch" if script in ("ddpo.py", "rwr.py") else "step"
     checkpoint = run_dir / "checkpoints" / f"{counter}_000001"
     checkpoint.mkdir(parents=True)
-    torch.save({"script": script, counter: 1, "args": dataclasses.asdict(args)}, checkpoint / "state.pt")
-    (checkpoint / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    state = {"script": script, counter: 1, "args": dataclasses.asdict(args), "optimizer": {},
+             "rng": torch.Generator().get_state()}  # fmt: skip
+    torch.save(state, checkpoint / "state.pt")
+    save_file({"lora": torch.zeros(1)}, checkpoint / "pytorch_lora_weights.safetensors")
 
 
 @pytest.mark.parametrize("command", BY_KIND["gpu"])
