@@ -21,12 +21,14 @@ def model(tiny_sd_path):
     return load_model(tiny_sd_path, resolution=RESOLUTION)
 
 
-@pytest.fixture(scope="module", params=["sd", "sd-v", "sdxl"])
+@pytest.fixture(scope="module", params=["sd", "sd-v", "sdxl", "sd3"])
 def model_and_pipeline(request):
-    """Our model and the family's diffusers pipeline with a DDIMScheduler, from the same folder: SD with epsilon,
-    its v-prediction twin, SDXL."""
+    """Our model and the family's diffusers pipeline, from the same folder: SD with epsilon, its v-prediction twin
+    and SDXL with a DDIMScheduler, SD 3 with its own flow scheduler (our eta 0 step is its Euler step)."""
     path = request.getfixturevalue(
-        {"sd": "tiny_sd_path", "sd-v": "tiny_sd_v_path", "sdxl": "tiny_sdxl_path"}[request.param]
+        {"sd": "tiny_sd_path", "sd-v": "tiny_sd_v_path", "sdxl": "tiny_sdxl_path", "sd3": "tiny_sd3_path"}[
+            request.param
+        ]
     )
     return load_model(path, resolution=RESOLUTION), plain_pipeline(request.param.removesuffix("-v"), path)
 
@@ -54,8 +56,8 @@ def test_loop_equals_diffusers_pipeline(model_and_pipeline, eta):
     with torch.no_grad():  # at eta = 1 both draw the step noise from generators seeded alike
         ours, _ = sample(model, latents, model.encode(PROMPTS), STEPS, GUIDANCE, eta, torch.Generator().manual_seed(1))
         ours_images = model.decode(ours)
-    kwargs = dict(num_inference_steps=STEPS, guidance_scale=GUIDANCE, eta=eta, latents=latents.clone(),
-                  height=RESOLUTION, width=RESOLUTION)  # fmt: skip
+    kwargs = dict(num_inference_steps=STEPS, guidance_scale=GUIDANCE, latents=latents.clone(), height=RESOLUTION,
+                  width=RESOLUTION, **({} if model.family == "sd3" else dict(eta=eta)))  # fmt: skip
     theirs = pipeline(PROMPTS, output_type="latent", generator=torch.Generator().manual_seed(1), **kwargs).images
     theirs_images = pipeline(PROMPTS, output_type="pt", generator=torch.Generator().manual_seed(1), **kwargs).images
     assert ours.shape == (2, model.denoiser.config.in_channels, RESOLUTION // 2, RESOLUTION // 2)
