@@ -121,7 +121,14 @@ def test_sampling_follows_diffusers_and_the_path_kl_matches_an_independent_compu
     torch.testing.assert_close(kl.detach(), expected, rtol=1e-4, atol=1e-8)
 
 
-@pytest.mark.parametrize("variant", [["--conservatism", "boot"], ["--conservatism", "bonus"], ["--c", "0"]])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        ["--conservatism", "boot"],
+        pytest.param(["--conservatism", "bonus"], marks=pytest.mark.slow),
+        pytest.param(["--c", "0"], marks=pytest.mark.slow),
+    ],
+)
 def test_script_runs_on_synthesised_data(variant, tiny_sd_path, tmp_path, monkeypatch):
     run_script("braid.py", ["--pretrained-model", tiny_sd_path, *TINY, *variant, "--train-steps", "2",
                             "--offline-quantile", "0.5", "--output-dir", str(tmp_path)], monkeypatch)  # fmt: skip
@@ -139,7 +146,14 @@ def test_script_runs_on_synthesised_data(variant, tiny_sd_path, tmp_path, monkey
         assert os.path.isfile(os.path.join(run_dir, name))
 
 
-@pytest.mark.parametrize("layout", ["scores.csv", "metadata.jsonl in train/", "metadata.csv"])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        pytest.param("scores.csv", marks=pytest.mark.slow),
+        "metadata.jsonl in train/",
+        pytest.param("metadata.csv", marks=pytest.mark.slow),
+    ],
+)
 def test_script_runs_on_a_folder_of_images_with_scores(layout, tiny_sd_path, tmp_path, monkeypatch):
     """Your own data: a folder of images and their scores, in the project's scores.csv or the `datasets` library's
     imagefolder layout (metadata.jsonl or .csv with file_name, prompt, reward; also in a train/ subfolder)."""

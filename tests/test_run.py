@@ -72,6 +72,7 @@ def test_the_tiny_preset_sets_its_values_and_flags_still_override_them(script, m
     assert parse("--preset=tiny").resolution == 32
 
 
+@pytest.mark.slow
 def test_help_opens_with_the_scripts_docstring_and_lists_the_choices():
     result = subprocess.run([sys.executable, "ddpo.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0 and "DDPO: Training Diffusion Models with Reinforcement Learning" in result.stdout
@@ -82,7 +83,7 @@ def test_help_opens_with_the_scripts_docstring_and_lists_the_choices():
     assert "--mixed-precision {auto,bf16,no}" in result.stdout
 
 
-@pytest.mark.parametrize("script", ["draft_k.py", "braid.py"])
+@pytest.mark.parametrize("script", ["draft_k.py", pytest.param("braid.py", marks=pytest.mark.slow)])
 def test_a_run_prints_no_library_warning_and_releases_its_lock(script, tiny_sd_path, tmp_path):
     """`python script ...` as a user runs it: nothing on stderr but progress bars (no library warning, no note that
     an SD-sized model is slow on the CPU), and the run folder's lock is gone when the process ends."""
@@ -93,6 +94,7 @@ def test_a_run_prints_no_library_warning_and_releases_its_lock(script, tiny_sd_p
     assert (run_dir / "pytorch_lora_weights.safetensors").is_file() and not (run_dir / ".lock").exists()
 
 
+@pytest.mark.slow
 def test_importing_common_changes_nothing_global():
     """Our hooks and filters (quiet_and_catch) are installed by cli, when a script starts; an import leaves the
     interpreter as it was (the libraries imported add filters of their own) and no library warns."""
