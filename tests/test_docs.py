@@ -206,7 +206,7 @@ def test_training_the_tiny_model_parses(command):
 def scratch_checkout(tmp_path):
     """A folder that looks like the checkout (its scripts, common/ and assets/, linked), so that a command run there
     finds `assets/tiny-sd` and writes its runs/ there."""
-    for name in [*SCRIPTS, "common", "assets"]:
+    for name in [*SCRIPTS, "common", "assets", "examples"]:
         os.symlink(os.path.join(ROOT, name), tmp_path / name)
     return tmp_path
 
