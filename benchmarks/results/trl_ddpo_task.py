@@ -95,7 +95,7 @@ class Args:
 FROM_DDPO = dict(eta=1.0, lora_rank=4, weight_decay=1e-4, grad_accum_steps=1, num_inner_epochs=1, clip_range=1e-4,
                  adv_clip_max=5.0, timestep_fraction=1.0, per_prompt_buffer=16, per_prompt_min_count=16,
                  max_grad_norm=1.0, mixed_precision="auto", cuda=True, torch_deterministic=True, track=False,
-                 resume=None)  # fmt: skip
+                 resume=None, push_to_hub=False, hub_model_id=None)  # fmt: skip
 
 
 def trl_pipeline(name: str, resolution: int):
