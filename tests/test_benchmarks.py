@@ -46,19 +46,21 @@ def test_sampler_overhead_runs_its_equivalence_check_and_times_both(tiny_sd_path
 
 @pytest.mark.slow
 def test_gpu_check_dry_run_runs_the_whole_plan(tmp_path):
-    """The GPU machine's one command, at tiny shapes on the CPU: every part ends (the six scripts through
-    speed/sd14_scale.py, SDXL- and SD-3.5-shaped pipelines, the pairs with TRL through peers/trl_trainers.py),
-    every run is timed with its FLOPs counted, both sides of each TRL pair do the same work, and the tables are
-    written. TRL is a benchmark-only dependency; CI installs it (.ci/run)."""
+    """The GPU machine's one command, at tiny shapes on the CPU: every kind of part ends (the six scripts through
+    speed/sd14_scale.py, SDXL- and SD-3.5-shaped pipelines, a batch-1 run, the pairs with TRL through
+    peers/trl_trainers.py; the other batch-1 parts differ from the one run here only in their flags), every run is
+    timed with its FLOPs counted, both sides of each TRL pair do the same work, and the tables are written. TRL is a
+    benchmark-only dependency; CI installs it (.ci/run)."""
     pytest.importorskip("trl", reason=TRL)
     out = tmp_path / "out"
     result = run(["benchmarks/speed/gpu_check.py", "--dry-run", "--out-dir", str(out), "--models-dir",
-                  str(tmp_path / "models")])  # fmt: skip
+                  str(tmp_path / "models"), "--only", "sd14 default", "sdxl", "sd35", "trl",
+                  "sd14 batch 1 ddpo"])  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "gpu_check.json").read_text())
-    assert [p["status"] for p in report["parts"]] == ["ok"] * 12, [(p["name"], p.get("tail")) for p in report["parts"]]
+    assert [p["status"] for p in report["parts"]] == ["ok"] * 7, [(p["name"], p.get("tail")) for p in report["parts"]]
     rows = [r for p in report["parts"] if "sd14_scale" in p["command"] for r in p["result"]["results"]]
-    assert sorted({r["script"] for r in rows}) == sorted(SCRIPTS) and len(rows) == 6 + 4 + 6
+    assert sorted({r["script"] for r in rows}) == sorted(SCRIPTS) and len(rows) == 6 + 4 + 1
     assert all(r["images_per_sec"] > 0 and r["tflop_per_step"] > 0 for r in rows)
     (trl,) = [p["result"] for p in report["parts"] if "trl_trainers" in p["command"]]
     assert [s["pair"] for s in trl["summary"]] == ["ddpo", "draft1"]
@@ -182,12 +184,14 @@ def test_seiko_conventions_without_seiko(tmp_path):
 
 @pytest.mark.slow
 def test_compare_quick_runs_every_method_resumes_and_summarizes(tiny_sd_path, tmp_path):
-    """`python benchmarks/results/compare.py --quick` as the docs give it, into tmp_path and on the random tiny model
-    (assets/tiny-sd takes minutes here): every method's run (TRL's row where TRL is installed), the summary beside
-    them and never in docs/, and a second call that finds every run finished."""
+    """`python benchmarks/results/compare.py --quick` as the docs give it, into tmp_path, on the random tiny model
+    (assets/tiny-sd takes minutes here) and two one-thread runs at a time (as the full run's docs say): every method's
+    run (TRL's row where TRL is installed), the summary beside them and never in docs/, and a second call that finds
+    every run finished."""
     out, results_md = tmp_path / "runs", Path(ROOT, "docs", "RESULTS.md")
     recorded = results_md.read_text()
-    command = ["benchmarks/results/compare.py", "--quick", "--output-dir", str(out), "--pretrained-model", tiny_sd_path]
+    command = ["benchmarks/results/compare.py", "--quick", "--output-dir", str(out), "--pretrained-model", tiny_sd_path,
+               "--jobs", "2"]  # fmt: skip
     result = run(command)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     methods = METHODS + ["trl_ddpo"] * has_trl()
@@ -273,10 +277,17 @@ def test_trl_ddpo_task_defaults_are_ddpo_tiny_preset():
      "no finished runs under"),
     (["benchmarks/results/trl_ddpo_task.py", "--sample-batch-size", "3"], "--samples-per-epoch must be a multiple"),
 ])  # fmt: skip
-def test_bad_input_ends_with_one_sentence(bad, message, tmp_path):
-    """Each is refused before anything is loaded or written (TMP: this test's folder, for what would read runs)."""
+def test_bad_input_ends_with_one_sentence(bad, message, tmp_path, monkeypatch, capsys):
+    """Each is refused before anything is loaded or written (TMP: this test's folder, for what would read runs). Run
+    in this process, as `python FILE ...` would run it, to spare a Python start per case."""
     if "trl_trainers" in bad[0]:  # it checks the TRL version first
         pytest.importorskip("trl", reason=TRL)
-    result = run([part.replace("TMP", str(tmp_path)) for part in bad])
-    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-3000:]
-    assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
+    argv = [part.replace("TMP", str(tmp_path)) for part in bad]
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the files put the repository's root first
+    with pytest.raises(SystemExit) as exit:
+        runpy.run_path(os.path.join(ROOT, argv[0]), run_name="__main__")
+    stderr = capsys.readouterr().err
+    assert exit.value.code == 2 and stderr.count("\n") == 1, stderr[-3000:]
+    assert stderr.startswith("error: ") and message in stderr, stderr

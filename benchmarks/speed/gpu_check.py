@@ -27,7 +27,6 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import tyro
@@ -53,8 +52,9 @@ class Args:
     """seconds: no part starts after this much time has passed"""
     dry_run: bool = False
     """the same plan at tiny shapes (32 px, 4 DDIM steps, TRL's pair on tiny-sd): a CPU check of this file"""
-    only: Optional[str] = None
-    """run only the parts whose name contains this text (e.g. 'sdxl'), to rerun what a first run missed"""
+    only: tuple[str, ...] = ()
+    """run only the parts whose name contains one of these texts (e.g. sdxl 'batch 1'), to rerun what a first run
+    missed"""
 
 
 def ceilings(dry_run: bool) -> dict:
@@ -114,7 +114,7 @@ def plan(args: Args, python: str) -> list[tuple[str, list[str]]]:
     parts.append(("trl pairs", [python, "benchmarks/peers/trl_trainers.py", *trl, "--repeats", "1", "--out", "{json}"]))
     for script in ["draft_k.py", "draft_lv.py", "rwr.py", "braid.py"]:
         parts.append((f"sd14 batch 1 {script}", [*scale, "--scripts", script, "--extra-args=" + BATCH_1[script]]))
-    return [(name, command) for name, command in parts if args.only is None or args.only in name]
+    return [(name, command) for name, command in parts if not args.only or any(text in name for text in args.only)]
 
 
 def table(report: dict) -> str:
