@@ -8,6 +8,7 @@ import os
 import runpy
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -286,8 +287,13 @@ def test_bad_input_ends_with_one_sentence(bad, message, tmp_path, monkeypatch, c
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(sys, "argv", argv)
     monkeypatch.setattr(sys, "path", list(sys.path))  # the files put the repository's root first
-    with pytest.raises(SystemExit) as exit:
-        runpy.run_path(os.path.join(ROOT, argv[0]), run_name="__main__")
+    threads, rng = torch.get_num_threads(), torch.get_rng_state()  # a file may set them before it refuses
+    try:
+        with pytest.raises(SystemExit) as exit, warnings.catch_warnings():
+            runpy.run_path(os.path.join(ROOT, argv[0]), run_name="__main__")
+    finally:  # the tests after this one run in this process too
+        torch.set_num_threads(threads)
+        torch.set_rng_state(rng)
     stderr = capsys.readouterr().err
     assert exit.value.code == 2 and stderr.count("\n") == 1, stderr[-3000:]
     assert stderr.startswith("error: ") and message in stderr, stderr
