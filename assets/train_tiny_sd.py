@@ -125,6 +125,48 @@ def lr_lambda(steps: int, warmup_steps: int):
     return lambda step: min(1.0, (step + 1) / warmup_steps) * 0.5 * (1 + math.cos(math.pi * step / steps))
 
 
+def measure(model, seed: int, samples_per_prompt: int, num_steps: int, guidance_scale: float) -> dict:
+    """Sample each prompt of the world `samples_per_prompt` times and print how often the samples follow their prompt,
+    the fill ratio of each shape and the colourfulness; returns the accuracy."""
+    prompts = [p for p in PROMPT_SETS["shapes"] for _ in range(samples_per_prompt)]
+    with torch.no_grad():
+        latents = model.initial_latents(len(prompts), torch.Generator().manual_seed(seed))
+        x0, _ = sample(model, latents, model.encode(prompts), num_steps, guidance_scale)
+        images = model.decode(x0)
+    colorfulness = Colorfulness()(images)
+    descriptions = describe(images)
+    follow = accuracy(descriptions, prompts)
+    print(f"{len(prompts)} samples, {num_steps} DDIM steps, guidance {guidance_scale}: follow their prompt {follow}")
+    for shape in SHAPES:
+        fills = [d["fill"] for d, p in zip(descriptions, prompts) if parse(p)["shape"] == shape]
+        print(f"  fill ratio of {shape}s: {np.mean(fills):.3f} +- {np.std(fills):.3f} (drawn: {FILL_RATIO[shape]:.3f})")
+    print(f"colorfulness: {colorfulness.mean():.1f} +- {colorfulness.std():.1f} over all samples")
+    for colour in COLOURS:
+        values = [c for c, p in zip(colorfulness.tolist(), prompts) if parse(p)["colour"] == colour]
+        print(f"  {colour} shapes: {np.mean(values):.1f} +- {np.std(values):.1f}")
+    return follow
+
+
+def save_grid(model, path: str, seed: int, num_steps: int, guidance_scale: float) -> None:
+    """A PNG of 30 samples: rows are the shape's colour, columns the other five backgrounds, shapes in turn; 3x
+    nearest upscale."""
+    grid_prompts = [
+        f"a {colour} {SHAPES[(row + col) % 3]} on a {background} background"
+        for row, colour in enumerate(COLOURS)
+        for col, background in enumerate(c for c in COLOURS if c != colour)
+    ]
+    with torch.no_grad():
+        latents = model.initial_latents(len(grid_prompts), torch.Generator().manual_seed(seed))
+        x0, _ = sample(model, latents, model.encode(grid_prompts), num_steps, guidance_scale)
+        grid = model.decode(x0)  # (30, 3, H, W)
+    side = model.resolution
+    grid = grid.view(len(COLOURS), len(COLOURS) - 1, 3, side, side).permute(0, 3, 1, 4, 2)
+    grid = grid.reshape(len(COLOURS) * side, (len(COLOURS) - 1) * side, 3)
+    grid = (grid * 255).round().to(torch.uint8).repeat_interleave(3, 0).repeat_interleave(3, 1).numpy()
+    Image.fromarray(grid).save(path)
+    print(f"saved {path}")
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     if args.resolution % 4 or args.resolution <= MAX_SIZE:
@@ -240,36 +282,6 @@ if __name__ == "__main__":
     print(f"saved {args.output_dir} after {train_time / 60:.1f} minutes")
 
     model = load_model(args.output_dir, resolution=args.resolution)
-    prompts = [p for p in PROMPT_SETS["shapes"] for _ in range(args.eval_samples_per_prompt)]
-    eval_generator = torch.Generator().manual_seed(args.seed)
-    with torch.no_grad():
-        latents = model.initial_latents(len(prompts), eval_generator)
-        x0, _ = sample(model, latents, model.encode(prompts), args.eval_steps, args.guidance_scale)
-        images = model.decode(x0)
-    colorfulness = Colorfulness()(images)
-    descriptions = describe(images)
-    print(f"{len(prompts)} samples, {args.eval_steps} DDIM steps, guidance {args.guidance_scale}: follow their prompt"
-          f" {accuracy(descriptions, prompts)}")  # fmt: skip
-    for shape in SHAPES:
-        fills = [d["fill"] for d, p in zip(descriptions, prompts) if parse(p)["shape"] == shape]
-        print(f"  fill ratio of {shape}s: {np.mean(fills):.3f} +- {np.std(fills):.3f} (drawn: {FILL_RATIO[shape]:.3f})")
-    print(f"colorfulness: {colorfulness.mean():.1f} +- {colorfulness.std():.1f} over all samples")
-    for colour in COLOURS:
-        values = [c for c, p in zip(colorfulness.tolist(), prompts) if parse(p)["colour"] == colour]
-        print(f"  {colour} shapes: {np.mean(values):.1f} +- {np.std(values):.1f}")
-
-    if args.grid:  # rows: the shape's colour; columns: the other five backgrounds; shapes in turn; 3x nearest upscale
-        grid_prompts = [
-            f"a {colour} {SHAPES[(row + col) % 3]} on a {background} background"
-            for row, colour in enumerate(COLOURS)
-            for col, background in enumerate(c for c in COLOURS if c != colour)
-        ]
-        with torch.no_grad():
-            latents = model.initial_latents(len(grid_prompts), torch.Generator().manual_seed(args.seed))
-            x0, _ = sample(model, latents, model.encode(grid_prompts), args.eval_steps, args.guidance_scale)
-            grid = model.decode(x0)  # (30, 3, 32, 32)
-        grid = grid.view(len(COLOURS), len(COLOURS) - 1, 3, args.resolution, args.resolution).permute(0, 3, 1, 4, 2)
-        grid = grid.reshape(len(COLOURS) * args.resolution, (len(COLOURS) - 1) * args.resolution, 3)
-        grid = (grid * 255).round().to(torch.uint8).repeat_interleave(3, 0).repeat_interleave(3, 1).numpy()
-        Image.fromarray(grid).save(args.grid)
-        print(f"saved {args.grid}")
+    measure(model, args.seed, args.eval_samples_per_prompt, args.eval_steps, args.guidance_scale)
+    if args.grid:
+        save_grid(model, args.grid, args.seed, args.eval_steps, args.guidance_scale)
