@@ -2,9 +2,9 @@
 pipeline format (CLIP tokenizer and text encoder, UNet2DConditionModel with cross-attention, AutoencoderKL, DDIM with
 SD's betas), so that the project's scripts can run for real without a GPU or a download.
 
-Its world, drawn in code: a 32 x 32 px image of one shape (circle, square or triangle) in one colour on a plain
-background of another, captioned "a {colour} {shape} on a {background} background" (the 90 prompts of
-common.prompts.PROMPT_SETS["shapes"]). Stage 1 trains the VAE (scale factor 4: 32 px -> 4 x 8 x 8 latents); stage 2
+Its world (common/shapes.py), drawn in code: a 32 x 32 px image of one shape (circle, square or triangle) in one
+colour on a plain background of another, captioned "a {colour} {shape} on a {background} background" (the 90 prompts
+of common.prompts.PROMPT_SETS["shapes"]). Stage 1 trains the VAE (scale factor 4: 32 px -> 4 x 8 x 8 latents); stage 2
 trains the UNet and the text encoder together with SD's denoising loss (epsilon prediction, 10% empty prompts for
 classifier-free guidance); stage 3 saves with StableDiffusionPipeline.save_pretrained, loads it back through
 common.models.load_model and measures how often samples follow their prompts (numbers in assets/README.md).
@@ -32,6 +32,7 @@ from common.models import load_model  # noqa: E402
 from common.prompts import COLOURS, PROMPT_SETS, SHAPES  # noqa: E402
 from common.rewards import Colorfulness  # noqa: E402
 from common.sampling import sample  # noqa: E402
+from common.shapes import FILL_RATIO, MAX_SIZE, accuracy, describe, draw, parse, random_captions  # noqa: E402
 
 
 @dataclass
@@ -74,98 +75,6 @@ class Args:
     """DDIM steps of the final measurement"""
     guidance_scale: float = 5.0
     """classifier-free guidance of the final measurement"""
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The world: what the images look like, how to draw them and how to read them back
-RGB = {
-    "red": (0.9, 0.1, 0.1), "green": (0.1, 0.65, 0.2), "blue": (0.15, 0.25, 0.9),
-    "yellow": (0.95, 0.85, 0.15), "white": (1.0, 1.0, 1.0), "black": (0.05, 0.05, 0.05),
-}  # fmt: skip
-PALETTE = torch.tensor([RGB[c] for c in COLOURS])  # (6, 3), in the order of COLOURS
-MIN_SIZE, MAX_SIZE = 12, 22  # side of a shape's bounding box in pixels
-FILL_RATIO = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5}  # area over bounding box; triangles point up
-
-
-def draw(shapes, colours, backgrounds, resolution: int = 32, generator=None) -> torch.Tensor:
-    """Images (B, 3, H, W) in [0, 1] of shape SHAPES[shapes[i]] in COLOURS[colours[i]] on COLOURS[backgrounds[i]],
-    at a random size and position, fully inside the image. Hard edges: a pixel is in if its centre is."""
-    batch_size = len(shapes)
-    size = torch.randint(MIN_SIZE, MAX_SIZE + 1, (batch_size,), generator=generator).view(-1, 1, 1)
-    left = (torch.rand(batch_size, generator=generator).view(-1, 1, 1) * (resolution - size + 1)).floor()
-    top = (torch.rand(batch_size, generator=generator).view(-1, 1, 1) * (resolution - size + 1)).floor()
-    centres = torch.arange(resolution) + 0.5
-    u = (centres.view(1, 1, -1) - left) / size  # (B, 1, W): 0 at the box's left edge, 1 at its right
-    v = (centres.view(1, -1, 1) - top) / size  # (B, H, 1): 0 at the top, 1 at the bottom
-    in_box = (u >= 0) & (u < 1) & (v >= 0) & (v < 1)
-    masks = torch.stack(
-        [
-            (u - 0.5) ** 2 + (v - 0.5) ** 2 < 0.25,  # circle
-            in_box,  # square
-            in_box & ((u - 0.5).abs() < v / 2),  # triangle
-        ]
-    )  # fmt: skip  (3, B, H, W)
-    mask = masks[shapes, torch.arange(batch_size)].unsqueeze(1)  # (B, 1, H, W)
-    return torch.where(mask, PALETTE[colours].view(-1, 3, 1, 1), PALETTE[backgrounds].view(-1, 3, 1, 1))
-
-
-def random_captions(batch_size: int, generator=None):
-    """Random (shape, colour, background) indices, background != colour, and their captions."""
-    shapes = torch.randint(len(SHAPES), (batch_size,), generator=generator)
-    colours = torch.randint(len(COLOURS), (batch_size,), generator=generator)
-    offsets = torch.randint(1, len(COLOURS), (batch_size,), generator=generator)  # never the shape's colour
-    backgrounds = (colours + offsets) % len(COLOURS)
-    captions = [
-        f"a {COLOURS[c]} {SHAPES[s]} on a {COLOURS[b]} background"
-        for s, c, b in zip(shapes.tolist(), colours.tolist(), backgrounds.tolist())
-    ]
-    return shapes, colours, backgrounds, captions
-
-
-def parse(prompt: str) -> dict:
-    """'a red circle on a white background' -> {'colour': 'red', 'shape': 'circle', 'background': 'white'}."""
-    words = prompt.split()
-    return {"colour": words[1], "shape": words[2], "background": words[5]}
-
-
-def describe(images) -> list[dict]:
-    """Read each image (B, 3, H, W) in [0, 1] back as the world's words. Every pixel takes its nearest palette colour:
-    the background is the most common one, the shape's colour the most common of the others. A pixel's share of the
-    shape (where it lies between the two colours, in [0, 1]) keeps areas right where edges blur. In the bounding box of
-    the shape's pixels (share > 1/2): a triangle has 1/4 of its area in the top half (a circle or a square 1/2), and
-    a square fills the box's corners outside the inscribed circle (a circle does not). `fill` is area over box."""
-    images = images.float().cpu()
-    nearest = ((images.unsqueeze(1) - PALETTE.view(1, -1, 3, 1, 1)) ** 2).sum(2).argmin(1)  # (B, H, W)
-    descriptions = []
-    for image, pixels in zip(images, nearest):
-        counts = torch.bincount(pixels.flatten(), minlength=len(COLOURS))
-        background = int(counts.argmax())
-        counts[background] = 0
-        colour = int(counts.argmax())
-        direction = (PALETTE[colour] - PALETTE[background]).view(3, 1, 1)
-        share = (((image - PALETTE[background].view(3, 1, 1)) * direction).sum(0) / direction.pow(2).sum()).clamp(0, 1)
-        rows, cols = (share > 0.5).any(1).nonzero(), (share > 0.5).any(0).nonzero()
-        if counts[colour] == 0 or len(rows) < 2 or len(cols) < 2:
-            descriptions.append({"colour": None, "shape": None, "background": COLOURS[background], "fill": 0.0})
-            continue
-        box = share[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]  # (h, w)
-        height, width = box.shape
-        top_share = box[: height // 2].sum() / (box[: height // 2].sum() + box[(height + 1) // 2 :].sum())
-        v = ((torch.arange(height) + 0.5) / height).view(-1, 1)
-        u = ((torch.arange(width) + 0.5) / width).view(1, -1)
-        corners = box[(u - 0.5) ** 2 + (v - 0.5) ** 2 > 0.25].mean()
-        shape = "triangle" if top_share < 0.375 else "square" if corners > 0.5 else "circle"
-        words = {"colour": COLOURS[colour], "shape": shape, "background": COLOURS[background]}
-        descriptions.append({**words, "fill": box.mean().item()})
-    return descriptions
-
-
-def accuracy(descriptions: list[dict], prompts: list[str]) -> dict:
-    """Fraction of images whose shape colour, background colour, shape, and all three, match their prompt."""
-    asked = [parse(p) for p in prompts]
-    match = {k: [d[k] == a[k] for d, a in zip(descriptions, asked)] for k in ("colour", "background", "shape")}
-    match["all"] = [all(m) for m in zip(*match.values())]
-    return {k: sum(v) / len(v) for k, v in match.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -214,6 +123,48 @@ def make_t5_tokenizer(words):
 def lr_lambda(steps: int, warmup_steps: int):
     """Linear warm-up, then cosine decay to 0 (the decay stands in for an EMA of the weights)."""
     return lambda step: min(1.0, (step + 1) / warmup_steps) * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
+def measure(model, seed: int, samples_per_prompt: int, num_steps: int, guidance_scale: float) -> dict:
+    """Sample each prompt of the world `samples_per_prompt` times and print how often the samples follow their prompt,
+    the fill ratio of each shape and the colourfulness; returns the accuracy."""
+    prompts = [p for p in PROMPT_SETS["shapes"] for _ in range(samples_per_prompt)]
+    with torch.no_grad():
+        latents = model.initial_latents(len(prompts), torch.Generator().manual_seed(seed))
+        x0, _ = sample(model, latents, model.encode(prompts), num_steps, guidance_scale)
+        images = model.decode(x0)
+    colorfulness = Colorfulness()(images)
+    descriptions = describe(images)
+    follow = accuracy(descriptions, prompts)
+    print(f"{len(prompts)} samples, {num_steps} DDIM steps, guidance {guidance_scale}: follow their prompt {follow}")
+    for shape in SHAPES:
+        fills = [d["fill"] for d, p in zip(descriptions, prompts) if parse(p)["shape"] == shape]
+        print(f"  fill ratio of {shape}s: {np.mean(fills):.3f} +- {np.std(fills):.3f} (drawn: {FILL_RATIO[shape]:.3f})")
+    print(f"colorfulness: {colorfulness.mean():.1f} +- {colorfulness.std():.1f} over all samples")
+    for colour in COLOURS:
+        values = [c for c, p in zip(colorfulness.tolist(), prompts) if parse(p)["colour"] == colour]
+        print(f"  {colour} shapes: {np.mean(values):.1f} +- {np.std(values):.1f}")
+    return follow
+
+
+def save_grid(model, path: str, seed: int, num_steps: int, guidance_scale: float) -> None:
+    """A PNG of 30 samples: rows are the shape's colour, columns the other five backgrounds, shapes in turn; 3x
+    nearest upscale."""
+    grid_prompts = [
+        f"a {colour} {SHAPES[(row + col) % 3]} on a {background} background"
+        for row, colour in enumerate(COLOURS)
+        for col, background in enumerate(c for c in COLOURS if c != colour)
+    ]
+    with torch.no_grad():
+        latents = model.initial_latents(len(grid_prompts), torch.Generator().manual_seed(seed))
+        x0, _ = sample(model, latents, model.encode(grid_prompts), num_steps, guidance_scale)
+        grid = model.decode(x0)  # (30, 3, H, W)
+    side = model.resolution
+    grid = grid.view(len(COLOURS), len(COLOURS) - 1, 3, side, side).permute(0, 3, 1, 4, 2)
+    grid = grid.reshape(len(COLOURS) * side, (len(COLOURS) - 1) * side, 3)
+    grid = (grid * 255).round().to(torch.uint8).repeat_interleave(3, 0).repeat_interleave(3, 1).numpy()
+    Image.fromarray(grid).save(path)
+    print(f"saved {path}")
 
 
 if __name__ == "__main__":
@@ -331,36 +282,6 @@ if __name__ == "__main__":
     print(f"saved {args.output_dir} after {train_time / 60:.1f} minutes")
 
     model = load_model(args.output_dir, resolution=args.resolution)
-    prompts = [p for p in PROMPT_SETS["shapes"] for _ in range(args.eval_samples_per_prompt)]
-    eval_generator = torch.Generator().manual_seed(args.seed)
-    with torch.no_grad():
-        latents = model.initial_latents(len(prompts), eval_generator)
-        x0, _ = sample(model, latents, model.encode(prompts), args.eval_steps, args.guidance_scale)
-        images = model.decode(x0)
-    colorfulness = Colorfulness()(images)
-    descriptions = describe(images)
-    print(f"{len(prompts)} samples, {args.eval_steps} DDIM steps, guidance {args.guidance_scale}: follow their prompt"
-          f" {accuracy(descriptions, prompts)}")  # fmt: skip
-    for shape in SHAPES:
-        fills = [d["fill"] for d, p in zip(descriptions, prompts) if parse(p)["shape"] == shape]
-        print(f"  fill ratio of {shape}s: {np.mean(fills):.3f} +- {np.std(fills):.3f} (drawn: {FILL_RATIO[shape]:.3f})")
-    print(f"colorfulness: {colorfulness.mean():.1f} +- {colorfulness.std():.1f} over all samples")
-    for colour in COLOURS:
-        values = [c for c, p in zip(colorfulness.tolist(), prompts) if parse(p)["colour"] == colour]
-        print(f"  {colour} shapes: {np.mean(values):.1f} +- {np.std(values):.1f}")
-
-    if args.grid:  # rows: the shape's colour; columns: the other five backgrounds; shapes in turn; 3x nearest upscale
-        grid_prompts = [
-            f"a {colour} {SHAPES[(row + col) % 3]} on a {background} background"
-            for row, colour in enumerate(COLOURS)
-            for col, background in enumerate(c for c in COLOURS if c != colour)
-        ]
-        with torch.no_grad():
-            latents = model.initial_latents(len(grid_prompts), torch.Generator().manual_seed(args.seed))
-            x0, _ = sample(model, latents, model.encode(grid_prompts), args.eval_steps, args.guidance_scale)
-            grid = model.decode(x0)  # (30, 3, 32, 32)
-        grid = grid.view(len(COLOURS), len(COLOURS) - 1, 3, args.resolution, args.resolution).permute(0, 3, 1, 4, 2)
-        grid = grid.reshape(len(COLOURS) * args.resolution, (len(COLOURS) - 1) * args.resolution, 3)
-        grid = (grid * 255).round().to(torch.uint8).repeat_interleave(3, 0).repeat_interleave(3, 1).numpy()
-        Image.fromarray(grid).save(args.grid)
-        print(f"saved {args.grid}")
+    measure(model, args.seed, args.eval_samples_per_prompt, args.eval_steps, args.guidance_scale)
+    if args.grid:
+        save_grid(model, args.grid, args.seed, args.eval_steps, args.guidance_scale)

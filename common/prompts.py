@@ -14,7 +14,8 @@ SIMPLE_ANIMALS = [
     "turkey", "fly", "llama", "camel", "bat", "gorilla", "hedgehog", "kangaroo",
 ]  # fmt: skip
 ACTIVITIES = ["washing the dishes", "riding a bike", "playing chess"]
-# the world of the tiny model in assets/tiny-sd: one coloured shape on a plain background of another colour
+# the world of the tiny models (assets/tiny-sd, assets/tiny-sd3; common/shapes.py draws and reads it): one coloured
+# shape on a plain background of another colour
 COLOURS = ["red", "green", "blue", "yellow", "white", "black"]
 SHAPES = ["circle", "square", "triangle"]
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-from assets.train_tiny_sd import accuracy, describe, draw, parse, random_captions
 from common.models import load_model
 from common.prompts import PROMPT_SETS
 from common.rewards import Colorfulness
 from common.sampling import sample
+from common.shapes import accuracy, describe, draw, parse, random_captions
 
 TINY_SD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "tiny-sd")
 RESOLUTION, STEPS, GUIDANCE = 32, 20, 5.0  # the settings assets/README.md recommends
