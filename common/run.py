@@ -32,7 +32,9 @@ from common import fail
 from common.checkpoint import find_checkpoint, open_run_dir, run_dir_of, save_checkpoint, why
 from common.distributed import average_gradients, cleanup, setup
 from common.hub import check_hub, model_card, push
+from common.prompts import PROMPT_SETS
 from common.sampling import sample
+from common.shapes import accuracy, describe
 
 
 class Run:
@@ -65,6 +67,7 @@ class Run:
         self.rng = torch.Generator().manual_seed(args.seed)
         self.writer, self.started, self.eval_reward, self.first_eval_reward = None, False, None, None
         self.eval_extra = {}  # what the last evaluation adds to the metrics lines: eval_kl, a sum's parts
+        self.first_eval_extra = {}  # and what the first one added
         self.hub_user = check_hub(args.hub_model_id) if args.push_to_hub and self.rank == 0 else None
 
     def start(self, model, optimizer, reward_fn, eval_prompts: list[str], eval_eta: float = 0.0) -> int:
@@ -110,12 +113,15 @@ class Run:
         self.eval_reward = self.state.get("eval_reward")
         self.first_eval_reward = self.state.get("first_eval_reward")
         self.eval_extra = self.state.get("eval_extra", {})
+        self.first_eval_extra = self.state.get("first_eval_extra", {})
         return self.state[self.counter]
 
     @torch.no_grad()
     def evaluate(self, count: int) -> float:
         """Fixed-seed samples on the held-out prompts: a grid (samples/ and TensorBoard), and their mean reward; and
-        eval_kl, the KL of the fine-tuned sampler from the pretrained one along these paths (common.sampling.sample)."""
+        what the reward does not see: eval_kl, the KL of the fine-tuned sampler from the pretrained one along these
+        paths (common.sampling.sample), and, when the prompts are the tiny models' world (assets/tiny-sd, tiny-sd3),
+        eval_fidelity, the share of samples that still show what their prompt asks (common.shapes.describe)."""
         generator = torch.Generator().manual_seed(self.args.seed) if self.eval_eta > 0 else None
         x0, record = sample(self.model, self.eval_latents, self.eval_cond, self.args.num_steps,
                             self.args.guidance_scale, self.eval_eta, generator, kl=True)  # fmt: skip
@@ -136,6 +142,8 @@ class Run:
             "eval_kl": record.kl.mean().item(),
             **{f"eval_{n}_mean": v.mean().item() for n, v in parts.items()},
         }
+        if set(self.eval_prompts) <= set(PROMPT_SETS["shapes"]):
+            self.eval_extra["eval_fidelity"] = accuracy(describe(images), self.eval_prompts * 2)["all"]
         return reward
 
     def written(self, what: str, path: str, write):
@@ -160,6 +168,7 @@ class Run:
         """start + 1, ..., end, with a progress bar on rank 0; a new run is evaluated before its first step."""
         if start == 0 and self.rank == 0:  # it also checks the pretrained model: a broken one leaves no run folder
             self.eval_reward = self.first_eval_reward = self.evaluate(0)
+            self.first_eval_extra = dict(self.eval_extra)
         self.started = True
         yield from tqdm(range(start + 1, end + 1), initial=start, total=end, disable=self.rank != 0)
 
@@ -210,7 +219,7 @@ class Run:
             state = {"script": os.path.basename(sys.argv[0]), "run_name": self.name, self.counter: count,
                      "optimizer": self.optimizer.state_dict(), "rng": self.rng.get_state(), "args": vars(self.args),
                      "eval_reward": self.eval_reward, "first_eval_reward": self.first_eval_reward,
-                     "eval_extra": self.eval_extra}  # fmt: skip
+                     "eval_extra": self.eval_extra, "first_eval_extra": self.first_eval_extra}  # fmt: skip
             checkpoint_dir = os.path.join(self.dir, "checkpoints", f"{self.counter}_{count:06d}")
             save_checkpoint(checkpoint_dir, self.model, {**state, **(extra_state or {})})
 
@@ -238,6 +247,9 @@ class Run:
                      " end",
                      f"LoRA: {self.dir}/pytorch_lora_weights.safetensors", f"model card: {path}",
                      f"last checkpoint: {folder}/{sorted(os.listdir(folder))[-1]}"]  # fmt: skip
+            if "eval_fidelity" in self.eval_extra:  # the tiny models' world: what the reward does not see
+                first, last = self.first_eval_extra.get("eval_fidelity"), self.eval_extra["eval_fidelity"]
+                lines.insert(1, f"held-out samples that follow their prompt: {first} at the start, {last} at the end")
             print("\n".join(lines + ([f"uploaded to {where}"] if where else [])))
         cleanup()
 

@@ -228,6 +228,10 @@ def test_tiny_command_runs(command, tmp_path):
     (run,) = os.listdir(cwd / "runs")
     assert os.path.isfile(cwd / "runs" / run / "pytorch_lora_weights.safetensors")
     assert f"LoRA: runs/{run}/pytorch_lora_weights.safetensors" in result.stdout
+    # the tiny models' held-out prompts: the pretrained model's samples follow them (what eval_fidelity measures)
+    fidelity = re.search(r"follow their prompt: ([\d.]+) at the start", result.stdout)
+    if not {"--prompt-file", "--validation-prompts", "--prompts"} & set(argv):
+        assert fidelity and float(fidelity.group(1)) >= 0.9, result.stdout[-2000:]
 
 
 @pytest.mark.slow

@@ -447,3 +447,5 @@ def test_validation_prompts_make_the_grid_and_keep_every_training_prompt(tiny_sd
     (run_dir,) = (tmp_path / "runs").iterdir()
     grid = Image.open(run_dir / "samples" / "step_000000.png")
     assert grid.size == (2 * 16, 2 * 16)  # a column per validation prompt, two seeds each
+    (metrics,) = read_metrics(tmp_path / "runs")[1]  # the tiny models' world: how many samples show their prompt
+    assert metrics["eval_fidelity"] in (0, 0.25, 0.5, 0.75, 1), metrics
