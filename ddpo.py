@@ -199,7 +199,7 @@ if __name__ == "__main__":
     )
     reward_fn = make_reward(args.reward, run.device, run.dtype)
 
-    # ALGO LOGIC: the MDP's actions are the steps with noise (a step into a flow's x_0, or SD's into abar = 1, has none)
+    # ALGO LOGIC: the MDP's actions are the steps with noise (not SD's into abar = 1, a flow's last two: step_std)
     schedule = model.schedule(args.num_steps)
     policy_steps = (schedule.step_std(args.eta) > 0).nonzero().flatten()  # (S,) step indices
     if len(policy_steps) == 0:

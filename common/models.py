@@ -204,8 +204,9 @@ class Model:
                 fail("the scheduler's first step starts from pure noise (a zero-terminal-SNR schedule, e.g."
                      " rescale_betas_zero_snr with 'trailing' spacing), where an epsilon model's x0 is undefined: use a"
                      " v-prediction model with such a schedule, or 'leading' spacing")  # fmt: skip
+            floor = sigmas[-2].item() if self.prediction_type == "flow" else 0.0  # sigma_min: Schedule.step_std
             self.schedules[num_steps] = Schedule(timesteps.to(self.device), alphas.to(self.device),
-                                                 sigmas.to(self.device), self.prediction_type)  # fmt: skip
+                                                 sigmas.to(self.device), self.prediction_type, floor)  # fmt: skip
         return self.schedules[num_steps]
 
     def shift_kwargs(self) -> dict:

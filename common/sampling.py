@@ -31,14 +31,19 @@ class Schedule:
     alphas: torch.Tensor  # (T + 1,) fp32
     sigmas: torch.Tensor  # (T + 1,) fp32
     prediction_type: str  # "epsilon", "v_prediction" or "flow" (the velocity eps - x0)
+    floor: float = 0.0  # a step into sigma <= floor is deterministic at any eta (a flow's sigma_min: step_std)
 
     def __len__(self) -> int:
         return len(self.timesteps)
 
     def step_std(self, eta: float) -> torch.Tensor:
-        """(T,): each step's std at this eta; 0 where a step is deterministic (into a flow's x0; SD's into abar = 1)."""
+        """(T,): each step's std at this eta; 0 where a step is deterministic: into sigma = 0 (a flow's x0, SD's
+        abar = 1), and on a flow's path also into its scheduler's sigma_min (`floor`), the step before x0, whose DDIM
+        std (at most sigma_min, 0.001 to 0.009) would make its log-probability's gradient, which scales as 1 / std,
+        drown every other step's in DDPO and its KL every other's (docs/ALGORITHMS.md, 1.7)."""
         ratio = self.alphas[:-1] * self.sigmas[1:] / (self.alphas[1:] * self.sigmas[:-1])
-        return eta * self.sigmas[1:] * (1 - ratio**2).clamp(min=0).sqrt()
+        std = eta * self.sigmas[1:] * (1 - ratio**2).clamp(min=0).sqrt()
+        return torch.where(self.sigmas[1:] > self.floor, std, torch.zeros_like(std))
 
 
 @dataclass
@@ -69,6 +74,7 @@ def ddim_step(schedule: Schedule, i, output, latents, eta: float = 0.0, prev_lat
         eps = latents + alpha_t * output
     ratio = alpha_t * sigma_s / (alpha_s * sigma_t)
     std = eta * sigma_s * (1 - ratio**2).clamp(min=0).sqrt()
+    std = torch.where(sigma_s > schedule.floor, std, torch.zeros_like(std))  # Schedule.step_std says why
     mean = alpha_s * pred_x0 + (sigma_s**2 - std**2).clamp(min=0).sqrt() * eps
     if prev_latents is None:
         prev_latents = mean if eta == 0 else mean + std * randn(mean.shape, generator, mean.device)
