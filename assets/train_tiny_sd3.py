@@ -99,10 +99,13 @@ def encode(captions: list[str], tokenizers, text_encoders, device) -> tuple[torc
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    if args.resolution % 8 or args.resolution <= MAX_SIZE:
-        fail(f"--resolution must be a multiple of 8 (the VAE's scale factor times the patch size) above {MAX_SIZE}")
-    if min(args.steps, args.warmup_steps) < 1 or args.shift <= 0:
-        fail("--steps and --warmup-steps must each be at least 1, and --shift positive")
+    if args.patch_size < 1 or args.resolution % (4 * args.patch_size) or args.resolution <= MAX_SIZE:
+        fail(f"--resolution must be a multiple of 4 * --patch-size (the VAE's scale factor times the patch size)"
+             f" above {MAX_SIZE}, and --patch-size at least 1")  # fmt: skip
+    if min(args.steps, args.warmup_steps, args.layers) < 1 or args.shift <= 0:
+        fail("--steps, --warmup-steps and --layers must each be at least 1, and --shift positive")
+    if not os.path.isfile(os.path.join(args.vae_from, "vae", "config.json")):
+        fail(f"--vae-from {args.vae_from} is not a pipeline folder with a vae/ (tiny-sd's is assets/tiny-sd)")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)  # the training images, captions, sigmas and noise
