@@ -209,6 +209,46 @@ def test_compare_quick_runs_every_method_resumes_and_summarizes(tiny_sd_path, tm
     assert result.returncode == 0 and result.stdout.count("skip ") == len(methods), result.stdout[-3000:]
 
 
+def test_frontier_reads_fidelity_reward_and_kl_back_and_stops_at_the_last_faithful_evaluation(tmp_path):
+    """frontier.py --summarize on a run folder written here: grids of drawn images (describe reads them exactly) and
+    a metrics.jsonl. The first two grids follow every prompt, the last swaps shape and background colours, so the
+    fidelity-constrained best is the better of the first two, the end the last; RESULTS.md then leads with the
+    section, and compare.py's own summary keeps it there."""
+    from benchmarks.results import compare, frontier
+    from common.rewards import make_reward
+    from common.run import save_grid
+    from common.shapes import COLOURS, SHAPES, draw, parse
+
+    asked = [parse(p) for p in frontier.HELD_OUT * 2]
+    index = {k: torch.tensor([names.index(a[k]) for a in asked]) for k, names in
+             (("shape", SHAPES), ("colour", COLOURS), ("background", COLOURS))}  # fmt: skip
+    start = draw(index["shape"], index["colour"], index["background"], generator=torch.Generator().manual_seed(1))
+    right = draw(index["shape"], index["colour"], index["background"], generator=torch.Generator().manual_seed(0))
+    wrong = draw(index["shape"], index["background"], index["colour"], generator=torch.Generator().manual_seed(0))
+    run_dir = tmp_path / "runs" / "draft_k1" / "lr1x_kl1" / "seed0" / "colorfulness__draft_k1__0__1"
+    (run_dir / "samples").mkdir(parents=True)
+    for step, images in ((0, start), (2, right), (4, wrong)):  # --budget 16: 4 steps of 4, an evaluation every 2
+        save_grid(images, str(run_dir / "samples" / f"step_{step:06d}.png"), len(frontier.HELD_OUT))
+    lines = [{"step": s, "eval_kl": 0.5 * s} for s in (1, 2, 3, 4)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    read = frontier.points(str(run_dir), "step", 4, frontier.HELD_OUT)
+    assert [p["fidelity"] for p in read] == [1.0, 1.0, 0.0] and [p["kl"] for p in read] == [0.0, 1.0, 2.0]
+    assert read[1]["reward"] == pytest.approx(make_reward("colorfulness")(right).mean().item(), rel=0.01)
+    assert read[1]["reward"] > read[0]["reward"] and frontier.constrained(read) == read[1]  # 8-bit PNGs above
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "RESULTS.md").write_text("# Results\n\nthe comparison\n")
+    runs, no_flow = str(tmp_path / "runs"), str(tmp_path / "no_flow_runs")  # the rate: docs/results/sweep.json's
+    args = frontier.Args(output_dir=runs, docs_dir=str(docs), seeds=1, budget=16, flow_dir=no_flow)
+    frontier.summarize(args)
+    text = (docs / "RESULTS.md").read_text()
+    row = f"| draft_k1 | 0.0012 | 1 | 1 | {read[1]['reward']:.1f} | 1 | 8 |"  # the swept rate in docs/results/
+    assert text.startswith("# Results\n\n## Reward at equal prompt fidelity") and row in text, text
+    assert text.rstrip().endswith("the comparison")
+    again = compare.lead_with(compare.lead_with(text, "## Reward at equal prompt fidelity\n\nnew"), text)
+    assert again.count("## Reward at equal prompt fidelity") == 1 and again.rstrip().endswith("the comparison")
+
+
 @pytest.mark.slow
 def test_trl_ddpo_task_writes_the_scripts_run_folder_with_their_evaluation(tiny_sd_path, tmp_path, monkeypatch):
     """TRL's DDPOTrainer with ddpo.py's flags for 2 epochs on the random tiny model: the metrics lines and grids that
@@ -274,6 +314,11 @@ def test_trl_ddpo_task_defaults_are_ddpo_tiny_preset():
     (["benchmarks/results/compare.py", "--methods", "ppo"], "unknown methods ['ppo']"),
     (["benchmarks/results/compare.py", "--budget", "16"], "--budget must be at least 21 with braid_boot, braid_bonus"),
     (["benchmarks/results/compare.py", "--summarize", "--output-dir", "TMP/runs", "--docs-dir", "TMP/docs"],
+     "no finished runs under"),
+    (["benchmarks/results/frontier.py", "--methods", "ppo"], "unknown methods ['ppo']"),
+    (["benchmarks/results/frontier.py", "--seeds", "0"], "--seeds must be at least 1, got 0"),
+    (["benchmarks/results/frontier.py", "--lrs", "TMP/sweep.json"], "sweep.json does not exist: it is compare.py's"),
+    (["benchmarks/results/frontier.py", "--summarize", "--output-dir", "TMP/runs", "--docs-dir", "TMP/docs"],
      "no finished runs under"),
     (["benchmarks/results/trl_ddpo_task.py", "--sample-batch-size", "3"], "--samples-per-epoch must be a multiple"),
 ])  # fmt: skip

@@ -560,6 +560,8 @@ def results_md(args: Args, results: dict, claims: dict, figures: list[str], swee
     lines = [
         "# Results: the six methods side by side on one task",
         "",
+        "## The comparison on the reward alone",
+        "",
         "Written by `python benchmarks/results/compare.py --summarize` from the runs' own files (metrics.jsonl,",
         "samples/, wall_clock.json). Task: the shipped tiny model (`assets/tiny-sd`, 32 px), reward `colorfulness`,",
         "the `shapes` prompts (86 for training, 4 held out as the scripts split them), 10 DDIM steps and guidance 5",
@@ -756,8 +758,22 @@ def claim_d_md(results: dict, sweep_points: list[dict]) -> list[str]:
     return out
 
 
+FRONTIER = "## Reward at equal prompt fidelity"  # frontier.py's section, which RESULTS.md leads with
+
+
+def lead_with(results: str, section: str) -> str:
+    """RESULTS.md's text with `section` (frontier.py's) right after its title, in place of an earlier one."""
+    title, _, rest = results.partition("\n")
+    start = rest.find(FRONTIER)
+    if start >= 0:  # the old section runs to the next heading of its level
+        end = rest.find("\n## ", start + len(FRONTIER))
+        rest = rest[:start] + (rest[end + 1 :] if end >= 0 else "")
+    return f"{title}\n\n{section.strip()}\n\n{rest.lstrip()}"
+
+
 def summarize(args: Args) -> None:
-    """{docs_dir}/RESULTS.md and its figures, from the finished runs under --output-dir."""
+    """{docs_dir}/RESULTS.md and its figures, from the finished runs under --output-dir (led by frontier.py's section,
+    {docs_dir}/results/frontier.md, where there is one)."""
     results = collect(args)
     if not results:
         fail(f"no finished runs under {args.output_dir}: run `python benchmarks/results/compare.py` first")
@@ -769,8 +785,12 @@ def summarize(args: Args) -> None:
     for file in ("claims.json", "sweep.json"):  # the raw numbers, beside the figures
         if os.path.isfile(os.path.join(args.output_dir, file)) and args.docs_dir != args.output_dir:
             shutil.copy(os.path.join(args.output_dir, file), os.path.join(args.docs_dir, "results", file))
+    text = results_md(args, results, claims, figures, sweep_points)
+    frontier = os.path.join(args.docs_dir, "results", "frontier.md")
+    if os.path.isfile(frontier):
+        text = lead_with(text, open(frontier).read())
     with open(os.path.join(args.docs_dir, "RESULTS.md"), "w") as f:
-        f.write(results_md(args, results, claims, figures, sweep_points))
+        f.write(text)
     print(f"wrote {args.docs_dir}/RESULTS.md and {len(figures)} figures")
 
 
