@@ -62,6 +62,7 @@ def test_gpu_check_dry_run_runs_the_whole_plan(tmp_path):
     rows = [r for p in report["parts"] if "sd14_scale" in p["command"] for r in p["result"]["results"]]
     assert sorted({r["script"] for r in rows}) == sorted(SCRIPTS) and len(rows) == 6 + 2
     assert all(r["images_per_sec"] > 0 and r["tflop_per_step"] > 0 for r in rows)
+    assert all(0.2 < r["peak_rss_gb"] < 20 for r in rows)  # each script's own process: torch and the models at least
     (trl,) = [p["result"] for p in report["parts"] if "trl_trainers" in p["command"]]
     assert [s["pair"] for s in trl["summary"]] == ["ddpo", "draft1"]
     for pair, table in trl["same_work"].items():

@@ -136,6 +136,8 @@ def table(report: dict) -> str:
             mfu = f"{100 * tflop / step_s / peak:.0f}%" if tflop and step_s and peak else "n/a"
             datasheet = f"{100 * r['mfu']:.0f}%" if r.get("mfu") is not None else "n/a"
             mem = f"{r['peak_mem_gb']:.1f}" if r.get("peak_mem_gb") is not None else "n/a"
+            if r.get("peak_mem_gb") is None and r.get("peak_rss_gb") is not None:  # no GPU (--dry-run): the process's
+                mem = f"{r['peak_rss_gb']:.1f} (resident set)"
             lines.append(f"| {part['name']} | {r['script']} | {r['images_per_sec']:.2f} | "
                          f"{f'{tflop:.1f}' if tflop else 'n/a'} | {mfu} | {datasheet} | {mem} |")  # fmt: skip
     for part in report["parts"]:

@@ -11,7 +11,8 @@
    HF_HUB_OFFLINE=1).
 2. Runs each script as `python script.py ...` at 512 px with its default batch for --steps optimizer steps (DDPO and
    RWR: epochs of --samples-per-epoch images) and reads its metrics.jsonl: the median images/s over the steps after
-   the first (the warm-up), and the peak GPU memory.
+   the first (the warm-up), the peak GPU memory, and the peak resident set of the script's process (on the CPU,
+   its memory).
 3. Counts the FLOPs of one step (torch's formulas, attention included: benchmarks/shared.py's FlopCounter) during
    the first step of that same run, the warm-up
    that is not timed (the script runs in a child process of this file, under the counter from the first step's
@@ -125,16 +126,23 @@ def count_flops(script: str, script_args: list[str]) -> int:
     return counter.flops
 
 
-def run(command: list[str], env: dict) -> tuple[str, Optional[str]]:
-    """The script's output, and None or why it failed: its one sentence (a setting it refused, memory it ran out
-    of) or the end of its traceback."""
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-    last = (result.stderr.strip().splitlines() or [""])[-1]
-    if result.returncode == 2 and last.startswith("error: "):
-        return result.stdout, last.removeprefix("error: ")
-    if result.returncode != 0:
-        return result.stdout, f"{' '.join(command)} failed:\n{result.stderr[-3000:]}"
-    return result.stdout, None
+def run(command: list[str], env: dict) -> tuple[str, Optional[str], float]:
+    """The script's output, None or why it failed (its one sentence: a setting it refused, memory it ran out of; or
+    the end of its traceback), and the peak resident set of its process in GB (the CPU's measure of memory: the
+    loaded models, the libraries and what the run holds; os.wait4 reports it for this one child)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    rss_gb = usage.ru_maxrss * 1024 / 1e9  # kB on Linux
+    last = (stderr.strip().splitlines() or [""])[-1]
+    if process.returncode == 2 and last.startswith("error: "):
+        return stdout, last.removeprefix("error: "), rss_gb
+    if process.returncode != 0:
+        return stdout, f"{' '.join(command)} failed:\n{stderr[-3000:]}", rss_gb
+    return stdout, None, rss_gb
 
 
 if __name__ == "__main__":
@@ -167,7 +175,7 @@ if __name__ == "__main__":
             command = [sys.executable, *launcher, script, *script_args(script, model, args.steps, args),
                        "--output-dir", out]  # fmt: skip
             start = time.time()
-            stdout, error = run(command, env)
+            stdout, error, rss_gb = run(command, env)
             if error:  # recorded, and the next script runs: one failure does not cost the others' numbers
                 results.append({"script": script, "levers": args.levers, "error": error})
                 print(json.dumps(results[-1]), flush=True)
@@ -183,6 +191,7 @@ if __name__ == "__main__":
             "images_per_sec": statistics.median(m["images_per_sec"] for m in timed),
             "images_per_step": images_per_step(script, args),
             "peak_mem_gb": max((m.get("peak_mem_gb") or 0.0) for m in metrics) if cuda else None,
+            "peak_rss_gb": rss_gb,
             "wall_s": time.time() - start,
         }
         if count:
@@ -207,15 +216,16 @@ if __name__ == "__main__":
         + ", ".join(f"{k} {v}" for k, v in versions.items())
         + f"; levers: {', '.join(args.levers) or 'none'}"
     )
-    print("| script | images/s | TFLOP per step | MFU (bf16 peak) | peak memory (GB) |\n|-|-|-|-|-|")
+    print("| script | images/s | TFLOP per step | MFU (bf16 peak) | peak GPU memory (GB) | peak resident set (GB) |")
+    print("|-|-|-|-|-|-|")
     for r in results:
         if "error" in r:
-            print(f"| {r['script']} | failed: {r['error'].splitlines()[0][:120]} | | | |")
+            print(f"| {r['script']} | failed: {r['error'].splitlines()[0][:120]} | | | | |")
             continue
         mfu = f"{100 * r['mfu']:.0f}%" if r.get("mfu") is not None else "n/a"
         mem = f"{r['peak_mem_gb']:.1f}" if r["peak_mem_gb"] is not None else "n/a"
         tflop = f"{r['tflop_per_step']:.1f}" if "tflop_per_step" in r else "n/a"
-        print(f"| {r['script']} | {r['images_per_sec']:.2f} | {tflop} | {mfu} | {mem} |")
+        print(f"| {r['script']} | {r['images_per_sec']:.2f} | {tflop} | {mfu} | {mem} | {r['peak_rss_gb']:.1f} |")
     failed = [r for r in results if "error" in r]
     if failed:  # the first failure decides the exit status: a script's own sentence (2), or its traceback (1)
         error = failed[0]["error"]
