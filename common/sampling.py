@@ -88,8 +88,10 @@ def step_kl(schedule: Schedule, i, output, output_ref, latents, eta: float) -> t
     is not defined: a deterministic step is not a policy)."""
     step = ddim_step(schedule, i, output, latents, eta, prev_latents=latents)  # prev_latents: no noise drawn
     mean_ref = ddim_step(schedule, i, output_ref, latents, eta, prev_latents=latents).mean
-    kl = ((step.mean - mean_ref) ** 2).mean(dim=tuple(range(1, latents.ndim))) / (2 * step.std.flatten() ** 2)
-    return torch.where(step.std.flatten() > 0, kl, torch.zeros_like(kl))
+    variance = step.std.flatten() ** 2
+    noisy = variance > 0  # without noise, divide by 1: the gradient through where's unused branch would be 0 x inf
+    kl = ((step.mean - mean_ref) ** 2).mean(dim=tuple(range(1, latents.ndim))) / (2 * torch.where(noisy, variance, 1))
+    return torch.where(noisy, kl, torch.zeros_like(kl))
 
 
 @dataclass

@@ -313,3 +313,7 @@ def test_the_path_kl_is_zero_for_the_pretrained_model_and_the_gaussian_kl_of_dif
         bump = torch.zeros_like(output).index_put_(tuple(torch.tensor([i]) for i in index), torch.tensor(1e-2))
         plus, minus = (step_kl(schedule, 1, output.detach() + s * bump, output_pre, x, 1.0) for s in (1, -1))
         assert output.grad[index].item() == pytest.approx(((plus - minus) / 2e-2).item(), rel=1e-3)
+    # a step without noise (a flow model's last two, DRaFT-1's only step there) has KL 0 and a zero gradient, not nan
+    output.grad = None
+    step_kl(schedule, 3, output, output_pre, x, 0.0).sum().backward()
+    assert torch.equal(output.grad, torch.zeros_like(output))
