@@ -125,6 +125,9 @@ if __name__ == "__main__":
     model = load_model(
         args.pretrained_model, args.revision, run.device, run.dtype, args.resolution, args.num_steps, t5=args.t5
     )
+    quiet = int((model.schedule(args.num_steps).step_std(1.0) == 0).flip(0).cumprod(0).sum())  # a flow's last 2
+    check(args, "kl_weight", not args.kl_weight or args.k > quiet, f"0 with --k {args.k} on this model: its last"
+          f" {quiet} steps carry no noise, so no KL to penalise (--k {quiet + 1} or more would have some)")  # fmt: skip
     reward_fn = make_reward(args.reward, run.device, run.dtype, differentiable=True)
 
     # TRY NOT TO MODIFY: the LoRA and its optimizer; the run folder, new or --resume's (common/run.py)

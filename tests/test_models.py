@@ -197,13 +197,30 @@ def test_a_model_that_predicts_neither_eps_nor_v_is_refused(tmp_path, capsys):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_script_runs_on_every_family(script, family, request, tmp_path, monkeypatch):
     """Nothing in a script names a family: the same command trains a LoRA on an SDXL or an SD 3 pipeline (SD 1.x: every
-    other test), with the KL penalty on (a flow model's last steps carry no noise: their KL is 0, its gradient too)."""
+    other test), with the KL penalty on (on a flow model, DRaFT-K's window reaches a step with noise: its last two
+    have none, and their KL is 0, its gradient too; DRaFT-LV's one step is refused, see below)."""
     path = request.getfixturevalue(FAMILY_FIXTURES[family])
+    kl = [] if (script, family) == ("draft_lv.py", "sd3") else ["--kl-weight", "1"]
+    kl += ["--k", "3"] if (script, family) == ("draft_k.py", "sd3") else []
     run_script(script, ["--pretrained-model", path, *TINY[script], LENGTH[script], "2", "--output-dir", str(tmp_path),
-                        "--kl-weight", "1"], monkeypatch)  # fmt: skip
+                        *kl], monkeypatch)  # fmt: skip
     run_dir, metrics = read_metrics(tmp_path)
     assert len(metrics) == 2 and all(math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) for m in metrics)
     assert os.path.isfile(os.path.join(run_dir, LORA_WEIGHTS))
+
+
+@pytest.mark.parametrize("script, flags, message", [
+    ("draft_k.py", ["--k", "2"], "--kl-weight must be 0 with --k 2 on this model: its last 2 steps carry no noise"),
+    ("draft_lv.py", [], "--kl-weight must be 0 on this model: the last step, DRaFT-LV's only one with gradient"),
+])  # fmt: skip
+def test_a_kl_penalty_on_steps_without_noise_is_refused(script, flags, message, tiny_sd3_path, tmp_path, capsys):
+    """On a flow model the last two steps carry no noise, so a KL penalty on them alone would silently do nothing."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(script, ["--pretrained-model", tiny_sd3_path, *TINY[script], "--kl-weight", "1", *flags,
+                            "--output-dir", str(tmp_path)], pytest.MonkeyPatch())  # fmt: skip
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and err.count("error:") == 1, err  # (and loading's bars)
+    assert not os.listdir(tmp_path)
 
 
 def edited_copy(path, tmp_path, index=None, unet=None) -> str:
