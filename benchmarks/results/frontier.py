@@ -1,7 +1,7 @@
 """Over-optimisation: each method's held-out reward against what the reward does not see, at several KL weights.
 
-    python benchmarks/results/frontier.py --jobs 2      # the runs: 8 methods x 5 settings on seed 0, 2 settings
-                                                        # on seeds 1 and 2, one thread each
+    python benchmarks/results/frontier.py --jobs 2      # the runs: 9 methods x up to 5 settings on seed 0, then
+                                                        # 2 settings each on seeds 1 and 2, one thread a run
     python benchmarks/results/frontier.py --flow --jobs 2   # the second task: the flow model, 2 methods
     python benchmarks/results/frontier.py --summarize   # docs/results/frontier.md and its figures, which
                                                         # docs/RESULTS.md leads with (compare.py --summarize keeps it)
@@ -54,6 +54,7 @@ KL_WEIGHTS = {
     "rwr_softmax": [0.0, 1.0, 10.0],
     "rwr_sparse": [0.0, 1.0, 10.0],
     "braid_boot": [0.01, 0.1, 1.0],
+    "braid_c0": [0.01],  # BRAID's other axis: no conservatism (--c 0), at its default KL weight
 }
 # and at a tenth of that learning rate with the first two weights: a smaller step, so that early stopping has a finer
 # grain (at the swept rates, several methods lose the prompts before their first evaluation)
@@ -226,7 +227,7 @@ def spread(values: list[float], form: str = ".1f") -> str:
     """The mean and, over more than one seed, the standard deviation."""
     if len(values) == 1:
         return f"{values[0]:{form}}"
-    return f"{statistics.mean(values):{form}} ± {statistics.stdev(values):{form}}"
+    return f"{statistics.mean(values):{form}} ± {statistics.stdev(values):{form.lstrip('+')}}"
 
 
 def plot(found: dict, lrs: dict, out: str, name: str, what: str = "all three right") -> list[str]:
@@ -250,8 +251,8 @@ def plot(found: dict, lrs: dict, out: str, name: str, what: str = "all three rig
             for colour, ((factor, weight), seeds) in zip(("C0", "C1", "C3", "C2"), runs.items()):
                 for i, run in enumerate(seeds):
                     x = [max(p[key], 1e-2) if log else p[key] for p in run]
-                    label = f"lr {lrs[method] * factor:.2g}, kl-weight {weight:g}" if i == 0 else None
-                    ax.plot(x, [p["reward"] for p in run], ".-", color=colour, alpha=0.7, lw=1, label=label)
+                    legend = f"lr {lrs[method] * factor:.2g}, kl-weight {weight:g}" if i == 0 else None
+                    ax.plot(x, [p["reward"] for p in run], ".-", color=colour, alpha=0.7, lw=1, label=legend)
             if key == "fidelity":
                 ax.axvline(FIDELITY, color="grey", ls="--")
                 ax.invert_xaxis()  # left to right: the run moving away from the prompts
@@ -274,8 +275,8 @@ def plot(found: dict, lrs: dict, out: str, name: str, what: str = "all three rig
 
 
 def measures(name: str, seed_runs: list[list[dict]], budget: int) -> dict:
-    """Per seed: the fidelity-constrained best evaluation's reward, KL, queries and gain per 100 queries; and the same
-    for the run's end without the constraint."""
+    """Per seed: the fidelity-constrained best evaluation's reward, KL, queries, rise over the start and that rise per
+    100 queries ("gain"); and the same for the run's end without the constraint."""
     out = {}
     for key, pick in (("best", constrained), ("end", lambda run: run[-1])):
         chosen = [pick(run) for run in seed_runs]
@@ -284,7 +285,9 @@ def measures(name: str, seed_runs: list[list[dict]], budget: int) -> dict:
         else:
             spent = [p["queries"] for p in chosen]
         gain = [100 * (p["reward"] - run[0]["reward"]) / q if q else 0.0 for p, run, q in zip(chosen, seed_runs, spent)]
-        out[key] = {k: [p[k] for p in chosen] for k in ("reward", "kl", "queries", "fidelity")} | {"gain": gain}
+        rise = [p["reward"] - run[0]["reward"] for p, run in zip(chosen, seed_runs)]
+        out[key] = {k: [p[k] for p in chosen] for k in ("reward", "kl", "queries", "fidelity")}
+        out[key] |= {"gain": gain, "rise": rise}
     return out
 
 
@@ -298,11 +301,14 @@ def versus(a: str, b: str, x: list[float], y: list[float]) -> str:
 
 
 def claims(best: dict) -> list[str]:
-    """The papers' per-query claims, on the constrained footing and on the reward alone (the footing of the
-    comparison below). `best`: method -> (its best setting's measures, its reward-only setting's)."""
-    out = ["", "The papers' claims, per 100 reward queries, at equal fidelity (each method at its best setting,"
-           " stopped at its best evaluation with fidelity >= 90%) and on the reward alone (the swept learning rate,"
-           " the default KL weight, the run's end whatever its fidelity), from the same runs:", ""]  # fmt: skip
+    """The papers' claims on three footings: at equal fidelity per 100 queries and by the reward reached, and on the
+    reward alone per 100 queries (the footing of the comparison below). `best`: method -> (its best setting's
+    measures, its reward-only setting's)."""
+    out = ["", "The papers' claims, from the same runs, on three footings: at equal fidelity (each method at its best"
+           " setting, stopped at its best evaluation with fidelity >= 90%) per 100 reward queries and by the rise of"
+           " held-out reward it reached; and on the reward alone (the swept learning rate, the default KL weight, the"
+           " run's end whatever its fidelity) per 100 queries, the footing of the comparison below. The spread is the"
+           " sum of the two methods' standard deviations over seeds:", ""]  # fmt: skip
     tests = [
         ("(a) DRaFT-1 gains more than full backpropagation", "draft_k1", ["draft_full"], 1.0),
         ("(b) DRaFT-LV gains more than DRaFT-1 (the same queries a step)", "draft_lv2", ["draft_k1"], 1.0),
@@ -314,8 +320,10 @@ def claims(best: dict) -> list[str]:
     others = [n for n in ("ddpo_is", "ddpo_sf", "rwr_softmax", "rwr_sparse") if n in best]
     for label, a, bs, factor in tests:
         cells = []
-        for footing, index, key in (("at equal fidelity", 0, "best"), ("on the reward alone", 1, "end")):
-            gains = {n: best[n][index][key]["gain"] for n in best if best[n][index] is not None}
+        for footing, index, key, value in (("at equal fidelity, per 100 queries", 0, "best", "gain"),
+                                           ("at equal fidelity, reward reached", 0, "best", "rise"),
+                                           ("on the reward alone, per 100 queries", 1, "end", "gain")):  # fmt: skip
+            gains = {n: best[n][index][key][value] for n in best if best[n][index] is not None}
             if a is None:  # claim (c)
                 if not drafts or not others or not set(drafts + others) <= set(gains):
                     cells.append(f"{footing}: {compare.verdict(None)}")
@@ -375,6 +383,32 @@ def flow_md(found: dict, args: Args) -> list[str]:
             *setting_rows(table, lrs)]  # fmt: skip
 
 
+def observations(table: dict, best: dict) -> list[str]:
+    """What the table says about the swept rates and the KL weights, from seed 0's runs."""
+    first = lambda m: m["best"]["queries"][0] == 0  # noqa: E731  seed 0 never reached an evaluation >= 90%
+    lost = [n for n, rows in table.items() if all(first(m) for (f, _), m in rows.items() if f == 1.0)]
+    out = [
+        f"- At the learning rate the reward-only sweep picked, {len(lost)} of {len(table)} methods"
+        f" ({', '.join(lost) or 'none'}) had lost the prompts (fidelity < {FIDELITY:.0%}) by their first evaluation"
+        " at every KL weight tried (seed 0): the best they reach under the constraint is the pretrained model's."
+    ]
+    helped = []
+    for name, rows in table.items():
+        by_factor = {}
+        for (factor, weight), m in rows.items():
+            by_factor.setdefault(factor, {})[weight] = m["best"]["reward"][0]
+        for factor, weights in by_factor.items():
+            default = next(iter(weights.values()))  # the first weight is the default
+            top = max(weights, key=weights.get)
+            if weights[top] > default + 1.0:
+                helped.append(f"{name} at {factor:g}x ({default:.1f} -> {weights[top]:.1f} with {top:g})")
+    out.append(f"- A KL weight above the default raised the constrained best by more than 1 (seed 0) for:"
+               f" {', '.join(helped) or 'none'}.")  # fmt: skip
+    slower = [n for n in table if best[n][0] != 1.0]
+    out.append(f"- The best setting is the smaller learning rate for {', '.join(slower) or 'none'}.")
+    return out
+
+
 def frontier_md(found: dict, lrs: dict, args: Args) -> str:
     start = [run[0] for runs in found.values() for s in runs.values() for run in s]
     start_reward, braid_start = ([run[0]["reward"] for n, runs in found.items() if n.startswith("braid") == braid
@@ -412,6 +446,7 @@ def frontier_md(found: dict, lrs: dict, args: Args) -> str:
         lines.append(f"| {rank} | {name} | {lrs[name] * factor:.2g} | {weight:g} | {len(m['reward'])} |"
                      f" {spread(m['reward'])} | {spread(m['gain'], '+.1f')} | {spread(m['queries'], '.0f')} |"
                      f" {spread(m['kl'], '.2g')} |")  # fmt: skip
+    lines += ["", *observations(table, best)]
     lines += ["", "Every evaluation of every run: held-out reward against fidelity (the dashed line is the"
               f" {FIDELITY:.0%} constraint) and against KL (log scale), one colour per setting, one line per seed.",
               "", "![frontier_fidelity.png](results/frontier_fidelity.png)", "",
@@ -431,7 +466,7 @@ def summarize(args: Args) -> None:
     lrs = learning_rates(args)
     plot(found, lrs, out, "frontier")
     section = frontier_md(found, lrs, args)
-    flow_args = dataclasses.replace(args, flow=True, output_dir=args.flow_dir, seeds=1)
+    flow_args = dataclasses.replace(args, flow=True, output_dir=args.flow_dir)
     flow = collect(flow_args) if os.path.isdir(args.flow_dir) else {}
     if flow:
         plot(flow, learning_rates(flow_args), out, "frontier_flow", "both colours right")
