@@ -74,7 +74,8 @@ def settings(name: str, flow: bool = False) -> list[tuple[float, float]]:
 # at two rates (its one step with gradient, a flow's last, carries no noise: no KL to penalise, so the flag is refused)
 FLOW = {"draft_k1": (3e-3, [(1.0, 0.0), (0.3, 0.0)]), "ddpo_sf": (5e-3, [(1.0, 0.0), (1.0, 1.0)])}
 FLOW_MODEL = os.path.join(ROOT, "assets", "tiny-sd3")
-FIDELITY = 0.9  # the constraint of the headline table
+FIDELITY = 0.9  # the constraint of the headline table, relative to the run's start: BRAID samples at eta 1, where the
+# pretrained tiny-sd follows fewer of these prompts (about 82%) than at eta 0 (all of them)
 HELD_OUT = PROMPT_SETS["shapes"][2::5]  # 18 of the 90, every shape, colour and background among them
 
 
@@ -217,9 +218,10 @@ def chosen(runs: dict) -> tuple[float, float]:
 
 
 def constrained(run: list[dict], threshold: float = FIDELITY) -> dict:
-    """The evaluation with the highest held-out reward among those at or above the fidelity threshold (the start
-    always is, on the shipped model): where early stopping under the constraint would leave the run."""
-    allowed = [p for p in run if p["fidelity"] >= threshold] or [run[0]]
+    """The evaluation with the highest held-out reward among those whose fidelity is at least `threshold` times the
+    start's (the pretrained sampler's own; the start always qualifies): where early stopping under the constraint
+    would leave the run."""
+    allowed = [p for p in run if p["fidelity"] >= threshold * run[0]["fidelity"] - 1e-9]
     return max(allowed, key=lambda p: p["reward"])
 
 
@@ -244,7 +246,7 @@ def plot(found: dict, lrs: dict, out: str, name: str, what: str = "all three rig
     written = []
     for key, label, log in [("fidelity", f"held-out fidelity ({what})", False),
                             ("kl", "eval_kl (summed over the 10 steps)", True)]:  # fmt: skip
-        columns = 4
+        columns = min(4, len(found))
         rows = -(-len(found) // columns)
         fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.4 * rows), squeeze=False, sharey=True)
         for ax, (method, runs) in zip(axes.flat, found.items()):
@@ -254,7 +256,8 @@ def plot(found: dict, lrs: dict, out: str, name: str, what: str = "all three rig
                     legend = f"lr {lrs[method] * factor:.2g}, kl-weight {weight:g}" if i == 0 else None
                     ax.plot(x, [p["reward"] for p in run], ".-", color=colour, alpha=0.7, lw=1, label=legend)
             if key == "fidelity":
-                ax.axvline(FIDELITY, color="grey", ls="--")
+                starts = [run[0]["fidelity"] for seeds in runs.values() for run in seeds]
+                ax.axvline(FIDELITY * statistics.mean(starts), color="grey", ls="--")
                 ax.invert_xaxis()  # left to right: the run moving away from the prompts
             else:
                 ax.set_xscale("log")
@@ -348,7 +351,8 @@ def claims(best: dict) -> list[str]:
 
 def setting_rows(table: dict, lrs: dict) -> list[str]:
     """The table of every (method, setting): the constrained best and the run's end."""
-    lines = [f"| method | lr | kl-weight | seeds | best reward at fidelity >= {FIDELITY:.0%} | its KL | queries to it |"
+    lines = [f"| method | lr | kl-weight | seeds | best reward at >= {FIDELITY:.0%} of the start's fidelity | its KL |"
+             " queries to it |"
              " gain per 100 queries | end: reward | end: fidelity | end: KL |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, rows in table.items():
@@ -380,6 +384,7 @@ def flow_md(found: dict, args: Args) -> list[str]:
             f" the start: colour fidelity {min(p['fidelity'] for p in start):.2f}, held-out colourfulness"
             f" {statistics.mean(p['reward'] for p in start):.1f}.", "",
             "![frontier_flow_fidelity.png](results/frontier_flow_fidelity.png)", "",
+            "![frontier_flow_kl.png](results/frontier_flow_kl.png)", "",
             *setting_rows(table, lrs)]  # fmt: skip
 
 
@@ -389,8 +394,9 @@ def observations(table: dict, best: dict) -> list[str]:
     lost = [n for n, rows in table.items() if all(first(m) for (f, _), m in rows.items() if f == 1.0)]
     out = [
         f"- At the learning rate the reward-only sweep picked, {len(lost)} of {len(table)} methods"
-        f" ({', '.join(lost) or 'none'}) had lost the prompts (fidelity < {FIDELITY:.0%}) by their first evaluation"
-        " at every KL weight tried (seed 0): the best they reach under the constraint is the pretrained model's."
+        f" ({', '.join(lost) or 'none'}) had lost the prompts (fidelity < {FIDELITY:.0%} of the start's) by their first"
+        " evaluation at every KL weight tried (seed 0): the best they reach under the constraint is the pretrained"
+        " model's."
     ]
     helped = []
     for name, rows in table.items():
@@ -410,7 +416,8 @@ def observations(table: dict, best: dict) -> list[str]:
 
 
 def frontier_md(found: dict, lrs: dict, args: Args) -> str:
-    start = [run[0] for runs in found.values() for s in runs.values() for run in s]
+    braid_fidelity = "-".join(sorted({f"{run[0]['fidelity']:.2f}" for n, runs in found.items() if n.startswith("braid")
+                                      for s in runs.values() for run in s})) or "not measured"  # fmt: skip
     start_reward, braid_start = ([run[0]["reward"] for n, runs in found.items() if n.startswith("braid") == braid
                                   for s in runs.values() for run in s] for braid in (False, True))  # fmt: skip
     table = {name: {st: measures(name, seed_runs, args.budget) for st, seed_runs in runs.items()}
@@ -426,18 +433,21 @@ def frontier_md(found: dict, lrs: dict, args: Args) -> str:
         " learning rate its reward-only sweep picked with three KL weights (`--kl-weight`; the first is the method's"
         f" default, BRAID's 0.01), and at {SLOWER:g}x that rate with the first two; all on seed 0, then"
         " seeds 1 and 2 at the method's best setting and at its reward-only one (the swept rate, the default weight)."
+        " The best setting is picked on seed 0, as the comparison below picks its rates, so seed 0 flatters it."
         " Fidelity is the share of held-out images that still show their prompt's shape, colour and background (read"
         " back by `common.shapes.describe`, exact on drawn images); KL is `eval_kl`, the fine-tuned sampler's summed"
-        " per-dimension KL from the pretrained one along the held-out trajectories. At the start: fidelity"
-        f" {min(p['fidelity'] for p in start):.2f}, held-out colourfulness {statistics.mean(start_reward):.1f}"
+        " per-dimension KL from the pretrained one along the held-out trajectories. At the start: held-out"
+        f" colourfulness {statistics.mean(start_reward):.1f}"
         + (f" (BRAID, which evaluates at eta 1: {statistics.mean(braid_start):.1f})." if braid_start else "."),
         "",
         "Each method at its best setting, ranked by the highest held-out reward it reaches at an evaluation where"
-        f" fidelity is still >= {FIDELITY:.0%} (where early stopping under that constraint leaves it), mean ± standard"
-        " deviation over seeds. Gain per 100 queries: that reward's gain over the start per 100 reward queries spent"
-        " to reach it (BRAID: its offline labels, all bought before training).",
+        f" fidelity is still >= {FIDELITY:.0%} of the start's (1.00 at DDIM eta 0; BRAID samples at eta 1, where the"
+        f" pretrained model's is {braid_fidelity}; where early stopping under that constraint leaves it), mean ±"
+        " standard deviation over seeds. Gain per 100 queries: that reward's gain over the start per 100 reward"
+        " queries spent to reach it (BRAID: its offline labels, all bought before training).",
         "",
-        f"| rank | method | lr | kl-weight | seeds | best reward at fidelity >= {FIDELITY:.0%} | gain per 100 queries |"
+        f"| rank | method | lr | kl-weight | seeds | best reward at >= {FIDELITY:.0%} of the start's fidelity | gain"
+        " per 100 queries |"
         " queries to it | its KL |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -448,7 +458,8 @@ def frontier_md(found: dict, lrs: dict, args: Args) -> str:
                      f" {spread(m['kl'], '.2g')} |")  # fmt: skip
     lines += ["", *observations(table, best)]
     lines += ["", "Every evaluation of every run: held-out reward against fidelity (the dashed line is the"
-              f" {FIDELITY:.0%} constraint) and against KL (log scale), one colour per setting, one line per seed.",
+              f" {FIDELITY:.0%}-of-the-start constraint) and against KL (log scale), one colour per setting, one line"
+              " per seed.",
               "", "![frontier_fidelity.png](results/frontier_fidelity.png)", "",
               "![frontier_kl.png](results/frontier_kl.png)", "",
               "Every setting: the constrained best as above, and where the run ends without stopping.", "",
