@@ -186,13 +186,13 @@ def test_seiko_conventions_without_seiko(tmp_path):
 @pytest.mark.slow
 def test_compare_quick_runs_every_method_resumes_and_summarizes(tiny_sd_path, tmp_path):
     """`python benchmarks/results/compare.py --quick` as the docs give it, into tmp_path, on the random tiny model
-    (assets/tiny-sd takes minutes here) and two one-thread runs at a time (as the full run's docs say): every method's
-    run (TRL's row where TRL is installed), the summary beside them and never in docs/, and a second call that finds
-    every run finished."""
+    (assets/tiny-sd takes minutes here) at 16 px and 4 steps (--extra), two one-thread runs at a time (as the full
+    run's docs say): every method's run (TRL's row where TRL is installed), the summary beside them and never in
+    docs/, and a second call that finds every run finished."""
     out, results_md = tmp_path / "runs", Path(ROOT, "docs", "RESULTS.md")
     recorded = results_md.read_text()
     command = ["benchmarks/results/compare.py", "--quick", "--output-dir", str(out), "--pretrained-model", tiny_sd_path,
-               "--jobs", "2"]  # fmt: skip
+               "--jobs", "2", "--extra=--resolution 16 --num-steps 4"]  # fmt: skip
     result = run(command)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     methods = METHODS + ["trl_ddpo"] * has_trl()
