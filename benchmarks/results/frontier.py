@@ -16,13 +16,14 @@ evaluation (8 a run and the start) three measures come from the same held-out im
   right: common.shapes.describe, exact on drawn images; the pretrained tiny-sd follows 100% of these prompts);
 - KL: the run's eval_kl, the summed per-dimension KL of the fine-tuned sampler's steps from the pretrained ones
   along the held-out trajectories (docs/ALGORITHMS.md, section 1.8).
-The headline: the highest held-out reward each method reaches at an evaluation where fidelity is still >= 90%
-(early stopping at the best such evaluation), at its best setting, mean and spread over seeds.
+The headline: the highest held-out reward each method reaches at an evaluation where fidelity is still >= 90% of
+the start's (early stopping at the best such evaluation), at its best setting, mean and spread over seeds.
 """
 
 import dataclasses
 import json
 import os
+import shlex
 import statistics
 import sys
 import threading
@@ -92,7 +93,7 @@ class Args:
     """the second task: the flow model (assets/tiny-sd3), fidelity counting the two colours; its section goes after
     the first task's in frontier.md"""
     seeds: int = 3
-    """seeds per (method, KL weight)"""
+    """seeds at each method's best and reward-only settings (seed 0 runs every setting)"""
     jobs: int = 1
     """runs side by side (each one thread: --jobs 2 on 2 cores halves the time)"""
     lrs: str = "docs/results/sweep.json"
@@ -101,9 +102,9 @@ class Args:
     """write {docs_dir}/results/frontier.md and frontier_*.png from the runs, and put them at the head of RESULTS.md"""
     docs_dir: str = "docs"
     pretrained_model: Optional[str] = None
-    """another pipeline in place of assets/tiny-sd (the tests pass a random tiny one)"""
+    """another pipeline in place of assets/tiny-sd (with --flow, assets/tiny-sd3)"""
     extra: str = ""
-    """flags appended to every command line (the tests shrink the runs)"""
+    """flags appended to every command line"""
     budget: int = 512
     """reward queries per run, as compare.py counts them"""
 
@@ -117,7 +118,7 @@ def compare_args(args: Args, write: bool = False) -> compare.Args:
         if write:
             with open(path, "w") as f:
                 f.write("\n".join(prompts) + "\n")
-    extra = f"--prompt-file {train} --validation-prompts {held_out} {args.extra}"
+    extra = f"--prompt-file {shlex.quote(train)} --validation-prompts {shlex.quote(held_out)} {args.extra}"
     model = args.pretrained_model or (FLOW_MODEL if args.flow else None)
     return compare.Args(output_dir=folder, budget=args.budget, pretrained_model=model, extra=extra)
 
@@ -136,7 +137,7 @@ def learning_rates(args: Args) -> dict:
 
 def run_all(args: Args) -> None:
     """Seed 0 at every setting; then the other seeds at two settings of each method: its best on seed 0 (the highest
-    held-out reward at fidelity >= 90%) and the reward-only one (the swept rate, the default weight)."""
+    held-out reward at fidelity >= 90% of the start's) and the reward-only one (the swept rate, the default weight)."""
     lrs, failed, lock = learning_rates(args), [], threading.Lock()
     os.makedirs(args.output_dir, exist_ok=True)
     flags = compare_args(args, write=True)
@@ -308,10 +309,10 @@ def claims(best: dict) -> list[str]:
     reward alone per 100 queries (the footing of the comparison below). `best`: method -> (its best setting's
     measures, its reward-only setting's)."""
     out = ["", "The papers' claims, from the same runs, on three footings: at equal fidelity (each method at its best"
-           " setting, stopped at its best evaluation with fidelity >= 90%) per 100 reward queries and by the rise of"
-           " held-out reward it reached; and on the reward alone (the swept learning rate, the default KL weight, the"
-           " run's end whatever its fidelity) per 100 queries, the footing of the comparison below. The spread is the"
-           " sum of the two methods' standard deviations over seeds:", ""]  # fmt: skip
+           " setting, stopped at its best evaluation with fidelity >= 90% of the start's) per 100 reward queries and"
+           " by the rise of held-out reward it reached; and on the reward alone (the swept learning rate, the default"
+           " KL weight, the run's end whatever its fidelity) per 100 queries, the footing of the comparison below."
+           " The spread is the sum of the two methods' standard deviations over seeds:", ""]  # fmt: skip
     tests = [
         ("(a) DRaFT-1 gains more than full backpropagation", "draft_k1", ["draft_full"], 1.0),
         ("(b) DRaFT-LV gains more than DRaFT-1 (the same queries a step)", "draft_lv2", ["draft_k1"], 1.0),
@@ -390,7 +391,7 @@ def flow_md(found: dict, args: Args) -> list[str]:
 
 def observations(table: dict, best: dict) -> list[str]:
     """What the table says about the swept rates and the KL weights, from seed 0's runs."""
-    first = lambda m: m["best"]["queries"][0] == 0  # noqa: E731  seed 0 never reached an evaluation >= 90%
+    first = lambda m: m["best"]["queries"][0] == 0  # noqa: E731  seed 0's constrained best: its start
     lost = [n for n, rows in table.items() if all(first(m) for (f, _), m in rows.items() if f == 1.0)]
     out = [
         f"- At the learning rate the reward-only sweep picked, {len(lost)} of {len(table)} methods"
