@@ -123,10 +123,12 @@ if __name__ == "__main__":
     model = load_model(
         args.pretrained_model, args.revision, run.device, run.dtype, args.resolution, args.num_steps, t5=args.t5
     )
-    quiet = int((model.schedule(args.num_steps).step_std(1.0) == 0).flip(0).cumprod(0).sum())  # a flow's last 2
+    reward_fn = make_reward(args.reward, run.device, run.dtype, differentiable=True)
+
+    # a flow model's last two steps carry no noise: a KL penalty on them alone would be 0, so it is refused
+    quiet = int((model.schedule(args.num_steps).step_std(1.0) == 0).flip(0).cumprod(0).sum())
     check(args, "kl_weight", not args.kl_weight or quiet == 0, "0 on this model: the last step, DRaFT-LV's only"
           " one with gradient, carries no noise here, so there is no KL to penalise")  # fmt: skip
-    reward_fn = make_reward(args.reward, run.device, run.dtype, differentiable=True)
 
     # TRY NOT TO MODIFY: the LoRA and its optimizer; the run folder, new or --resume's (common/run.py)
     lora_params = model.add_lora(args.lora_rank)
