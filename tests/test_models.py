@@ -213,11 +213,12 @@ def test_every_script_runs_on_every_family(script, family, request, tmp_path, mo
     ("draft_k.py", ["--k", "2"], "--kl-weight must be 0 with --k 2 on this model: its last 2 steps carry no noise"),
     ("draft_lv.py", [], "--kl-weight must be 0 on this model: the last step, DRaFT-LV's only one with gradient"),
 ])  # fmt: skip
-def test_a_kl_penalty_on_steps_without_noise_is_refused(script, flags, message, tiny_sd3_path, tmp_path, capsys):
+def test_a_kl_penalty_on_steps_without_noise_is_refused(script, flags, message, tiny_sd3_path, tmp_path, capsys,
+                                                        monkeypatch):  # fmt: skip
     """On a flow model the last two steps carry no noise, so a KL penalty on them alone would silently do nothing."""
     with pytest.raises(SystemExit) as exit_info:
         run_script(script, ["--pretrained-model", tiny_sd3_path, *TINY[script], "--kl-weight", "1", *flags,
-                            "--output-dir", str(tmp_path)], pytest.MonkeyPatch())  # fmt: skip
+                            "--output-dir", str(tmp_path)], monkeypatch)  # fmt: skip
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in err and err.count("error:") == 1, err  # (and loading's bars)
     assert not os.listdir(tmp_path)
