@@ -5,7 +5,8 @@
 
 The plan, each part a run of another benchmark of this folder or of peers/ in a child process, in this order, so that
 what matters most is measured first if the budget runs out (a part that would start after the budget is recorded as
-skipped; a part that fails is recorded with its last lines and the plan goes on):
+skipped; a part that fails is recorded with its last lines and the plan goes on, and the command then ends with exit
+status 2 and one sentence naming the parts that failed):
 1. the device's ceilings: a bf16 8192^3 matrix product (TFLOP/s) and a device-to-device copy (GB/s)
 2. the six scripts at SD 1.4's shapes (random weights, 512 px, bf16), each at its default batch for 3 optimizer steps
    (DDPO and RWR: 3 epochs of 8 images): images/s after the first step, peak memory, FLOPs per step (attention
@@ -209,3 +210,7 @@ if __name__ == "__main__":
     report["seconds"] = round(time.time() - start, 1)
     write()
     print(table(report))
+    failed = [part["name"] for part in report["parts"] if part["status"].startswith("failed")]
+    if failed:  # the plan went on past them; the exit status says that it did not all work
+        fail(f"{len(failed)} of {len(report['parts'])} parts failed ({', '.join(failed)}); gpu_check.md in "
+             f"{args.out_dir} holds the last lines each printed")  # fmt: skip
