@@ -236,6 +236,19 @@ def test_compare_quick_runs_every_method_resumes_and_summarizes(tiny_sd_path, tm
     assert result.returncode == 0 and result.stdout.count("skip ") == len(methods), result.stdout[-3000:]
 
 
+def held_out_drawn(seed: int, swapped: bool = False) -> torch.Tensor:
+    """frontier.py's held-out prompts, twice, drawn as they ask (describe reads them back exactly), or with the shape's
+    and the background's colours swapped (none right). Seed 0's are more colourful than seed 1's."""
+    from benchmarks.results import frontier
+    from common.shapes import COLOURS, SHAPES, draw, parse
+
+    asked = [parse(p) for p in frontier.HELD_OUT * 2]
+    index = {k: torch.tensor([names.index(a[k]) for a in asked]) for k, names in
+             (("shape", SHAPES), ("colour", COLOURS), ("background", COLOURS))}  # fmt: skip
+    colours = (index["background"], index["colour"]) if swapped else (index["colour"], index["background"])
+    return draw(index["shape"], *colours, generator=torch.Generator().manual_seed(seed))
+
+
 def test_frontier_reads_fidelity_reward_and_kl_back_and_stops_at_the_last_faithful_evaluation(tmp_path):
     """frontier.py --summarize on a run folder written here: grids of drawn images (describe reads them exactly) and
     a metrics.jsonl. The first two grids follow every prompt, the last swaps shape and background colours, so the
@@ -244,14 +257,8 @@ def test_frontier_reads_fidelity_reward_and_kl_back_and_stops_at_the_last_faithf
     from benchmarks.results import compare, frontier
     from common.rewards import make_reward
     from common.run import save_grid
-    from common.shapes import COLOURS, SHAPES, draw, parse
 
-    asked = [parse(p) for p in frontier.HELD_OUT * 2]
-    index = {k: torch.tensor([names.index(a[k]) for a in asked]) for k, names in
-             (("shape", SHAPES), ("colour", COLOURS), ("background", COLOURS))}  # fmt: skip
-    start = draw(index["shape"], index["colour"], index["background"], generator=torch.Generator().manual_seed(1))
-    right = draw(index["shape"], index["colour"], index["background"], generator=torch.Generator().manual_seed(0))
-    wrong = draw(index["shape"], index["background"], index["colour"], generator=torch.Generator().manual_seed(0))
+    start, right, wrong = held_out_drawn(1), held_out_drawn(0), held_out_drawn(0, swapped=True)
     run_dir = tmp_path / "runs" / "draft_k1" / "lr1x_kl1" / "seed0" / "colorfulness__draft_k1__0__1"
     (run_dir / "samples").mkdir(parents=True)
     for step, images in ((0, start), (2, right), (4, wrong)):  # --budget 16: 4 steps of 4, an evaluation every 2
@@ -274,6 +281,49 @@ def test_frontier_reads_fidelity_reward_and_kl_back_and_stops_at_the_last_faithf
     assert text.rstrip().endswith("the comparison")
     again = compare.lead_with(compare.lead_with(text, "## Reward at equal prompt fidelity\n\nnew"), text)
     assert again.count("## Reward at equal prompt fidelity") == 1 and again.rstrip().endswith("the comparison")
+
+
+def test_frontier_runs_every_setting_on_seed_0_then_the_best_and_the_reward_only_one_on_the_other_seeds(
+    tmp_path, monkeypatch, capsys
+):
+    """frontier.py's runs, with compare.run_one replaced by one that writes a finished run folder at once: seed 0
+    runs each of draft_k1's five settings; the best (here the tenth of the rate with KL 1, whose run reaches a more
+    colourful faithful evaluation than the rest) and the reward-only setting then run on seeds 1 and 2; a run that
+    fails (KL 10) does not stop the others, and the command ends naming it, with exit status 2."""
+    from benchmarks.results import compare, frontier
+    from common.run import save_grid
+
+    start, better = held_out_drawn(1), held_out_drawn(0)
+    lrs = frontier.learning_rates(frontier.Args(lrs=os.path.join(ROOT, "docs/results/sweep.json")))
+    ran = []
+
+    def run_one(flags, name, lr, seed, folder, more):
+        setting = (round(lr / lrs[name], 6), float(more[1]))
+        ran.append((setting, seed))
+        if setting[1] == 10:
+            raise RuntimeError(f"{name} failed")
+        run_dir = Path(folder) / f"colorfulness__{name}__{seed}__1"
+        (run_dir / "samples").mkdir(parents=True)
+        for step in (0, 2, 4):  # --budget 16: 4 steps of 4, an evaluation every 2
+            save_grid(better if step and setting == (0.1, 1.0) else start, str(run_dir / "samples" /
+                      f"step_{step:06d}.png"), len(frontier.HELD_OUT))  # fmt: skip
+        lines = [{"step": s, "eval_kl": 0.1 * s} for s in (1, 2, 3, 4)]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+    monkeypatch.setattr(compare, "run_one", run_one)
+    out = tmp_path / "runs"
+    args = frontier.Args(output_dir=str(out), methods=("draft_k1",), lrs=os.path.join(ROOT, "docs/results/sweep.json"),
+                         budget=16)  # fmt: skip
+    with pytest.raises(SystemExit) as ended:
+        frontier.run_all(args)
+    assert ended.value.code == 2
+    assert capsys.readouterr().err.strip() == ("error: 1 of the runs failed: draft_k1 lr x1 kl 10 seed 0 (each one's "
+                                               "log.txt says why)")  # fmt: skip
+    assert ran[:5] == [((1.0, 0.0), 0), ((1.0, 1.0), 0), ((1.0, 10.0), 0), ((0.1, 0.0), 0), ((0.1, 1.0), 0)]
+    assert sorted(ran[5:]) == [((0.1, 1.0), 1), ((0.1, 1.0), 2), ((1.0, 0.0), 1), ((1.0, 0.0), 2)]
+    assert (out / "held_out.txt").read_text().split("\n")[:-1] == frontier.HELD_OUT
+    found = frontier.collect(args)["draft_k1"]
+    assert len(found[(0.1, 1.0)]) == 3 and len(found[(1.0, 1.0)]) == 1 and (1.0, 10.0) not in found
 
 
 @pytest.mark.slow
@@ -360,7 +410,7 @@ def test_bad_input_ends_with_one_sentence(bad, message, tmp_path, monkeypatch, c
     monkeypatch.setattr(sys, "path", list(sys.path))  # the files put the repository's root first
     threads, rng = torch.get_num_threads(), torch.get_rng_state()  # a file may set them before it refuses
     try:
-        with pytest.raises(SystemExit) as exit, warnings.catch_warnings():
+        with pytest.raises(SystemExit) as ended, warnings.catch_warnings():
             runpy.run_path(os.path.join(ROOT, argv[0]), run_name="__main__")
     finally:  # the tests after this one run in this process too
         torch.set_num_threads(threads)

@@ -280,7 +280,7 @@ def compare(args: Args) -> None:
     with ThreadPoolExecutor(args.jobs) as pool:  # each run is a subprocess: threads only wait for them
         list(pool.map(method, args.methods))
     if failed:
-        sys.exit(f"failed: {', '.join(failed)} (their log.txt says why)")
+        fail(f"{len(failed)} of the runs failed: {', '.join(failed)} (each one's log.txt says why)")
 
 
 def best_lr(results: dict) -> float:

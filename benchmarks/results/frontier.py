@@ -159,7 +159,7 @@ def run_all(args: Args) -> None:
                 for setting in dict.fromkeys([chosen(found[name]), settings(name, args.flow)[0]])]  # fmt: skip
         list(pool.map(one, more))
     if failed:
-        sys.exit(f"failed: {', '.join(failed)} (their log.txt says why)")
+        fail(f"{len(failed)} of the runs failed: {', '.join(failed)} (each one's log.txt says why)")
 
 
 def read_grid(path: str, columns: int) -> torch.Tensor:
