@@ -14,6 +14,7 @@ import torch
 import common.checkpoint
 import common.models
 import common.rewards
+import common.run
 from common import cli
 from common.checkpoint import find_checkpoint, save_checkpoint, truncate_metrics
 from common.models import load_model
@@ -352,9 +353,12 @@ BF16 = {
 
 
 @pytest.mark.parametrize("script", BF16)
-def test_bf16_on_the_cpu_trains_an_fp32_lora_on_bf16_frozen_weights(script, tiny_sd_path, tmp_path, monkeypatch):
+def test_bf16_on_the_cpu_trains_an_fp32_lora_on_bf16_frozen_weights(
+    script, tiny_sd_path, tmp_path, monkeypatch, capsys
+):
     """`--mixed-precision bf16` on the CPU: the dtype path every GPU run takes by default (frozen denoiser, VAE and
-    text encoder in bf16, the LoRA and its optimiser in fp32, the sampler's arithmetic and the rewards in fp32)."""
+    text encoder in bf16, the LoRA and its optimiser in fp32, the sampler's arithmetic and the rewards in fp32). On
+    a CPU without bf16 matrix instructions the run says, once, that it will be slow there."""
     initial_lora, add_lora = [], common.models.Model.add_lora
 
     def recording_add_lora(*args, **kwargs):
@@ -375,6 +379,9 @@ def test_bf16_on_the_cpu_trains_an_fp32_lora_on_bf16_frozen_weights(script, tiny
     assert {p.dtype for p in lora_params} == {torch.float32}
     assert len(initial_lora) == len(lora_params)
     assert all(not torch.equal(before, after) for before, after in zip(initial_lora, lora_params))  # every one moved
+    assert capsys.readouterr().out.count("note: this CPU has no bf16 matrix instructions") == int(
+        not common.run.cpu_has_bf16()
+    )
 
 
 def test_prompt_sets_files_splits_and_seeded_draws(tmp_path):
