@@ -255,7 +255,9 @@ def test_one_step_per_sample_equals_separate_steps(model):
             one = slice(row, row + 1)
             output_i = model.predict(latents[one], schedule.timesteps[i], cond[one], GUIDANCE)
             single = ddim_step(schedule, i, output_i, latents[one], eta=1.0, prev_latents=prev[one])
-            torch.testing.assert_close(output[one], output_i, rtol=1e-5, atol=1e-5)
+            # a batch of 3 and of 1 take different kernels, and guidance scales their rounding up: 1.4e-5 seen on an
+            # AVX2 CPU; a row at another row's step would differ by the size of the prediction itself
+            torch.testing.assert_close(output[one], output_i, rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(batched.mean[one], single.mean, rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(batched.std[one].flatten(), single.std.view(1))
 
