@@ -143,11 +143,15 @@ class Args:
 
     # Model, reward and prompts
     pretrained_model: str = SD14
-    """hub id or local folder of a diffusers pipeline: Stable Diffusion 1.x or 2.x, SDXL, SD 3 or 3.5"""
+    """hub id or local folder of a diffusers pipeline: SD 1.x or 2.x, SDXL, SD 3 or 3.5, FLUX.1, Qwen-Image"""
     revision: Optional[str] = None
     """the model's revision on the hub"""
     t5: bool = True
     """use the T5 text encoder of a model that has one (SD 3); --no-t5 leaves it out (~9 GB less at SD 3.5 scale)"""
+    free_text_encoders: bool = False
+    """encode the training and held-out prompts once, then free the text encoders' memory (docs/RUNS.md)"""
+    gradient_checkpointing: bool = False
+    """recompute each denoiser block in the backward pass instead of keeping its activations (docs/RUNS.md)"""
     prompts: Literal["simple_animals", "nouns_activities", "shapes"] = "simple_animals"
     """the prompt set"""
     prompt_file: Optional[str] = None
@@ -157,7 +161,7 @@ class Args:
     num_steps: int = 50
     """DDIM sampling steps"""
     guidance_scale: float = 7.5
-    """classifier-free guidance weight"""
+    """classifier-free guidance weight (FLUX.1-dev: its guidance input, 3.5 in its pipeline; FLUX.1-schnell: none)"""
     eta: float = 1.0
     """DDIM eta: 1 makes every step Gaussian, so that the path KL to the pretrained model is defined"""
     resolution: int = 512
@@ -242,6 +246,10 @@ if __name__ == "__main__":
     model = load_model(
         args.pretrained_model, args.revision, run.device, run.dtype, args.resolution, args.num_steps, t5=args.t5
     )
+    if args.free_text_encoders:
+        model.free_text_encoders(train_prompts + eval_prompts)
+    if args.gradient_checkpointing:
+        model.checkpoint_blocks()
 
     # ALGO LOGIC: the offline data: --offline-data, the resumed run's, or (BRAID's protocol) images of the pretrained
     # model scored by the labeler plus label noise, only the scores up to --offline-quantile kept, so that the

@@ -60,11 +60,15 @@ class Args:
 
     # Model, reward and prompts
     pretrained_model: str = SD14
-    """hub id or local folder of a diffusers pipeline: Stable Diffusion 1.x or 2.x, SDXL, SD 3 or 3.5"""
+    """hub id or local folder of a diffusers pipeline: SD 1.x or 2.x, SDXL, SD 3 or 3.5, FLUX.1, Qwen-Image"""
     revision: Optional[str] = None
     """the model's revision on the hub"""
     t5: bool = True
     """use the T5 text encoder of a model that has one (SD 3); --no-t5 leaves it out (~9 GB less at SD 3.5 scale)"""
+    free_text_encoders: bool = False
+    """encode the training and held-out prompts once, then free the text encoders' memory (docs/RUNS.md)"""
+    gradient_checkpointing: bool = False
+    """recompute each denoiser block in the backward pass instead of keeping its activations (docs/RUNS.md)"""
     reward: Union[Literal["aesthetic", "pickscore", "hpsv2", "colorfulness"], str] = "aesthetic"
     """the reward to maximise, differentiable (DRaFT backpropagates through it): a name, your own path.py:Name, or a
     weighted sum such as aesthetic+0.2*colorfulness"""
@@ -77,7 +81,7 @@ class Args:
     num_steps: int = 50
     """DDIM sampling steps"""
     guidance_scale: float = 7.5
-    """classifier-free guidance weight"""
+    """classifier-free guidance weight (FLUX.1-dev: its guidance input, 3.5 in its pipeline; FLUX.1-schnell: none)"""
     eta: float = 0.0
     """DDIM eta (0: deterministic sampling, as in the paper)"""
     resolution: int = 512
@@ -125,6 +129,10 @@ if __name__ == "__main__":
     model = load_model(
         args.pretrained_model, args.revision, run.device, run.dtype, args.resolution, args.num_steps, t5=args.t5
     )
+    if args.free_text_encoders:
+        model.free_text_encoders(train_prompts + eval_prompts)
+    if args.gradient_checkpointing:
+        model.checkpoint_blocks()
     reward_fn = make_reward(args.reward, run.device, run.dtype, differentiable=True)
 
     # a flow model's last two steps carry no noise: a KL penalty on them alone would be 0, so it is refused

@@ -5,7 +5,7 @@
 - device_name: the GPU's or the CPU's model name, for the tables
 - Meter, run_script: a script run in this process, as `python script.py ...`, with its denoiser's calls counted and
   its training loop's iterations timed (speed/per_unet_call.py, peers/trl_trainers.py)
-- pipeline_model: this project's Model on the modules of a loaded diffusers pipeline (TRL's), so that the scripts'
+- pipeline_model: this project's SD Model on the modules of a loaded diffusers pipeline (TRL's), so that the scripts'
   own evaluation runs on the peer's UNet (peers/trl_trainers.py, results/trl_ddpo_task.py)
 - build_models: SD-1.4-shaped random models, no downloads (speed/sd14_scale.py, peers/trl_trainers.py --sd14)
 - build_family: SDXL-base- and SD-3.5-Medium-shaped random pipelines, no downloads (speed/gpu_check.py)
@@ -182,11 +182,11 @@ def pipeline_model(pipeline, resolution: int):
     object, LoRA included), with the DDIM scheduler that load_model gives the scripts."""
     from diffusers import DDIMScheduler
 
-    from common.models import Model
+    from common.families.sd import StableDiffusion
 
     scheduler = DDIMScheduler.from_config(pipeline.scheduler.config, clip_sample=False)  # as load_model: no clipping
-    return Model("sd", [pipeline.tokenizer], [pipeline.text_encoder], pipeline.unet, pipeline.vae, scheduler,
-                 resolution, pipeline.unet.conv_in.weight.dtype)  # fmt: skip
+    modules = [pipeline.tokenizer], [pipeline.text_encoder], pipeline.unet, pipeline.vae, scheduler
+    return StableDiffusion({}, *modules, resolution, pipeline.unet.conv_in.weight.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -88,7 +88,8 @@ T = TypeVar("T")
 # (written into the restored optimizer); every other flag would change the model or the method mid-run
 RESUMABLE = {"resume", "train_steps", "num_epochs", "save_every", "sample_every", "track", "wandb_project_name",
              "wandb_entity", "push_to_hub", "hub_model_id", "cuda", "torch_deterministic", "mixed_precision",
-             "learning_rate", "weight_decay", "max_grad_norm"}  # fmt: skip
+             "learning_rate", "weight_decay", "max_grad_norm", "free_text_encoders",
+             "gradient_checkpointing"}  # fmt: skip
 
 
 def cli(args_class: type[T], presets: dict[str, dict]) -> T:

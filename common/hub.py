@@ -8,8 +8,6 @@ import sys
 
 from common import fail
 
-PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline"}
-FAMILY_TAGS = {"sd": "stable-diffusion", "sdxl": "stable-diffusion-xl", "sd3": "sd3"}
 UPLOADED = ["README.md", "pytorch_lora_weights.safetensors"]
 
 
@@ -31,7 +29,7 @@ def check_hub(repo_id: str | None) -> str:
         fail(f"--push-to-hub cannot reach the Hugging Face Hub with this token ({reason})")
 
 
-def model_card(run_dir: str, args, family: str, reward: str, grid: str | None, rewards: dict[str, float | None],
+def model_card(run_dir: str, args, model, reward: str, grid: str | None, rewards: dict[str, float | None],
                prompt: str, repo_id: str | None = None, notes: str = "") -> str:  # fmt: skip
     """The card's text: a YAML header (base model, library, tags, pipeline) and what a user of the LoRA needs."""
     script = os.path.basename(sys.argv[0])
@@ -39,13 +37,13 @@ def model_card(run_dir: str, args, family: str, reward: str, grid: str | None, r
     base = args.pretrained_model
     base_link = base if os.path.exists(base) else f"[{base}](https://huggingface.co/{base})"  # a local folder or an id
     reward_tag = re.sub(r"[^\w-]+", "-", os.path.basename(reward)).strip("-")  # a name, a file or a weighted sum
-    tags = ["text-to-image", "diffusers", "lora", FAMILY_TAGS[family], "reward-fine-tuning", script[:-3], reward_tag]
+    tags = ["text-to-image", "diffusers", "lora", model.hub_tag, "reward-fine-tuning", script[:-3], reward_tag]
     header = "\n".join([
         "---", f"base_model: {args.pretrained_model}", "library_name: diffusers", "pipeline_tag: text-to-image",
         "tags:", *(f"- {tag}" for tag in dict.fromkeys(tags)), "---",
     ])  # fmt: skip
     table = "\n".join(f"| {name} | {value if value is None else f'{value:.4g}'} |" for name, value in rewards.items())
-    pipeline = PIPELINES[family]
+    pipeline = model.pipeline.__name__
     return f"""{header}
 
 # {os.path.basename(run_dir)}
@@ -76,7 +74,7 @@ from diffusers import {pipeline}
 
 pipeline = {pipeline}.from_pretrained("{args.pretrained_model}")
 pipeline.load_lora_weights("{repo_id or run_dir}")
-image = pipeline({prompt!r}, num_inference_steps={args.num_steps}, guidance_scale={args.guidance_scale}).images[0]
+image = pipeline({prompt!r}, {model.pipeline_call(args.num_steps, args.guidance_scale)}).images[0]
 ```
 """
 

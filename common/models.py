@@ -1,85 +1,50 @@
-"""The text-to-image models, loaded from a diffusers pipeline (a hub id or a local folder), behind one interface that
-the scripts use without naming a family: `encode` prompts into a Conditioning, `predict` the denoiser's output with
-classifier-free guidance, the sampler's `schedule` on the model's Gaussian path, `decode` latents to images, and the
-LoRA on the denoiser's attention projections (saved in diffusers' format: the pipeline's load_lora_weights reads it).
-The family comes from the pipeline's model_index.json:
-    StableDiffusionPipeline (SD 1.x, 2.x): CLIP text encoder, UNet predicting eps or v, DDIM on the VP path;
-    StableDiffusionXLPipeline (SDXL): two CLIP text encoders, whose pooled embedding and the image size ("time ids")
-        are added to the UNet's timestep embedding; eps, DDIM on the VP path;
-    StableDiffusion3Pipeline (SD 3, 3.5): two CLIP encoders and T5 (optional), an MMDiT transformer predicting the
-        velocity eps - x0 of a rectified flow (alpha = 1 - sigma), the flow scheduler's sigmas (shift included)."""
+"""The text-to-image model behind one interface, whatever its family: `encode` prompts into a Conditioning, `predict`
+the denoiser's guided output, the sampler's `schedule` on the model's Gaussian path, `decode` latents to images, and
+the LoRA on the denoiser (saved in diffusers' format, which the pipeline's load_lora_weights reads).
+
+What differs between diffusers' pipelines (prompt encoding, the denoiser's call, the latents' layout and the VAE's
+normalisation, the flow's shift, the LoRA's modules) lives in one module per family, `common/families/`, each a
+subclass of `Model`; `load_model` reads the family from the pipeline's model_index.json. Latents are (B, C, h, w)
+for every family: a family whose transformer reads packed patches packs them inside its own call."""
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
-import torch.nn.functional as F
-from diffusers import (
-    AutoencoderKL,
-    DDIMScheduler,
-    DiffusionPipeline,
-    FlowMatchEulerDiscreteScheduler,
-    SD3Transformer2DModel,
-    UNet2DConditionModel,
-)
-from diffusers.loaders import SD3LoraLoaderMixin, StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
+from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from torch.utils.checkpoint import checkpoint
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from common import fail, load_or_fail
 from common.sampling import Schedule, randn
 
 SD14 = "CompVis/stable-diffusion-v1-4"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' file name: load_lora_weights finds it
-FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3"}
-# each family's text encoders and tokenizers (subfolders, classes), and the pipeline's LoRA loader
-CLIP_L, CLIP_G = ("text_encoder", "tokenizer", CLIPTextModelWithProjection), ("text_encoder_2", "tokenizer_2",
-                                                                               CLIPTextModelWithProjection)  # fmt: skip
-TEXT_ENCODERS = {
-    "sd": [("text_encoder", "tokenizer", CLIPTextModel)],
-    "sdxl": [("text_encoder", "tokenizer", CLIPTextModel), CLIP_G],
-    "sd3": [CLIP_L, CLIP_G, ("text_encoder_3", "tokenizer_3", T5EncoderModel)],
-}
-LORA_LOADERS = {
-    "sd": StableDiffusionLoraLoaderMixin,
-    "sdxl": StableDiffusionXLLoraLoaderMixin,
-    "sd3": SD3LoraLoaderMixin,
-}
-# the attention projections the LoRA adapts: the UNet's, or the MMDiT's image and text streams (as diffusers' SD 3
-# LoRA example)
+# the attention projections a LoRA adapts in every family: the image stream's (a UNet's only ones)
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-LORA_TARGETS_MMDIT = LORA_TARGETS + ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
-T5_TOKENS = 256  # StableDiffusion3Pipeline's max_sequence_length
-# pipelines that are not text-to-image, and what to use instead
-NOT_TEXT_TO_IMAGE = {
-    "StableDiffusionXLImg2ImgPipeline": "an image-to-image pipeline (the SDXL refiner is one): use the SDXL base model",
-    "StableDiffusionImg2ImgPipeline": "an image-to-image pipeline: use the text-to-image model it was made from",
-    "StableDiffusionXLInpaintPipeline": "an inpainting pipeline: use the text-to-image model it was made from",
-    "StableDiffusionInpaintPipeline": "an inpainting pipeline: use the text-to-image model it was made from",
-    "FluxPipeline": (
-        "a FLUX.1 pipeline, which these scripts do not load yet: its flow step is SD 3's, but it is"
-        " guidance-distilled (a guidance input, no classifier-free guidance) and packs its latents"
-    ),
-}
 
 
 @dataclass
 class Conditioning:
-    """What the denoiser reads besides the latents and the timestep, one row per sample: the text encoders' token
-    embeddings (B, L, D); SDXL and SD 3 also a pooled text embedding (B, P); SDXL the time ids (B, 6): the image's
-    original size, crop corner and target size."""
+    """What the denoiser reads besides the latents and the timestep, one row per sample: the text encoder's token
+    states `embeds` (B, L, D); for some families a pooled text embedding (B, P), the image's size ("time ids", SDXL,
+    (B, 6)), or a mask (B, L) of the tokens that are real where prompts of different lengths are padded (Qwen-Image)."""
 
     embeds: torch.Tensor
     pooled: torch.Tensor | None = None
     time_ids: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
 
     def map(self, fn) -> "Conditioning":
         """`fn` applied to each tensor it holds."""
-        return Conditioning(*(None if x is None else fn(x) for x in (self.embeds, self.pooled, self.time_ids)))
+        return Conditioning(*(None if x is None else fn(x) for x in self.tensors()))
+
+    def tensors(self) -> list:
+        return [getattr(self, f.name) for f in fields(self)]
 
     def __getitem__(self, index) -> "Conditioning":
         return self.map(lambda x: x[index])
@@ -89,81 +54,111 @@ class Conditioning:
 
     @staticmethod
     def cat(conds: list["Conditioning"]) -> "Conditioning":
-        parts = [(c.embeds, c.pooled, c.time_ids) for c in conds]
-        return Conditioning(*(None if x[0] is None else torch.cat(x) for x in zip(*parts)))
+        """The rows of several Conditionings in one. Token states of different lengths (masked ones) are padded at
+        the end with zeros that their mask leaves out."""
+        length = max(c.embeds.shape[1] for c in conds)
+        if any(c.embeds.shape[1] != length and c.mask is None for c in conds):
+            raise ValueError("only conditionings with a token mask can have different lengths")
+        padded = [c if c.embeds.shape[1] == length else c.padded(length) for c in conds]
+        return Conditioning(*(None if x[0] is None else torch.cat(x) for x in zip(*(c.tensors() for c in padded))))
+
+    def padded(self, length: int) -> "Conditioning":
+        extra = length - self.embeds.shape[1]
+        embeds = torch.cat([self.embeds, self.embeds.new_zeros(len(self), extra, self.embeds.shape[2])], dim=1)
+        mask = torch.cat([self.mask, self.mask.new_zeros(len(self), extra)], dim=1)
+        return Conditioning(embeds, self.pooled, self.time_ids, mask)
 
 
 class Model:
-    """A frozen text-to-image model in eval mode (load_model builds it): tokenizers, text encoders, the denoiser (the
+    """A frozen text-to-image model in eval mode (`load_model` builds it): tokenizers, text encoders, the denoiser (the
     LoRA's host), the VAE and the scheduler config its schedules come from. Frozen weights in `dtype`; the sampler's
-    arithmetic and the LoRA in fp32."""
+    arithmetic and the LoRA in fp32. A family (common/families) sets the class attributes below and implements
+    `encode_prompt` and `denoise`; the other methods are the same for every family unless one overrides them."""
 
-    def __init__(self, family, tokenizers, text_encoders, denoiser, vae, scheduler, resolution: int, dtype,
-                 zero_uncond: bool = False):  # fmt: skip
-        self.family, self.tokenizers, self.text_encoders = family, tokenizers, text_encoders
+    family: str  # a short name, "sd", "sdxl", ...
+    pipeline: type  # the diffusers pipeline: its LoRA loader, and the class a model card names
+    hub_tag: str  # the Hub's tag for models of the family
+    # (encoder subfolder, tokenizer subfolder, encoder class, tokenizer class) of each text encoder, in order
+    text_encoder_classes: list[tuple[str, str, type, type]]
+    denoiser_class: type  # loaded from the subfolder `denoiser_folder`
+    denoiser_folder: str = "transformer"
+    vae_class: type = AutoencoderKL
+    flow: bool = True  # a rectified flow (FlowMatchEulerDiscreteScheduler), else SD's VP path (DDIM)
+    packed: bool = False  # the transformer reads 2 x 2 patches of the latents as tokens, packed outside it
+    lora_targets: list[str] = LORA_TARGETS
+    lora_prefix: str = "transformer"  # the keys' prefix in the LoRA file, as the pipeline's loader expects
+    negative_prompt: str = ""  # the unconditional prompt of classifier-free guidance
+
+    def __init__(self, index, tokenizers, text_encoders, denoiser, vae, scheduler, resolution: int, dtype):
+        self.index, self.tokenizers, self.text_encoders = index, tokenizers, text_encoders
         self.denoiser, self.vae, self.scheduler = denoiser, vae, scheduler
         self.resolution, self.dtype, self.device = resolution, dtype, denoiser.device
         self.prediction_type = scheduler.config.prediction_type
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)  # 8 for SD: 512 px <-> 64 x 64 latents
-        self.schedules = {}
-        # the unconditional conditioning of classifier-free guidance, computed once: the empty prompt's, or for SDXL
-        # (force_zeros_for_empty_prompt) zeros in place of its text embeddings, as the pipeline does
-        uncond = self.encode([""])
-        self.uncond = Conditioning(uncond.embeds * 0, uncond.pooled * 0, uncond.time_ids) if zero_uncond else uncond
+        self.schedules, self.cache = {}, None
+        self.uncond = self.unconditional()  # computed once
 
-    # ---- prompts and the denoiser ----
-    def token_ids(self, i: int, prompts: list[str]) -> torch.Tensor:
-        """The prompts as the i-th tokenizer pads and truncates them: CLIP's 77 tokens, T5's 256 (SD 3's pipeline)."""
+    # ---- prompts and the denoiser: what each family does its own way ----
+    @classmethod
+    def text_encoders_to_load(cls, index: dict, t5: bool) -> list:
+        """The text encoders a run loads: all of them, unless the family can leave T5 out (`t5` False)."""
+        return cls.text_encoder_classes
+
+    def token_ids(self, i: int, prompts: list[str], length: int | None = None) -> torch.Tensor:
+        """The prompts as the i-th tokenizer pads and truncates them: to `length`, or its own maximum (CLIP's 77)."""
         tokenizer = self.tokenizers[i]
-        length = T5_TOKENS if isinstance(tokenizer, T5TokenizerFast) else tokenizer.model_max_length
-        return tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
-                         return_tensors="pt").input_ids.to(self.device)  # fmt: skip
+        length = length or tokenizer.model_max_length
+        tokens = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+        return tokens.input_ids.to(self.device)
 
-    @torch.no_grad()
-    def encode(self, prompts: list[str]) -> Conditioning:
-        """The prompts' conditioning, as the family's diffusers pipeline computes it (clip_skip None). SD: the text
-        encoder's last hidden state after its final layer norm (for SD 2.x that is OpenCLIP's penultimate layer: the
-        converted encoder has its last layer dropped). SDXL and SD 3: the two CLIP encoders' penultimate states side by
-        side (768 + 1280 = 2048); SDXL adds the second encoder's projected pooled embedding and the time ids of a
-        square image at the model's resolution, uncropped; SD 3 pads the CLIP states to T5's width and appends T5's
-        256 token states (zeros without T5), and pools both CLIP encoders' projections (2048)."""
-        if self.family == "sd":
-            return Conditioning(self.text_encoders[0](self.token_ids(0, prompts))[0])
-        states, pooled = [], []
-        for i in range(2):
-            output = self.text_encoders[i](self.token_ids(i, prompts), output_hidden_states=True)
-            states.append(output.hidden_states[-2])
-            pooled.append(output[0])  # the projected text embedding (CLIPTextModelWithProjection's first output)
-        embeds = torch.cat(states, dim=-1)
-        if self.family == "sdxl":
-            size = self.resolution
-            time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=embeds.dtype, device=self.device)
-            return Conditioning(embeds, pooled[1], time_ids.expand(len(prompts), -1))
-        width = self.denoiser.config.joint_attention_dim
-        if len(self.text_encoders) == 3:
-            t5 = self.text_encoders[2](self.token_ids(2, prompts))[0]
-        else:  # StableDiffusion3Pipeline with text_encoder_3=None
-            t5 = embeds.new_zeros(len(prompts), T5_TOKENS, width)
-        embeds = torch.cat([F.pad(embeds, (0, width - embeds.shape[-1])), t5], dim=1)  # (B, 77 + 256, width)
-        return Conditioning(embeds, torch.cat(pooled, dim=-1))
+    def encode_prompt(self, prompts: list[str]) -> Conditioning:
+        """The prompts' conditioning, as the family's pipeline computes it (its `encode_prompt`)."""
+        raise NotImplementedError
 
     def denoise(self, latents, t, cond: Conditioning) -> torch.Tensor:
-        """One call of the denoiser on a batch, without guidance; its output in fp32."""
-        latents, cond = latents.to(self.dtype), cond.map(lambda x: x.to(self.dtype))
-        if self.family == "sd3":
-            t = t.expand(len(latents)) if t.ndim == 0 else t
-            return self.denoiser(hidden_states=latents, timestep=t, encoder_hidden_states=cond.embeds,
-                                 pooled_projections=cond.pooled).sample.float()  # fmt: skip
-        added = {"text_embeds": cond.pooled, "time_ids": cond.time_ids} if self.family == "sdxl" else None
-        return self.denoiser(latents, t, encoder_hidden_states=cond.embeds, added_cond_kwargs=added).sample.float()
+        """One call of the denoiser on a batch (B, C, h, w), without guidance; its output in fp32, (B, C, h, w)."""
+        raise NotImplementedError
+
+    def unconditional(self) -> Conditioning | None:
+        """The unconditional conditioning of classifier-free guidance: the negative prompt's, in a batch of one."""
+        return self.encode([self.negative_prompt])
+
+    def guide(self, latents, t, cond: Conditioning, guidance_scale: float) -> torch.Tensor:
+        """Classifier-free guidance: u + w (c - u) from one batched call on [unconditional; conditional] (a v or a
+        velocity is affine in the eps it stands for, so guiding it guides that eps). As in diffusers, no guidance
+        (one call on cond) when w <= 1."""
+        if guidance_scale <= 1.0:
+            return self.denoise(latents, t, cond)
+        uncond = self.uncond.map(lambda x: x.expand(len(latents), *x.shape[1:]))
+        t = torch.cat([t, t]) if t.ndim else t  # one timestep per sample (DDPO's shuffled steps) or one for all
+        both = self.denoise(torch.cat([latents, latents]), t, Conditioning.cat([uncond, cond]))
+        output_uncond, output_cond = both.chunk(2)
+        return output_uncond + guidance_scale * (output_cond - output_uncond)
+
+    # ---- the interface the scripts use ----
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> Conditioning:
+        """The prompts' conditioning: from the text encoders, or after `free_text_encoders` from its cache."""
+        if self.cache is None:
+            return self.encode_prompt(prompts)
+        missing = [p for p in prompts if p not in self.cache]
+        if missing:
+            fail(f"the prompt {missing[0]!r} was not encoded before the text encoders were freed")
+        return Conditioning.cat([self.cache[p] for p in prompts]).map(lambda x: x.to(self.device))
+
+    def free_text_encoders(self, prompts: list[str]) -> None:
+        """Encode `prompts` once (one at a time, so each row is what any batch would give), keep their conditionings
+        on the CPU, and free the text encoders: their memory (T5-XXL's 9.5 GB, Qwen2.5-VL's 16.6 GB in bf16) goes to
+        training. Afterwards `encode` takes only these prompts."""
+        self.cache = {p: self.encode_prompt([p]).map(lambda x: x.cpu()) for p in dict.fromkeys(prompts)}
+        self.text_encoders.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def predict(self, latents, t, cond: Conditioning, guidance_scale: float, checkpointed=False, pretrained=False):
-        """The guided output u + w (c - u) of one batched call on [unconditional; conditional] (a v or a velocity is
-        affine in the eps it stands for, so guiding it guides that eps). As in diffusers, no guidance (one call on
-        cond) when w <= 1. `t` is one timestep or one per sample (B,). `checkpointed` (with autograd on): keep only
-        the inputs and recompute the call in the backward pass, to save memory. `pretrained`: the pretrained model's
-        output, from the same denoiser with its LoRA switched off (inside the checkpointed call, so that the
-        recomputation is the pretrained model's too)."""
+        """The guided output of the denoiser (`guide`) at x_t = `latents`. `t` is one timestep or one per sample (B,).
+        `checkpointed` (with autograd on): keep only the inputs and recompute the call in the backward pass, to save
+        memory. `pretrained`: the pretrained model's output, from the same denoiser with its LoRA switched off (inside
+        the checkpointed call, so that the recomputation is the pretrained model's too)."""
         if checkpointed and torch.is_grad_enabled():
             return checkpoint(
                 self.predict, latents, t, cond, guidance_scale, pretrained=pretrained, use_reentrant=False
@@ -174,23 +169,45 @@ class Model:
                 return self.predict(latents, t, cond, guidance_scale)
             finally:
                 self.denoiser.enable_adapters()
-        if guidance_scale <= 1.0:
-            return self.denoise(latents, t, cond)
-        uncond = self.uncond.map(lambda x: x.expand(len(latents), *x.shape[1:]))
-        t = torch.cat([t, t]) if t.ndim else t  # one timestep per sample (DDPO's shuffled steps) or one for all
-        output_uncond, output_cond = self.denoise(torch.cat([latents, latents]), t, Conditioning.cat([uncond, cond])
-                                                  ).chunk(2)  # fmt: skip
-        return output_uncond + guidance_scale * (output_cond - output_uncond)
+        return self.guide(latents, t, cond, guidance_scale)
+
+    def checkpoint_blocks(self) -> None:
+        """The denoiser's own gradient checkpointing (diffusers' enable_gradient_checkpointing): a call with gradient
+        keeps only each block's inputs and recomputes the block in the backward pass, which at 1024 px turns tens of
+        GB of kept activations into a few (benchmarks/speed/family_memory.py) for a third forward pass where the call
+        is also checkpointed. A block is recomputed with the LoRA as it was in the call (off for the pretrained
+        model's output, `predict(pretrained=True)`), whatever it is when the backward pass reaches it."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        def block_checkpoint(block, *args):
+            lora = [m for m in block.modules() if isinstance(m, BaseTunerLayer)]
+            off = bool(lora) and lora[0].disable_adapters  # the LoRA's state in the call
+
+            def run(*inputs):
+                if not lora or lora[0].disable_adapters == off:
+                    return block(*inputs)
+                for m in lora:
+                    m.enable_adapters(not off)
+                try:
+                    return block(*inputs)
+                finally:
+                    for m in lora:
+                        m.enable_adapters(off)
+
+            return checkpoint(run, *args, use_reentrant=False)
+
+        self.denoiser.enable_gradient_checkpointing(block_checkpoint)
 
     # ---- the path and the latents ----
     def schedule(self, num_steps: int) -> Schedule:
         """The sampler's `num_steps` steps on the path (cached). VP (SD, SDXL): DDIMScheduler's timesteps, alpha =
         sqrt(abar_t), sigma = sqrt(1 - abar_t), and after t_i the abar of t_i - 1000 / T, as DDIMScheduler.step takes
-        it. Flow (SD 3): FlowMatchEulerDiscreteScheduler's sigmas, its shift included, ending at 0; alpha = 1 - sigma;
-        the transformer is called with 1000 sigma."""
+        it. Flow: the flow scheduler's sigmas as the family's pipeline sets them (`flow_timesteps`), ending at 0;
+        alpha = 1 - sigma; the denoiser is called with 1000 sigma (a family may rescale it in its call)."""
         if num_steps not in self.schedules:
-            if self.prediction_type == "flow":
-                self.scheduler.set_timesteps(num_steps, **self.shift_kwargs())
+            if self.flow:
+                with np.errstate(invalid="ignore", divide="ignore"):  # non-finite sigmas are refused below
+                    self.scheduler.set_timesteps(**self.flow_timesteps(num_steps))
                 timesteps, sigmas = self.scheduler.timesteps, self.scheduler.sigmas.float()
                 alphas = 1 - sigmas
             else:
@@ -200,69 +217,96 @@ class Model:
                 abar_prev = torch.where(prev >= 0, abar[prev.clamp(min=0)], self.scheduler.final_alpha_cumprod)
                 abars = torch.cat([abar[timesteps[:1]], abar_prev])  # abar at t_T, then after each step
                 alphas, sigmas = abars.sqrt(), (1 - abars).sqrt()
+            if not sigmas.isfinite().all():  # Qwen-Image's stretch to its terminal sigma divides by 0 at one step
+                fail(f"--num-steps {num_steps} gives this model's scheduler sigmas that are not finite: raise it")
             if self.prediction_type == "epsilon" and alphas[0] == 0:  # x0_hat = (x - sigma eps) / alpha: undefined
-                fail("the scheduler's first step starts from pure noise (a zero-terminal-SNR schedule, e.g."
-                     " rescale_betas_zero_snr with 'trailing' spacing), where an epsilon model's x0 is undefined: use a"
-                     " v-prediction model with such a schedule, or 'leading' spacing")  # fmt: skip
-            floor = sigmas[-2].item() if self.prediction_type == "flow" else 0.0  # sigma_min: Schedule.step_std
-            self.schedules[num_steps] = Schedule(timesteps.to(self.device), alphas.to(self.device),
-                                                 sigmas.to(self.device), self.prediction_type, floor)  # fmt: skip
+                fail(
+                    "the scheduler's first step starts from pure noise (a zero-terminal-SNR schedule, e.g."
+                    " rescale_betas_zero_snr with 'trailing' spacing), where an epsilon model's x0 is undefined: use"
+                    " a v-prediction model with such a schedule, or 'leading' spacing"
+                )
+            floor = sigmas[-2].item() if self.flow else 0.0  # a flow's smallest sigma: Schedule.step_std says why
+            schedule = Schedule(timesteps, alphas, sigmas, self.prediction_type, floor)
+            self.schedules[num_steps] = schedule.to(self.device)
         return self.schedules[num_steps]
 
-    def shift_kwargs(self) -> dict:
-        """A flow scheduler with resolution-dependent shifting needs mu, from the image's token count (as the
-        pipelines compute it); SD 3 and 3.5 use a fixed shift instead."""
+    def flow_timesteps(self, num_steps: int) -> dict:
+        """The flow scheduler's set_timesteps arguments, as the family's pipeline passes them."""
+        return {"num_inference_steps": num_steps}
+
+    def dynamic_shift(self) -> dict:
+        """A flow scheduler with resolution-dependent shifting needs mu, from the image's token count: linear in it
+        between (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift), as the pipelines compute it.
+        The sigmas are then shifted as exp(mu) / (exp(mu) + 1 / sigma - 1)."""
         config = self.scheduler.config
         if not config.get("use_dynamic_shifting"):
             return {}
-        tokens = (self.resolution // self.vae_scale_factor // self.denoiser.config.patch_size) ** 2
-        slope = (config.max_shift - config.base_shift) / (config.max_image_seq_len - config.base_image_seq_len)
-        return {"mu": config.base_shift + slope * (tokens - config.base_image_seq_len)}
+        tokens = (self.resolution // self.latent_multiple()) ** 2
+        base, top = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+        slope = (config.get("max_shift", 1.15) - config.get("base_shift", 0.5)) / (top - base)
+        return {"mu": config.get("base_shift", 0.5) + slope * (tokens - base)}
 
     def training_schedule(self) -> Schedule:
         """Every training timestep with its alpha and sigma, for a denoising loss (RWR): SD's t = 0 ... 999, or the
-        flow scheduler's 1000 (shifted) training sigmas."""
-        if self.prediction_type == "flow":
+        flow scheduler's 1000 training sigmas (shifted by its fixed shift; not shifted where the shift is dynamic)."""
+        if self.flow:
             scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)  # its training sigmas
-            sigmas = torch.cat([scheduler.sigmas.float(), torch.zeros(1)]).to(self.device)
-            return Schedule(scheduler.timesteps.to(self.device), 1 - sigmas, sigmas, "flow")
-        abar = self.scheduler.alphas_cumprod.to(self.device)
+            sigmas = torch.cat([scheduler.sigmas.float(), torch.zeros(1)])
+            return Schedule(scheduler.timesteps, 1 - sigmas, sigmas, "flow").to(self.device)
+        abar = self.scheduler.alphas_cumprod
         abars = torch.cat([abar, abar.new_ones(1)])
-        timesteps = torch.arange(len(abar), device=self.device)
-        return Schedule(timesteps, abars.sqrt(), (1 - abars).sqrt(), self.prediction_type)
+        timesteps = torch.arange(len(abar))
+        return Schedule(timesteps, abars.sqrt(), (1 - abars).sqrt(), self.prediction_type).to(self.device)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent a side: 8 for SD's VAE (512 px <-> 64 x 64 latents)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.config.latent_channels
+
+    def latent_multiple(self) -> int:
+        """Pixels per token a side: the VAE's factor, times the 2 x 2 patch a transformer makes one token of."""
+        return self.vae_scale_factor * (2 if self.packed else self.denoiser.config.get("patch_size", 1))
 
     def initial_latents(self, batch_size: int, generator=None) -> torch.Tensor:
         """x_T ~ N(0, I) at the model's resolution, (B, C, resolution / f, resolution / f)."""
         size = self.resolution // self.vae_scale_factor
-        return randn((batch_size, self.denoiser.config.in_channels, size, size), generator, self.device)
+        return randn((batch_size, self.latent_channels, size, size), generator, self.device)
+
+    def vae_decode(self, latents) -> torch.Tensor:
+        """Latents (B, C, h, w) -> the VAE's images (B, 3, H, W) in [-1, 1], in fp32. SD 3's and FLUX's VAEs also
+        shift their latents: z = (latents - shift) * scale."""
+        config = self.vae.config
+        z = latents.to(self.vae.dtype) / config.scaling_factor + (config.get("shift_factor") or 0)
+        return self.vae.decode(z).sample.float()
+
+    def vae_encode(self, images) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> the VAE posterior's mean in latent units (what vae_decode inverts)."""
+        config = self.vae.config
+        latents = self.vae.encode(images.to(self.vae.dtype)).latent_dist.mean.float()
+        return (latents - (config.get("shift_factor") or 0)) * config.scaling_factor
 
     def decode(self, latents, checkpointed: bool = False) -> torch.Tensor:
         """Latents -> images (B, 3, H, W) in [0, 1], differentiable; optionally checkpointed (the VAE decoder's
         activations at 512 px are large)."""
-
-        config = self.vae.config
-
-        def vae_decode(z):  # SD 3's VAE also shifts its latents: z = (latents - shift) * scale
-            return self.vae.decode(
-                z.to(self.vae.dtype) / config.scaling_factor + (config.shift_factor or 0)
-            ).sample.float()
-
         if checkpointed and torch.is_grad_enabled():
-            images = checkpoint(vae_decode, latents, use_reentrant=False)
+            images = checkpoint(self.vae_decode, latents, use_reentrant=False)
         else:
-            images = vae_decode(latents)
+            images = self.vae_decode(latents)
         return (images / 2 + 0.5).clamp(0, 1)
 
     def encode_images(self, images) -> torch.Tensor:
-        """Images (B, 3, H, W) in [0, 1] -> the VAE posterior's mean in latent units (what decode inverts)."""
-        latents = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist.mean.float()
-        return (latents - (self.vae.config.shift_factor or 0)) * self.vae.config.scaling_factor
+        """Images (B, 3, H, W) in [0, 1] -> latents (what decode inverts)."""
+        return self.vae_encode(images * 2 - 1)
 
     # ---- LoRA ----
     def add_lora(self, rank: int = 4, alpha: float | None = None) -> list[torch.nn.Parameter]:
         """LoRA (peft) on the denoiser's attention projections; B starts at zero, so the model starts as the
         pretrained one. The trainable parameters are kept in fp32 whatever the frozen weights' dtype. Returns them."""
-        targets = LORA_TARGETS_MMDIT if self.family == "sd3" else LORA_TARGETS
+        targets = self.lora_targets
         config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=targets)
         self.denoiser.add_adapter(config)
         params = [p for p in self.denoiser.parameters() if p.requires_grad]
@@ -278,114 +322,129 @@ class Model:
             fail(
                 f"the LoRA's weights are not finite, so they were not saved to {directory}: try a lower --learning-rate"
             )
-        name = "transformer" if self.family == "sd3" else "unet"  # the keys' prefix in the file
-        if name == "unet":  # the UNet pipelines' own (older) key names, as diffusers' SD and SDXL LoRA examples save
+        if self.lora_prefix == "unet":  # the UNet pipelines' own (older) key names, as diffusers' LoRA examples save
             state_dict = convert_state_dict_to_diffusers(state_dict)
         config = self.denoiser.peft_config["default"].to_dict()
-        self.pipeline_class.save_lora_weights(directory, **{f"{name}_lora_layers": state_dict,
-                                                            f"{name}_lora_adapter_metadata": config})  # fmt: skip
+        layers = {f"{self.lora_prefix}_lora_layers": state_dict, f"{self.lora_prefix}_lora_adapter_metadata": config}
+        self.pipeline.save_lora_weights(directory, **layers)
 
     def load_lora(self, directory: str) -> None:
         """Load weights written by `save_lora` into a LoRA that `add_lora` gave the same rank (to resume). A file that
         cannot be read or holds non-finite weights ends the program with one sentence."""
         try:
-            loader = self.pipeline_class.lora_state_dict
+            loader = self.pipeline.lora_state_dict
             state_dict = loader(directory, weight_name=LORA_WEIGHTS, return_lora_metadata=True)[0]
         except Exception as e:  # missing, truncated or not a safetensors file
             fail(f"the LoRA in '{directory}' cannot be read ({type(e).__name__}); resume from an earlier checkpoint")
         if not all(w.isfinite().all() for w in state_dict.values()):
             fail(f"the LoRA in '{directory}' holds non-finite weights; resume from an earlier checkpoint")
-        prefix = "transformer." if self.family == "sd3" else "unet."
+        prefix = f"{self.lora_prefix}."
         state_dict = convert_unet_state_dict_to_peft({k.removeprefix(prefix): v for k, v in state_dict.items()})
         try:
             result = set_peft_model_state_dict(self.denoiser, state_dict)
         except RuntimeError:  # a size mismatch: another rank
-            fail(f"the LoRA in '{directory}' has other shapes than this model's LoRA: was it saved with another"
-                 " --lora-rank?")  # fmt: skip
+            fail(
+                f"the LoRA in '{directory}' has other shapes than this model's LoRA: was it saved with another"
+                " --lora-rank?"
+            )
         if result.unexpected_keys:
-            fail(f"the LoRA in '{directory}' does not fit this model (unexpected keys such as"
-                 f" {result.unexpected_keys[0]})")  # fmt: skip
+            key = result.unexpected_keys[0]
+            fail(f"the LoRA in '{directory}' does not fit this model (unexpected keys such as {key})")
 
-    @property
-    def pipeline_class(self):  # the pipeline's LoRA loader: its save_lora_weights and lora_state_dict
-        return LORA_LOADERS[self.family]
+    # ---- the model card ----
+    def pipeline_call(self, num_steps: int, guidance_scale: float) -> str:
+        """The arguments of the pipeline's call that sample as the scripts did (a model card's example)."""
+        return f"num_inference_steps={num_steps}, guidance_scale={guidance_scale}"
 
 
-def load_model(name: str = SD14, revision=None, device="cpu", dtype=None, resolution: int = 512, num_steps: int = 1,
-               t5: bool = True) -> Model:  # fmt: skip
+def load_model(
+    name: str = SD14, revision=None, device="cpu", dtype=None, resolution: int = 512, num_steps: int = 1, t5=True
+) -> Model:
     """The model of a hub id or local pipeline folder, frozen, in eval mode, attention through PyTorch's
     scaled_dot_product_attention. Frozen weights in bf16 on CUDA and fp32 elsewhere unless `dtype` is given.
     `resolution` (images are square) and `num_steps`, the sampling steps the caller will take, are checked against
     the model; `t5=False` leaves an SD 3 pipeline's T5 encoder unloaded (as text_encoder_3=None: ~9 GB less at SD 3.5
     scale). Anything that cannot be loaded or used ends the program with one sentence."""
+    from common.families import family_of
+
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     # model_index.json is the smallest file: a wrong id or no network fails here, before any download
     index = load_or_fail(DiffusionPipeline.load_config, name, revision=revision)
-    kind = index.get("_class_name")
-    if kind in NOT_TEXT_TO_IMAGE:
-        fail(f"'{name}' is {NOT_TEXT_TO_IMAGE[kind]}")
-    if kind not in FAMILIES:
-        fail(f"'{name}' is a {kind}; these scripts take a text-to-image pipeline of one of: {', '.join(FAMILIES)}")
-    family = FAMILIES[kind]
-    scheduler_config = load_or_fail(DDIMScheduler.load_config, name, subfolder="scheduler", revision=revision)
+    family = family_of(name, index)
+    scheduler = load_scheduler(family, name, revision, num_steps)
+    kwargs = dict(revision=revision, torch_dtype=dtype)
+    text_encoders, tokenizers = [], []
+    for encoder_folder, tokenizer_folder, encoder_class, tokenizer_class in family.text_encoders_to_load(index, t5):
+        text_encoders.append(load_or_fail(encoder_class.from_pretrained, name, subfolder=encoder_folder, **kwargs))
+        tokenizer = load_or_fail(tokenizer_class.from_pretrained, name, subfolder=tokenizer_folder, revision=revision)
+        if len(tokenizer) < 10:  # transformers returns an empty tokenizer, not an error, when the files are missing
+            fail(f"'{name}' has no tokenizer files in its '{tokenizer_folder}' folder")
+        tokenizers.append(tokenizer)
+    denoiser = load_or_fail(family.denoiser_class.from_pretrained, name, subfolder=family.denoiser_folder, **kwargs)
+    vae = load_or_fail(family.vae_class.from_pretrained, name, subfolder="vae", **kwargs)
+    for module in (*text_encoders, denoiser, vae):
+        module.requires_grad_(False).eval().to(device)
+    if isinstance(vae, AutoencoderKL):  # the other families' attention uses scaled_dot_product_attention already
+        vae.set_attn_processor(AttnProcessor2_0())
+    if family.denoiser_folder == "unet":
+        denoiser.set_attn_processor(AttnProcessor2_0())
+    large = sum(p.numel() for p in denoiser.parameters()) > 10**8
+    if device.type == "cpu" and large and os.environ.get("RANK", "0") == "0":
+        print(
+            f"note: no CUDA device: '{name}' will be very slow on the CPU (try --preset tiny, the shipped tiny model)"
+        )
+    model = family(index, tokenizers, text_encoders, denoiser, vae, scheduler, resolution, dtype)
+    check_shapes(model, name, resolution)
+    model.schedule(num_steps)  # the sampler's schedule, checked now (and cached)
+    return model
+
+
+def load_scheduler(family: type[Model], name: str, revision, num_steps: int):
+    """The family's scheduler from the pipeline's config: the flow scheduler (its velocity called "flow"), or for SD's
+    VP path a DDIMScheduler (whatever scheduler the pipeline ships, its betas are what DDIM needs)."""
+    config = load_or_fail(DDIMScheduler.load_config, name, subfolder="scheduler", revision=revision)
     try:
-        if family == "sd3":
-            scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+        if family.flow:
+            scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
             scheduler.register_to_config(prediction_type="flow")  # the velocity eps - x0 (the config names none)
         else:
             # SD never clips x0_hat (StableDiffusionPipeline turns clip_sample off too); the DDIM step has no
             # clipping. SDXL ships an Euler config without set_alpha_to_one, which DDIMScheduler would default to True
             # (a last step into abar = 1, without noise): it is trained on SD's betas, so its DDIM ends as SD 1.x's
             # config says, at alphas_cumprod[0], and every step keeps its noise
-            alpha_to_one = scheduler_config.get("set_alpha_to_one", False)
-            scheduler = DDIMScheduler.from_config(scheduler_config, clip_sample=False, set_alpha_to_one=alpha_to_one)
+            alpha_to_one = config.get("set_alpha_to_one", False)
+            scheduler = DDIMScheduler.from_config(config, clip_sample=False, set_alpha_to_one=alpha_to_one)
     except (NotImplementedError, ValueError, TypeError) as e:  # e.g. a beta_schedule diffusers does not know
         fail(f"'{name}' has a scheduler config these scripts cannot use ({str(e).splitlines()[0][:200]})")
-    if family != "sd3" and scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
-        fail(f"'{name}' predicts '{scheduler.config.prediction_type}'; these scripts need a model that predicts "
-             "'epsilon' (SD 1.x, SD 2.x base, SDXL) or 'v_prediction' (SD 2.x at 768 px)")  # fmt: skip
+    if not family.flow and scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
+        fail(
+            f"'{name}' predicts '{scheduler.config.prediction_type}'; these scripts need a model that predicts"
+            " 'epsilon' (SD 1.x, SD 2.x base, SDXL) or 'v_prediction' (SD 2.x at 768 px)"
+        )
     if num_steps > scheduler.config.num_train_timesteps:
         steps = scheduler.config.num_train_timesteps
         fail(f"--num-steps must be at most the scheduler's {steps} training timesteps, got {num_steps}")
-    kwargs = dict(revision=revision, torch_dtype=dtype)
-    text_encoders, tokenizers = [], []
-    for encoder_folder, tokenizer_folder, encoder_class in TEXT_ENCODERS[family]:
-        if encoder_folder == "text_encoder_3" and not (t5 and (index.get(encoder_folder) or [None])[0]):
-            continue  # SD 3 without T5: the pipeline's text_encoder_3=None (or a folder saved without it)
-        text_encoders.append(load_or_fail(encoder_class.from_pretrained, name, subfolder=encoder_folder, **kwargs))
-        tokenizer_class = T5TokenizerFast if encoder_class is T5EncoderModel else CLIPTokenizer
-        tokenizer = load_or_fail(tokenizer_class.from_pretrained, name, subfolder=tokenizer_folder, revision=revision)
-        if len(tokenizer) < 10:  # transformers returns an empty tokenizer, not an error, when the files are missing
-            fail(f"'{name}' has no tokenizer files in its '{tokenizer_folder}' folder")
-        tokenizers.append(tokenizer)
-    denoiser_class, denoiser_folder = (SD3Transformer2DModel, "transformer") if family == "sd3" else (
-        UNet2DConditionModel, "unet")  # fmt: skip
-    denoiser = load_or_fail(denoiser_class.from_pretrained, name, subfolder=denoiser_folder, **kwargs)
-    vae = load_or_fail(AutoencoderKL.from_pretrained, name, subfolder="vae", **kwargs)
-    if denoiser.config.in_channels != vae.config.latent_channels:
-        channels = (denoiser.config.in_channels, vae.config.latent_channels)
-        fail(f"'{name}' has a denoiser of {channels[0]} input channels for latents of {channels[1]}: an inpainting or"
-             " other image-conditioned model, not text-to-image")  # fmt: skip
-    factor = 2 ** (len(vae.config.block_out_channels) - 1) * denoiser.config.get("patch_size", 1)
-    if resolution % factor or resolution < factor:
-        why = "the VAE's downsampling" + (" times the transformer's patch size" if family == "sd3" else "")
-        fail(f"--resolution must be a positive multiple of {factor} ({why}), got {resolution}")
-    patches = denoiser.config.get("pos_embed_max_size") or math.inf  # the MMDiT's positional embedding, a side
-    if resolution > factor * patches:
-        fail(f"--resolution must be at most {factor * patches} for this transformer (its positional embedding covers"
-             f" {patches} patches a side), got {resolution}")  # fmt: skip
-    for module in (*text_encoders, denoiser, vae):
-        module.requires_grad_(False).eval().to(device)
-    if family != "sd3":  # the MMDiT's joint attention uses scaled_dot_product_attention already
-        denoiser.set_attn_processor(AttnProcessor2_0())
-    vae.set_attn_processor(AttnProcessor2_0())
-    large = sum(p.numel() for p in denoiser.parameters()) > 10**8
-    if device.type == "cpu" and large and os.environ.get("RANK", "0") == "0":
-        print(
-            f"note: no CUDA device: '{name}' will be very slow on the CPU (try --preset tiny, the shipped tiny model)"
+    return scheduler
+
+
+def check_shapes(model: Model, name: str, resolution: int) -> None:
+    """The denoiser reads the VAE's latents (not an inpainting model's extra channels), and the resolution is one the
+    VAE and the transformer's patches divide and its positional embedding covers; else one sentence."""
+    channels = model.denoiser.config.in_channels // (4 if model.packed else 1)
+    if channels != model.latent_channels:
+        fail(
+            f"'{name}' has a denoiser of {channels} input channels for latents of {model.latent_channels}: an"
+            " inpainting or other image-conditioned model, not text-to-image"
         )
-    zero_uncond = family == "sdxl" and index.get("force_zeros_for_empty_prompt", True)
-    model = Model(family, tokenizers, text_encoders, denoiser, vae, scheduler, resolution, dtype, zero_uncond)
-    model.schedule(num_steps)  # the sampler's schedule, checked now (and cached)
-    return model
+    factor = model.latent_multiple()
+    if resolution % factor or resolution < factor:
+        patch = " times the transformer's patch size" if factor > model.vae_scale_factor else ""
+        why = "the VAE's downsampling" + patch
+        fail(f"--resolution must be a positive multiple of {factor} ({why}), got {resolution}")
+    patches = model.denoiser.config.get("pos_embed_max_size") or math.inf  # SD 3's positional embedding, a side
+    if resolution > factor * patches:
+        fail(
+            f"--resolution must be at most {factor * patches} for this transformer (its positional embedding covers"
+            f" {patches} patches a side), got {resolution}"
+        )

@@ -247,7 +247,7 @@ class Run:
                 repo_id = name if "/" in name else f"{self.hub_user}/{name}"
             rewards = {f"pretrained ({self.counter} 0)": self.first_eval_reward,
                        f"fine-tuned ({self.counter} {self.end})": self.eval_reward}  # fmt: skip
-            card = model_card(self.dir, self.args, self.model.family, self.reward_name, grid, rewards,
+            card = model_card(self.dir, self.args, self.model, self.reward_name, grid, rewards,
                               self.eval_prompts[0], repo_id, self.card_notes)  # fmt: skip
             path = os.path.join(self.dir, "README.md")
             self.written("the model card", path, lambda: write_text(path, card))

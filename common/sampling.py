@@ -36,6 +36,10 @@ class Schedule:
     def __len__(self) -> int:
         return len(self.timesteps)
 
+    def to(self, device) -> "Schedule":
+        tensors = (x.to(device) for x in (self.timesteps, self.alphas, self.sigmas))
+        return Schedule(*tensors, self.prediction_type, self.floor)
+
     def step_std(self, eta: float) -> torch.Tensor:
         """(T,): each step's std at this eta; 0 where a step is deterministic: into sigma = 0 (a flow's x0, SD's
         abar = 1), and on a flow's path also into its scheduler's sigma_min (`floor`), the step before x0, whose DDIM

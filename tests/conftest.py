@@ -10,15 +10,21 @@ import pytest
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLQwenImage,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     PNDMScheduler,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from tokenizers import AddedToken
 from transformers import (
     CLIPConfig,
     CLIPImageProcessor,
@@ -26,11 +32,15 @@ from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2Tokenizer,
     T5Config,
     T5EncoderModel,
 )
 
-from assets.train_tiny_sd import make_t5_tokenizer, make_tokenizer  # the shipped tiny models' are built the same way
+from assets.train_tiny_sd import byte_alphabet, make_t5_tokenizer, make_tokenizer  # as the shipped tiny models' are
+from common.families.qwen_image import TEMPLATE
 from common.prompts import SIMPLE_ANIMALS
 
 WORDS = SIMPLE_ANIMALS + ["a", "an", "photo", "of", "the", "on", "red", "green", "blue", "white", "background"]
@@ -143,6 +153,89 @@ def build_tiny_sd3(path, t5: bool = True, shift: float = 3.0) -> str:
     return str(path)
 
 
+def build_tiny_flux(path, dev: bool = True) -> str:
+    """A random FLUX.1-shaped pipeline: CLIP (its pooled output) and T5 (its token states), a transformer with one
+    double- and one single-stream block reading 2 x 2-packed latents (4 channels: 16 a token), a VAE with a shift
+    factor, and the scheduler config of FLUX.1-dev (dynamic shifting; `dev`, which also gives the transformer its
+    guidance input) or FLUX.1-schnell (shift 1, no guidance input)."""
+    torch.manual_seed(0)
+    tokenizer, tokenizer_2 = make_tokenizer(WORDS), make_t5_tokenizer(WORDS)
+    text_encoder = CLIPTextModel(text_config(tokenizer))
+    t5_config = T5Config(vocab_size=len(tokenizer_2), d_model=48, d_kv=12, d_ff=64, num_layers=2, num_heads=4,
+                         relative_attention_num_buckets=8)  # fmt: skip
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=48, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8], guidance_embeds=dev,
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
+        sample_size=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
+    )  # fmt: skip
+    shifting = dict(use_dynamic_shifting=True, shift=3.0, base_image_seq_len=16, max_image_seq_len=256)
+    scheduler = FlowMatchEulerDiscreteScheduler(**(shifting if dev else dict(shift=1.0)))
+    pipeline = FluxPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=T5EncoderModel(
+        t5_config), tokenizer_2=tokenizer_2, transformer=transformer, image_encoder=None, feature_extractor=None,
+    )  # fmt: skip
+    pipeline.save_pretrained(path)
+    return str(path)
+
+
+def make_qwen_tokenizer(words) -> Qwen2Tokenizer:
+    """A Qwen2 tokenizer (byte-level BPE, GPT-2's bytes as characters, "Ġ" for a leading space) whose vocabulary is the
+    byte alphabet plus each word with a leading space and the template's words that start a line, each one token, and
+    the chat template's special tokens: the template's part before the prompt is 34 tokens, as with Qwen's own."""
+    vocab, merges = {token: i for i, token in enumerate(byte_alphabet())}, []
+    template_words = TEMPLATE.replace(",", " ").replace(":", " ").replace("\n", " ").split()
+    leading = [w for w in template_words if "|" not in w]
+    for word in [*(f"Ġ{w}" for w in dict.fromkeys(words + leading)), "Describe", "system", "user", "assistant"]:
+        parts = list(word)  # merged left to right; the words with a space first, so that their merges come first
+        while len(parts) > 1:
+            merged = parts[0] + parts[1]
+            if merged not in vocab:
+                vocab[merged] = len(vocab)
+                merges.append((parts[0], parts[1]))
+            parts = [merged, *parts[2:]]
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges)
+    tokenizer.add_tokens([AddedToken(t, special=True) for t in ("<|im_start|>", "<|im_end|>")], special_tokens=True)
+    return tokenizer
+
+
+def build_tiny_qwen_image(path) -> str:
+    """A random Qwen-Image-shaped pipeline: a two-layer Qwen2.5-VL (its language model reads the prompt in the chat
+    template), a transformer of two blocks on 2 x 2-packed latents, the one-frame video VAE with a mean and std per
+    latent channel (4 channels, 4x), and Qwen-Image's scheduler config (dynamic shifting, exponential, a terminal
+    sigma of 0.02)."""
+    torch.manual_seed(0)
+    tokenizer = make_qwen_tokenizer(WORDS)
+    config = Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, rope_theta=1e6, vocab_size=len(tokenizer), bos_token_id=None,
+                         eos_token_id=tokenizer.eos_token_id,
+                         rope_scaling=dict(mrope_section=[2, 2, 4], rope_type="default", type="default")),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32),
+        vocab_size=len(tokenizer), vision_start_token_id=10**6, vision_end_token_id=10**6 + 1,
+        image_token_id=10**6 + 2, video_token_id=10**6 + 3,
+    )  # fmt: skip
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, axes_dims_rope=(8, 4, 4),
+    )  # fmt: skip
+    vae = AutoencoderKLQwenImage(
+        base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, True],
+        latents_mean=[0.1, -0.2, 0.05, 0.3], latents_std=[1.5, 0.8, 1.2, 2.0],
+    )  # fmt: skip
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=16, max_image_seq_len=256,
+        shift_terminal=0.02, time_shift_type="exponential",
+    )  # fmt: skip
+    pipeline = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=Qwen2_5_VLForConditionalGeneration(
+        config).eval(), tokenizer=tokenizer, transformer=transformer)  # fmt: skip
+    pipeline.save_pretrained(path)
+    return str(path)
+
+
 def build_tiny_clip(path) -> str:
     """A random CLIPModel (ViT vision tower at 224 px, patch 32) with its tokenizer and OpenAI-style image
     processor, in one folder: stands in for both openai/clip-vit-large-patch14 and PickScore."""
@@ -196,6 +289,21 @@ def tiny_sdxl_path(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_sd3_path(tmp_path_factory):
     return build_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_path(tmp_path_factory):
+    return build_tiny_flux(tmp_path_factory.mktemp("tiny-flux-dev"))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_schnell_path(tmp_path_factory):
+    return build_tiny_flux(tmp_path_factory.mktemp("tiny-flux-schnell"), dev=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_image_path(tmp_path_factory):
+    return build_tiny_qwen_image(tmp_path_factory.mktemp("tiny-qwen-image"))
 
 
 @pytest.fixture(scope="session")

@@ -193,8 +193,15 @@ def test_a_model_that_predicts_neither_eps_nor_v_is_refused(tmp_path, capsys):
     assert len(message.splitlines()) == 1 and "predicts 'sample'" in message and "v_prediction" in message, message
 
 
-@pytest.mark.parametrize("family", ["sdxl", "sd3"])
-@pytest.mark.parametrize("script", SCRIPTS)
+# the fast tier runs each script on one of the two families (the full tier on both)
+FAST_PAIRS = {("draft_full.py", "sdxl"), ("draft_lv.py", "sdxl"), ("rwr.py", "sdxl"), ("draft_k.py", "sd3"),
+              ("ddpo.py", "sd3"), ("braid.py", "sd3")}  # fmt: skip
+
+
+@pytest.mark.parametrize("script, family", [
+    pytest.param(script, family, marks=[] if (script, family) in FAST_PAIRS else [pytest.mark.slow])
+    for family in ("sdxl", "sd3") for script in SCRIPTS
+])  # fmt: skip
 def test_every_script_runs_on_every_family(script, family, request, tmp_path, monkeypatch):
     """Nothing in a script names a family: the same command trains a LoRA on an SDXL or an SD 3 pipeline (SD 1.x: every
     other test), with the KL penalty on (on a flow model, DRaFT-K's window reaches a step with noise: its last two

@@ -312,9 +312,9 @@ def test_out_of_memory_ends_in_one_sentence(tiny_sd_path, tmp_path):
     """The GPU's allocator gives up in the first denoiser call (torch.OutOfMemoryError, raised here by a stand-in:
     a real allocation that large can be granted by the CPU's overcommit and end in the kernel's OOM killer instead):
     the user reads which flags lower the memory, not a traceback."""
-    code = ("import runpy, sys, torch, common.models\n"
+    code = ("import runpy, sys, torch, common.families.sd\n"
             "def full(*args, **kwargs):\n    raise torch.OutOfMemoryError('CUDA out of memory')\n"
-            "common.models.Model.denoise = full\nsys.argv = ['draft_k.py'] + sys.argv[1:]\n"
+            "common.families.sd.StableDiffusion.denoise = full\nsys.argv = ['draft_k.py'] + sys.argv[1:]\n"
             "runpy.run_path('draft_k.py', run_name='__main__')\n")  # fmt: skip
     result = subprocess.run(
         [sys.executable, "-c", code, "--pretrained-model", tiny_sd_path, *TINY["draft_k.py"], "--output-dir",

@@ -32,10 +32,11 @@ def batch_flags(flags: dict, scale: int) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script, family", [*((script, "sd") for script in CASES), ("ddpo.py", "sd3")])
+@pytest.mark.parametrize("script, family", [*((s, "sd") for s in CASES), ("ddpo.py", "sd3"), ("draft_k.py", "flux")])
 def test_two_ranks_match_one_process_over_the_combined_batch(script, family, request, tmp_path, monkeypatch):
-    """Every script on SD 1.x; DDPO on SD 3 too (a flow, whose last step is not trained: ranks agree on which)."""
-    path = request.getfixturevalue("tiny_sd3_path" if family == "sd3" else "tiny_sd_path")
+    """Every script on SD 1.x; DDPO on SD 3 too (a flow, whose last step is not trained: ranks agree on which), and
+    DRaFT-K on FLUX.1-dev (packed latents, its guidance input)."""
+    path = request.getfixturevalue({"sd": "tiny_sd_path", "sd3": "tiny_sd3_path", "flux": "tiny_flux_path"}[family])
     args, flags = CASES[script]
     args = [*args, "--pretrained-model", path, "--resolution", "16", "--num-steps", "4", "--save-every", "1"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

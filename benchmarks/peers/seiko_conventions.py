@@ -45,7 +45,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(ROOT))
 from common import fail  # noqa: E402
-from common.models import Conditioning, Model  # noqa: E402
+from common.families.sd import StableDiffusion  # noqa: E402
+from common.models import Conditioning  # noqa: E402
 
 
 @dataclass
@@ -158,7 +159,7 @@ class FakeUNet(nn.Module):
         return SimpleNamespace(sample=eps)
 
 
-class FakeModel(Model):
+class FakeModel(StableDiffusion):
     """braid.py's sampler reads the model through Model.predict (guidance, the LoRA switched off for the pretrained
     model's output) and Model.schedule only: here they run on FakeUNet and SD 1.x's DDIM scheduler, with
     `negative_embeds` as the unconditional conditioning."""
