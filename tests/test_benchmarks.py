@@ -46,6 +46,26 @@ def test_sampler_overhead_runs_its_equivalence_check_and_times_both(tiny_sd_path
 
 
 @pytest.mark.slow
+def test_family_memory_counts_the_published_shapes_and_each_flag_saves(tmp_path):
+    """The modules built on the meta device have the published parameter counts (so their configs are the models'),
+    and each memory flag lowers the step's estimate: block-wise checkpointing keeps a fraction of a call's
+    activations, freeing the text encoders removes exactly their weights."""
+    out = tmp_path / "memory.json"
+    result = run(["benchmarks/speed/family_memory.py", "--resolutions", "256", "--out", str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {r["model"].split()[0]: r for r in json.loads(out.read_text())["rows"]}
+    published = {"SDXL": 2_567_463_684, "FLUX.1-dev": 11_901_408_320, "Qwen-Image": 20_430_401_088}
+    assert {name: round(r["denoiser_B"] * 1e9) for name, r in rows.items()} == published
+    assert rows["FLUX.1-dev"]["text_encoders_B"] == {"CLIP ViT-L": 0.12306048, "T5-XXL": 4.762310656}
+    assert rows["Qwen-Image"]["text_encoders_B"] == {"Qwen2.5-VL-7B": 8.292166656}
+    for r in rows.values():
+        assert 0 < r["denoiser_call_activations_blockwise_GiB"] < r["denoiser_call_activations_GiB"] / 5
+        freed = r["draft1_step_GiB"] - r["draft1_step_free_text_encoders_GiB"]
+        assert freed == pytest.approx(r["text_encoder_weights_GiB"])
+        assert r["draft1_step_both_levers_GiB"] <= r["draft1_step_free_text_encoders_GiB"]
+
+
+@pytest.mark.slow
 def test_gpu_check_dry_run_runs_the_whole_plan(tmp_path):
     """The GPU machine's one command, at tiny shapes on the CPU: every kind of part ends (the six scripts through
     speed/sd14_scale.py, another family's pipeline built and run (SD 3.5's; SDXL's part runs the same two commands on
