@@ -43,7 +43,7 @@ def model_card(run_dir: str, args, model, reward: str, grid: str | None, rewards
         "tags:", *(f"- {tag}" for tag in dict.fromkeys(tags)), "---",
     ])  # fmt: skip
     table = "\n".join(f"| {name} | {value if value is None else f'{value:.4g}'} |" for name, value in rewards.items())
-    pipeline = model.pipeline.__name__
+    pipeline = model.pipeline
     return f"""{header}
 
 # {os.path.basename(run_dir)}

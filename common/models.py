@@ -76,7 +76,8 @@ class Model:
     `encode_prompt` and `denoise`; the other methods are the same for every family unless one overrides them."""
 
     family: str  # a short name, "sd", "sdxl", ...
-    pipeline: type  # the diffusers pipeline: its LoRA loader, and the class a model card names
+    pipeline: str  # the diffusers pipeline's class name, which a model card names
+    lora_loader: type  # the pipeline's LoRA loader mixin: its save_lora_weights and lora_state_dict
     hub_tag: str  # the Hub's tag for models of the family
     # (encoder subfolder, tokenizer subfolder, encoder class, tokenizer class) of each text encoder, in order
     text_encoder_classes: list[tuple[str, str, type, type]]
@@ -326,13 +327,13 @@ class Model:
             state_dict = convert_state_dict_to_diffusers(state_dict)
         config = self.denoiser.peft_config["default"].to_dict()
         layers = {f"{self.lora_prefix}_lora_layers": state_dict, f"{self.lora_prefix}_lora_adapter_metadata": config}
-        self.pipeline.save_lora_weights(directory, **layers)
+        self.lora_loader.save_lora_weights(directory, **layers)
 
     def load_lora(self, directory: str) -> None:
         """Load weights written by `save_lora` into a LoRA that `add_lora` gave the same rank (to resume). A file that
         cannot be read or holds non-finite weights ends the program with one sentence."""
         try:
-            loader = self.pipeline.lora_state_dict
+            loader = self.lora_loader.lora_state_dict
             state_dict = loader(directory, weight_name=LORA_WEIGHTS, return_lora_metadata=True)[0]
         except Exception as e:  # missing, truncated or not a safetensors file
             fail(f"the LoRA in '{directory}' cannot be read ({type(e).__name__}); resume from an earlier checkpoint")

@@ -8,7 +8,8 @@ each step is one call, with no classifier-free guidance; --guidance-scale is tha
 
 import numpy as np
 import torch
-from diffusers import FluxPipeline, FluxTransformer2DModel
+from diffusers import FluxTransformer2DModel
+from diffusers.loaders import FluxLoraLoaderMixin
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from common import fail
@@ -38,7 +39,8 @@ def linear_sigmas(num_steps: int) -> np.ndarray:
 
 
 class Flux(Model):
-    family, pipeline, hub_tag = "flux", FluxPipeline, "flux"
+    family, pipeline, hub_tag = "flux", "FluxPipeline", "flux"
+    lora_loader = FluxLoraLoaderMixin
     text_encoder_classes = [
         ("text_encoder", "tokenizer", CLIPTextModel, CLIPTokenizer),
         ("text_encoder_2", "tokenizer_2", T5EncoderModel, T5TokenizerFast),

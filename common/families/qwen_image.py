@@ -5,7 +5,8 @@ negative prompt whose result is rescaled to the conditional prediction's norm, a
 and a video VAE used for one frame, with a mean and std per latent channel."""
 
 import torch
-from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
+from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+from diffusers.loaders import QwenImageLoraLoaderMixin
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
 from common.families.flux import linear_sigmas, pack, unpack
@@ -22,7 +23,8 @@ MAX_TOKENS = 512  # the pipeline's max_sequence_length: the prompt's states are 
 
 
 class QwenImage(Model):
-    family, pipeline, hub_tag = "qwen_image", QwenImagePipeline, "qwen-image"
+    family, pipeline, hub_tag = "qwen_image", "QwenImagePipeline", "qwen-image"
+    lora_loader = QwenImageLoraLoaderMixin
     text_encoder_classes = [("text_encoder", "tokenizer", Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer)]
     denoiser_class, vae_class, packed = QwenImageTransformer2DModel, AutoencoderKLQwenImage, True
     lora_targets = LORA_TARGETS_MMDIT  # the image and text streams' attention projections, as SD 3's

@@ -1,14 +1,16 @@
 """Stable Diffusion 1.x and 2.x (StableDiffusionPipeline): one CLIP text encoder, a UNet predicting eps or v on SD's
 VP path (DDIM), the KL VAE with its scaling factor."""
 
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from common.models import Conditioning, Model
 
 
 class StableDiffusion(Model):
-    family, pipeline, hub_tag = "sd", StableDiffusionPipeline, "stable-diffusion"
+    family, pipeline, hub_tag = "sd", "StableDiffusionPipeline", "stable-diffusion"
+    lora_loader = StableDiffusionLoraLoaderMixin
     text_encoder_classes = [("text_encoder", "tokenizer", CLIPTextModel, CLIPTokenizer)]
     denoiser_class, denoiser_folder, lora_prefix = UNet2DConditionModel, "unet", "unet"
     flow = False

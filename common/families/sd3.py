@@ -4,7 +4,8 @@ shift, and a VAE that shifts its latents."""
 
 import torch
 import torch.nn.functional as F
-from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers import SD3Transformer2DModel
+from diffusers.loaders import SD3LoraLoaderMixin
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from common.families.sdxl import clip_states
@@ -16,7 +17,8 @@ LORA_TARGETS_MMDIT = LORA_TARGETS + ["add_q_proj", "add_k_proj", "add_v_proj", "
 
 
 class StableDiffusion3(Model):
-    family, pipeline, hub_tag = "sd3", StableDiffusion3Pipeline, "sd3"
+    family, pipeline, hub_tag = "sd3", "StableDiffusion3Pipeline", "sd3"
+    lora_loader = SD3LoraLoaderMixin
     text_encoder_classes = [
         ("text_encoder", "tokenizer", CLIPTextModelWithProjection, CLIPTokenizer),
         ("text_encoder_2", "tokenizer_2", CLIPTextModelWithProjection, CLIPTokenizer),

@@ -2,7 +2,7 @@
 image's size ("time ids") are added to the UNet's timestep embedding; eps on SD's VP path (DDIM)."""
 
 import torch
-from diffusers import StableDiffusionXLPipeline
+from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from common.families.sd import StableDiffusion
@@ -21,7 +21,8 @@ def clip_states(model, prompts: list[str]) -> tuple[torch.Tensor, list[torch.Ten
 
 
 class StableDiffusionXL(StableDiffusion):
-    family, pipeline, hub_tag = "sdxl", StableDiffusionXLPipeline, "stable-diffusion-xl"
+    family, pipeline, hub_tag = "sdxl", "StableDiffusionXLPipeline", "stable-diffusion-xl"
+    lora_loader = StableDiffusionXLLoraLoaderMixin
     text_encoder_classes = [
         ("text_encoder", "tokenizer", CLIPTextModel, CLIPTokenizer),
         ("text_encoder_2", "tokenizer_2", CLIPTextModelWithProjection, CLIPTokenizer),
