@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from common import check, cli
+from common.cli import check, cli
 from common.distributed import gather, sample_generators, shard
-from common.models import SD14, load_model
+from common.flags import AtLeast0, AtLeast1, Count, Eta, LearningRate, LoraRank, Positive, Resumable, RunArgs
+from common.models import load_model
 from common.offline_data import load_offline_data, offline_features, sample_images
 from common.prompts import load_prompts, sample_prompts, split_prompts
 from common.rewards import ImageFeatures, make_reward
@@ -39,8 +40,15 @@ class RewardHead(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.body = nn.Sequential(nn.Linear(dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
-                                  nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16))  # fmt: skip
+        self.body = nn.Sequential(
+            nn.Linear(dim, 1024),
+            nn.Dropout(0.2),
+            nn.Linear(1024, 128),
+            nn.Dropout(0.2),
+            nn.Linear(128, 64),
+            nn.Dropout(0.1),
+            nn.Linear(64, 16),
+        )
         self.out = nn.Linear(16, 1)
 
     def forward(self, features):
@@ -111,74 +119,26 @@ def sample_with_kl(model, latents, cond, num_steps, guidance_scale, eta, k, gene
 
 
 @dataclass
-class Args:
-    preset: Literal["sd14", "tiny"] = "sd14"
-    """sd14: the paper's setting on SD 1.4 (a GPU); tiny: the shipped tiny model on the CPU (flags still apply)"""
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
-    seed: int = 1
-    """seed of the experiment"""
-    torch_deterministic: bool = True
-    """cuDNN's deterministic kernels (--no-torch-deterministic: faster, not reproducible to the bit)"""
-    cuda: bool = True
-    """use a CUDA device when there is one (--no-cuda: the CPU)"""
-    track: bool = False
-    """also log to Weights and Biases (pip install wandb)"""
-    wandb_project_name: str = "diffusion-reward-finetuning"
-    """the wandb's project name"""
-    wandb_entity: Optional[str] = None
-    """the entity (team) of wandb's project"""
-    output_dir: str = "runs"
-    """the run folder is {output_dir}/{run_name}"""
-    save_every: int = 100
+class Args(RunArgs):  # RunArgs (common/flags.py): the flags every script shares, then these
+    save_every: Resumable[AtLeast1] = 100
     """save a checkpoint (LoRA, optimizer, step, RNG) every this many optimizer steps"""
-    sample_every: int = 50
+    sample_every: Resumable[AtLeast1] = 50
     """save a grid of fixed-seed samples on held-out prompts every this many optimizer steps"""
-    push_to_hub: bool = False
-    """upload the final LoRA and its model card to the Hugging Face Hub (checked before training: a token is needed)"""
-    hub_model_id: Optional[str] = None
-    """the Hub repository to upload to, user/name (default: the run folder's name under your account)"""
-    resume: Optional[str] = None
-    """a checkpoint folder (runs/.../checkpoints/step_000100) or a run folder (its latest checkpoint)"""
-
-    # Model, reward and prompts
-    pretrained_model: str = SD14
-    """hub id or local folder of a diffusers pipeline: SD 1.x or 2.x, SDXL, SD 3 or 3.5, FLUX.1, Qwen-Image"""
-    revision: Optional[str] = None
-    """the model's revision on the hub"""
-    t5: bool = True
-    """use the T5 text encoder of a model that has one (SD 3); --no-t5 leaves it out (~9 GB less at SD 3.5 scale)"""
-    free_text_encoders: bool = False
-    """encode the training and held-out prompts once, then free the text encoders' memory (docs/RUNS.md)"""
-    gradient_checkpointing: bool = False
-    """recompute each denoiser block in the backward pass instead of keeping its activations (docs/RUNS.md)"""
-    prompts: Literal["simple_animals", "nouns_activities", "shapes"] = "simple_animals"
-    """the prompt set"""
-    prompt_file: Optional[str] = None
-    """a file of prompts, one per line, instead of --prompts"""
-    validation_prompts: tuple[str, ...] = ()
-    """prompts or files of them for the grids and the held-out reward (default: 4 held out of --prompts)"""
-    num_steps: int = 50
-    """DDIM sampling steps"""
-    guidance_scale: float = 7.5
-    """classifier-free guidance weight (FLUX.1-dev: its guidance input, 3.5 in its pipeline; FLUX.1-schnell: none)"""
-    eta: float = 1.0
+    eta: Eta = 1.0
     """DDIM eta: 1 makes every step Gaussian, so that the path KL to the pretrained model is defined"""
-    resolution: int = 512
-    """image height and width in pixels"""
-    mixed_precision: Literal["auto", "bf16", "no"] = "auto"
-    """dtype of the frozen weights: bf16, no (fp32), or auto (bf16 on CUDA, fp32 on the CPU); the LoRA stays fp32"""
 
     # Algorithm specific arguments
     offline_data: Optional[str] = None
     """your data: an imagefolder (metadata.jsonl/.csv of file_name, prompt, reward), a Hub dataset id, a scores.csv
     folder or a .pt file (docs/braid.md); default: synthesised from the pretrained model"""
-    offline_size: int = 1024
+    offline_size: AtLeast1 = 1024
     """synthesised data: images sampled from the pretrained model"""
-    labeler: Union[Literal["aesthetic", "pickscore", "hpsv2", "colorfulness", "jpeg_compressibility",
-                           "jpeg_incompressibility"], str] = "aesthetic"  # fmt: skip
+    labeler: Union[
+        Literal["aesthetic", "pickscore", "hpsv2", "colorfulness", "jpeg_compressibility", "jpeg_incompressibility"],
+        str,
+    ] = "aesthetic"
     """synthesised data: the reward that labels it (the 'true' reward, logged as true_reward_mean)"""
-    label_noise: float = 0.1
+    label_noise: AtLeast0 = 0.1
     """synthesised data: scores are labeler + label_noise * N(0, 1)"""
     offline_quantile: float = 1.0
     """synthesised data: keep only the scores below this quantile, so that extrapolation matters"""
@@ -192,57 +152,58 @@ class Args:
     """boot: heads in the ensemble"""
     bonus_lambda: float = 1e-3
     """bonus: ridge added to the penultimate features' Gram matrix"""
-    reward_model_steps: int = 1000
+    reward_model_steps: AtLeast1 = 1000
     """Adam steps fitting each reward head"""
-    reward_model_lr: float = 1e-3
+    reward_model_lr: LearningRate = 1e-3
     """Adam learning rate of the reward heads"""
     val_fraction: float = 0.1
     """part of the offline data held out to measure the reward model's error"""
-    kl_weight: float = 0.01
+    kl_weight: AtLeast0 = 0.01
     """alpha, the weight of the path KL to the pretrained model"""
     k: Optional[int] = None
     """backpropagate through the last K steps only (default: all; at least 1)"""
-    lora_rank: int = 4
+    lora_rank: LoraRank = 4
     """rank of the LoRA on the denoiser's attention projections"""
-    learning_rate: float = 1e-3
+    learning_rate: Resumable[LearningRate] = 1e-3
     """AdamW learning rate"""
-    weight_decay: float = 0.1
+    weight_decay: Resumable[AtLeast0] = 0.1
     """AdamW weight decay"""
-    batch_size: int = 4
+    batch_size: Count = 4
     """images per micro-batch"""
-    grad_accum_steps: int = 1
+    grad_accum_steps: Count = 1
     """micro-batches per optimizer step"""
-    train_steps: int = 500
+    train_steps: Resumable[Count] = 500
     """optimizer steps"""
-    max_grad_norm: float = 5.0
+    max_grad_norm: Resumable[Positive] = 5.0
     """clip the LoRA gradient to this norm"""
 
 
 # --preset tiny: the shipped tiny text-to-image model (assets/tiny-sd) on the CPU, its VAE's features (no CLIP download)
-PRESETS = {"sd14": {}, "tiny": dict(pretrained_model="assets/tiny-sd", labeler="colorfulness", prompts="shapes",
-                                    feature_model="vae", resolution=32, num_steps=20, guidance_scale=5.0,
-                                    offline_size=256, offline_quantile=0.5, train_steps=40)}  # fmt: skip
+PRESETS = {
+    "sd14": {},
+    "tiny": dict(
+        pretrained_model="assets/tiny-sd", labeler="colorfulness", prompts="shapes", feature_model="vae", resolution=32,
+        num_steps=20, guidance_scale=5.0, offline_size=256, offline_quantile=0.5, train_steps=40,
+    ),
+}  # fmt: skip
 
 
 if __name__ == "__main__":
-    args = cli(Args, PRESETS)  # --help, --preset, --resume's own flags; every shared value checked
+    args = cli(Args, PRESETS)  # --help, --preset, --resume's own flags; each flag's allowed values checked
     check(args, "k", args.k is None or 1 <= args.k <= args.num_steps, f"between 1 and --num-steps ({args.num_steps})")
     args.k = args.k or args.num_steps
     check(args, "eta", args.eta > 0, "above 0 for BRAID, so that every step is Gaussian and the path KL defined")
     check(args, "c", 0 <= args.c < float("inf"), "at least 0 (0: the non-conservative baseline)")
-    check(args, "kl_weight", 0 <= args.kl_weight < float("inf"), "at least 0")
-    check(args, "label_noise", 0 <= args.label_noise < float("inf"), "at least 0")
     check(args, "offline_quantile", 0 < args.offline_quantile <= 1, "in (0, 1]")
-    check(args, "offline_size", args.offline_size >= 1, "at least 1")
-    check(args, "reward_model_steps", args.reward_model_steps >= 1, "at least 1")
-    check(args, "reward_model_lr", 0 < args.reward_model_lr <= 1, "in (0, 1]")
     check(args, "val_fraction", 0 < args.val_fraction < 1, "in (0, 1)")
     check(args, "bonus_lambda", 0 < args.bonus_lambda < float("inf"), "above 0 (it keeps Sigma invertible)")
     check(args, "ensemble_size", args.conservatism == "bonus" or args.ensemble_size >= 2, "at least 2 with boot")
     train_prompts, eval_prompts = split_prompts(load_prompts(args.prompts, args.prompt_file), args.validation_prompts)
 
+    data_source = "offline" if args.offline_data else args.labeler  # the run folder's name starts with it
+
     # TRY NOT TO MODIFY: processes and seeds, the model and the reward (common/run.py, common/models.py)
-    run = Run(args, name="offline" if args.offline_data else args.labeler)
+    run = Run(args, "BRAID (Uehara et al., 2024)", name=data_source, counter="step", end=args.train_steps)
     model = load_model(
         args.pretrained_model, args.revision, run.device, run.dtype, args.resolution, args.num_steps, t5=args.t5
     )
@@ -252,8 +213,8 @@ if __name__ == "__main__":
         model.checkpoint_blocks()
 
     # ALGO LOGIC: the offline data: --offline-data, the resumed run's, or (BRAID's protocol) images of the pretrained
-    # model scored by the labeler plus label noise, only the scores up to --offline-quantile kept, so that the
-    # fine-tuned model has to extrapolate beyond the data. The labeler's own reward is logged as the true one
+    # model scored by the labeler plus label noise, of which only the scores up to --offline-quantile are kept, so
+    # that the fine-tuned model has to extrapolate beyond the data. The labeler's own reward is logged as the true one.
     labeler = None if args.offline_data else make_reward(args.labeler, run.device, run.dtype)
     synthesised = not (args.offline_data or run.dir)
     source = "the synthesised offline data" if synthesised else args.offline_data or f"{run.dir}/offline_data.pt"
@@ -261,23 +222,40 @@ if __name__ == "__main__":
         data = load_offline_data(source, args.resolution)
     else:
         generator = torch.Generator().manual_seed(args.seed + 1)
-        images, true_rewards, data_prompts = sample_images(model, labeler, train_prompts, args, generator)
+        images, true_rewards, data_prompts = sample_images(
+            model,
+            labeler,
+            train_prompts,
+            size=args.offline_size,
+            batch_size=args.batch_size,
+            num_steps=args.num_steps,
+            guidance_scale=args.guidance_scale,
+            eta=args.eta,
+            generator=generator,
+        )
         scores = true_rewards + args.label_noise * torch.randn(len(true_rewards), generator=generator)
         keep = scores <= torch.quantile(scores, args.offline_quantile)
-        data = {"images": images[keep], "scores": scores[keep], "true_rewards": true_rewards[keep],
-                "prompts": [p for p, k in zip(data_prompts, keep) if k]}  # fmt: skip
+        prompts_kept = [p for p, k in zip(data_prompts, keep) if k]
+        data = {
+            "images": images[keep],
+            "scores": scores[keep],
+            "true_rewards": true_rewards[keep],
+            "prompts": prompts_kept,
+        }
 
-    # ALGO LOGIC: the conservative reward model on frozen features, with a held-out split for its error
+    # ALGO LOGIC: the conservative reward model on frozen features, with a held-out split to measure its error.
     featurize = ImageFeatures(args.feature_model, model).to(run.device)
     model_rng = torch.Generator().manual_seed(args.seed + 2)  # the split, the resamples, the heads' minibatches
-    features, scores, val, train = offline_features(data, source, featurize, args, model_rng)
+    features, scores, val, train = offline_features(
+        data, source, featurize, args.resolution, args.val_fraction, model_rng
+    )
+    resamples = [train]  # the bonus's one head fits the whole training split; the bootstrap's heads, resamples of it
     if args.conservatism == "boot":
-        resamples = [train[torch.randint(len(train), (len(train),), generator=model_rng).to(run.device)]
-                     for _ in range(args.ensemble_size)]  # fmt: skip
-    else:
-        resamples = [train]
-    heads = [fit_head(features[i], scores[i], args.reward_model_steps, args.reward_model_lr, model_rng)
-             for i in tqdm(resamples, desc="fitting the reward model", disable=run.rank != 0)]  # fmt: skip
+        draws = [torch.randint(len(train), (len(train),), generator=model_rng) for _ in range(args.ensemble_size)]
+        resamples = [train[draw.to(run.device)] for draw in draws]
+    heads = []
+    for i in tqdm(resamples, desc="fitting the reward model", disable=run.rank != 0):
+        heads.append(fit_head(features[i], scores[i], args.reward_model_steps, args.reward_model_lr, model_rng))
     conservative = ConservativeReward(heads, args.c, features[train], args.bonus_lambda).to(run.device)
     labels = data.get("true_rewards", data["scores"])  # the offline data's true rewards where known
     best, median = labels.max().item(), labels.median().item()
@@ -288,33 +266,37 @@ if __name__ == "__main__":
         return conservative(featurize(images))[0]
 
     true = f"the labeler's ({args.labeler}), logged as true_reward_mean" if labeler else "not known (your own data)"
-    reward_fn.name, reward_fn.notes = "conservative reward r_c", (
-        "The held-out reward is BRAID's conservative reward r_c, learned from the offline data: the proxy it"
-        f" maximises. The true reward is {true}.")  # fmt: skip
+    reward_name = "conservative reward r_c"
+    notes = "The held-out reward is BRAID's conservative reward r_c, learned from the offline data: the proxy it"
+    notes += f" maximises. The true reward is {true}."
 
     # TRY NOT TO MODIFY: the LoRA and its optimizer; the run folder, new or --resume's (common/run.py)
     lora_params = model.add_lora(args.lora_rank)
     optimizer = torch.optim.AdamW(lora_params, lr=args.learning_rate, weight_decay=args.weight_decay)
-    start_step = run.start(model, optimizer, reward_fn, eval_prompts, eval_eta=args.eta)
+    start_step = run.start(
+        model, optimizer, reward_fn, eval_prompts, eval_eta=args.eta, reward_name=reward_name, card_notes=notes
+    )
 
     if run.rank == 0:  # the synthesised data (a resumed run reads them back) and the reward model, in the run folder
         if synthesised:
             torch.save(data, os.path.join(run.dir, "offline_data.pt"))
         torch.save(conservative.state_dict(), os.path.join(run.dir, "reward_model.pt"))
         print(f"reward model: validation MSE {val_mse:.4g}; offline data: best {best:.4g}, median {median:.4g}")
-        print(reward_fn.notes)
-    for step in run.steps(start_step, args.train_steps):
+        print(notes)
+    for step in run.steps(start_step):
         step_start = time.time()
         rewards_seen, proxies_seen, true_seen, kls_seen, loss_total = [], [], [], [], 0.0
         for _ in range(args.grad_accum_steps):
-            # this rank's slice of the global batch: its prompts, and one generator per sample for all its noise
+            # This process's slice of the global batch: its prompts, and one generator per sample for all its noise.
             prompts = shard(sample_prompts(train_prompts, run.world_size * args.batch_size, run.rng), args.batch_size)
             generators = sample_generators(args.batch_size, run.rng)
             cond = model.encode(prompts)
             latents = model.initial_latents(args.batch_size, generators)  # x_T, (B, C, h, w)
-            # ALGO LOGIC: backpropagation through the last K steps at eta = 1, with their path KL; conservative reward
-            x0, kl = sample_with_kl(model, latents, cond, args.num_steps, args.guidance_scale, args.eta, args.k,
-                                    generators)  # fmt: skip
+            # ALGO LOGIC: backpropagation through the last K steps at eta = 1, with their path KL, from the
+            # conservative reward.
+            x0, kl = sample_with_kl(
+                model, latents, cond, args.num_steps, args.guidance_scale, args.eta, args.k, generators
+            )
             images = model.decode(x0, checkpointed=True)
             rewards, proxy_rewards = conservative(featurize(images))  # (B,) each
             loss = (-rewards + args.kl_weight * kl).mean() / args.grad_accum_steps
@@ -325,7 +307,14 @@ if __name__ == "__main__":
             if labeler is not None:  # on detached images: no graph
                 true_seen.append(labeler(images.detach(), prompts))
             loss_total += loss.detach()
-        grad_norm = run.optimizer_step(loss_total)
+
+        # The optimizer step. check_gradients averages the gradients over torchrun's processes and ends the run with
+        # one sentence, before the LoRA is overwritten, if the loss or a gradient is not finite.
+        run.check_gradients(loss_total)
+        grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, args.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
         rewards_seen, proxies_seen, kls_seen = (gather(torch.cat(x)) for x in (rewards_seen, proxies_seen, kls_seen))
         true_seen = gather(torch.cat(true_seen)) if true_seen else None
         metrics = {

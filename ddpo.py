@@ -13,16 +13,16 @@ ddpo-pytorch (LoRA rank 4, AdamW lr 3e-4, weight decay 1e-4, guidance 5, clip ra
 """
 
 import math
-import os
 import time
 from dataclasses import dataclass
-from typing import Literal, Optional, Union
+from typing import Literal, Union
 
 import torch
 
-from common import check, cli, fail
+from common.cli import check, cli, fail
 from common.distributed import gather, sample_generators, shard, shuffle
-from common.models import SD14, Conditioning, load_model
+from common.flags import AtLeast0, AtLeast1, Count, Eta, Guidance, LearningRate, LoraRank, Positive, Resumable, RunArgs
+from common.models import Conditioning, load_model
 from common.prompts import load_prompts, sample_prompts, split_prompts
 from common.rewards import make_reward
 from common.run import Run
@@ -35,6 +35,12 @@ class PerPromptStatTracker:
 
     def __init__(self, buffer_size: int, min_count: int):
         self.buffer_size, self.min_count, self.buffers = buffer_size, min_count, {}
+
+    def state_dict(self) -> dict:  # what a checkpoint keeps, so that a resumed run normalises as this one would
+        return {"buffers": self.buffers}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buffers = state["buffers"]
 
     def update(self, prompts: list[str], rewards: torch.Tensor) -> torch.Tensor:
         advantages = torch.empty_like(rewards)
@@ -67,90 +73,44 @@ def policy_loss(estimator: str, log_prob, old_log_prob, advantages, clip_range: 
 
 
 @dataclass
-class Args:
-    preset: Literal["sd14", "tiny"] = "sd14"
-    """sd14: the paper's setting on SD 1.4 (a GPU); tiny: the shipped tiny model on the CPU (flags still apply)"""
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
-    seed: int = 1
-    """seed of the experiment"""
-    torch_deterministic: bool = True
-    """cuDNN's deterministic kernels (--no-torch-deterministic: faster, not reproducible to the bit)"""
-    cuda: bool = True
-    """use a CUDA device when there is one (--no-cuda: the CPU)"""
-    track: bool = False
-    """also log to Weights and Biases (pip install wandb)"""
-    wandb_project_name: str = "diffusion-reward-finetuning"
-    """the wandb's project name"""
-    wandb_entity: Optional[str] = None
-    """the entity (team) of wandb's project"""
-    output_dir: str = "runs"
-    """the run folder is {output_dir}/{run_name}"""
-    save_every: int = 10
+class Args(RunArgs):  # RunArgs (common/flags.py): the flags every script shares, then these
+    save_every: Resumable[AtLeast1] = 10
     """save a checkpoint (LoRA, optimizer, epoch, RNG, per-prompt buffers) every this many epochs"""
-    sample_every: int = 5
+    sample_every: Resumable[AtLeast1] = 5
     """save a grid of fixed-seed samples on held-out prompts every this many epochs"""
-    push_to_hub: bool = False
-    """upload the final LoRA and its model card to the Hugging Face Hub (checked before training: a token is needed)"""
-    hub_model_id: Optional[str] = None
-    """the Hub repository to upload to, user/name (default: the run folder's name under your account)"""
-    resume: Optional[str] = None
-    """a checkpoint folder (runs/.../checkpoints/epoch_000010) or a run folder (its latest checkpoint)"""
-
-    # Model, reward and prompts
-    pretrained_model: str = SD14
-    """hub id or local folder of a diffusers pipeline: SD 1.x or 2.x, SDXL, SD 3 or 3.5, FLUX.1, Qwen-Image"""
-    revision: Optional[str] = None
-    """the model's revision on the hub"""
-    t5: bool = True
-    """use the T5 text encoder of a model that has one (SD 3); --no-t5 leaves it out (~9 GB less at SD 3.5 scale)"""
-    free_text_encoders: bool = False
-    """encode the training and held-out prompts once, then free the text encoders' memory (docs/RUNS.md)"""
-    gradient_checkpointing: bool = False
-    """recompute each denoiser block in the backward pass instead of keeping its activations (docs/RUNS.md)"""
-    reward: Union[Literal["aesthetic", "pickscore", "hpsv2", "colorfulness", "jpeg_compressibility",
-                          "jpeg_incompressibility"], str] = "aesthetic"  # fmt: skip
+    guidance_scale: Guidance = 5.0
+    """classifier-free guidance weight (FLUX.1-dev: its guidance input, 3.5 in its pipeline; FLUX.1-schnell: none)"""
+    reward: Union[
+        Literal["aesthetic", "pickscore", "hpsv2", "colorfulness", "jpeg_compressibility", "jpeg_incompressibility"],
+        str,
+    ] = "aesthetic"
     """the reward to maximise (DDPO needs no gradient of it): a name, your own path.py:Name, or a weighted sum such
     as aesthetic+0.2*colorfulness"""
-    prompts: Literal["simple_animals", "nouns_activities", "shapes"] = "simple_animals"
-    """the prompt set"""
-    prompt_file: Optional[str] = None
-    """a file of prompts, one per line, instead of --prompts"""
-    validation_prompts: tuple[str, ...] = ()
-    """prompts or files of them for the grids and the held-out reward (default: 4 held out of --prompts)"""
-    num_steps: int = 50
-    """DDIM sampling steps"""
-    guidance_scale: float = 5.0
-    """classifier-free guidance weight (FLUX.1-dev: its guidance input, 3.5 in its pipeline; FLUX.1-schnell: none)"""
-    eta: float = 1.0
+    eta: Eta = 1.0
     """DDIM eta: 1 makes every step a Gaussian policy with a log-prob (DDPO needs eta > 0)"""
-    resolution: int = 512
-    """image height and width in pixels"""
-    mixed_precision: Literal["auto", "bf16", "no"] = "auto"
-    """dtype of the frozen weights: bf16, no (fp32), or auto (bf16 on CUDA, fp32 on the CPU); the LoRA stays fp32"""
 
     # Algorithm specific arguments
     estimator: Literal["is", "sf"] = "is"
     """is: DDPO-IS, PPO's clipped importance ratio; sf: DDPO-SF, REINFORCE (one gradient step per epoch)"""
-    lora_rank: int = 4
+    lora_rank: LoraRank = 4
     """rank of the LoRA on the denoiser's attention projections"""
-    learning_rate: float = 3e-4
+    learning_rate: Resumable[LearningRate] = 3e-4
     """AdamW learning rate"""
-    weight_decay: float = 1e-4
+    weight_decay: Resumable[AtLeast0] = 1e-4
     """AdamW weight decay"""
-    num_epochs: int = 100
+    num_epochs: Resumable[Count] = 100
     """epochs; each is one sampling round and the training on it"""
-    samples_per_epoch: int = 256
+    samples_per_epoch: Count = 256
     """images sampled (with their trajectories) per epoch"""
-    sample_batch_size: int = 8
+    sample_batch_size: Count = 8
     """images per sampling batch"""
-    train_batch_size: int = 4
+    train_batch_size: Count = 4
     """trajectories per training batch (each contributes every one of its trained timesteps)"""
-    grad_accum_steps: int = 1
+    grad_accum_steps: Count = 1
     """training batches per optimizer step (DDPO-SF always takes one step per epoch)"""
-    num_inner_epochs: int = 1
+    num_inner_epochs: Count = 1
     """passes over each epoch's samples (DDPO-IS only)"""
-    clip_range: float = 1e-4
+    clip_range: Positive = 1e-4
     """PPO clip range for the importance ratio (small because the log-prob is a mean over latent dims: log_prob)"""
     adv_clip_max: float = 5.0
     """clip advantages to [-adv_clip_max, adv_clip_max]"""
@@ -158,38 +118,39 @@ class Args:
     """fraction of each trajectory's stochastic steps trained on (shuffled per sample)"""
     timesteps_per_call: int = 1
     """trained steps of a trajectory per denoiser call: the same gradient from fewer, larger calls (more memory)"""
-    per_prompt_buffer: int = 16
+    per_prompt_buffer: AtLeast1 = 16
     """rewards kept per prompt for its advantage statistics"""
-    per_prompt_min_count: int = 16
+    per_prompt_min_count: AtLeast1 = 16
     """below this many rewards of a prompt, normalise with the whole epoch's statistics instead"""
     group_size: int = 1
     """G > 1: G samples of each prompt drawn, rewards normalised within their group of this round (GRPO)"""
-    max_grad_norm: float = 1.0
+    max_grad_norm: Resumable[Positive] = 1.0
     """clip the LoRA gradient to this norm"""
-    kl_weight: float = 0.0
+    kl_weight: AtLeast0 = 0.0
     """weight of the per-step KL to the pretrained policy in the loss (DPOK, Flow-GRPO; 0: none, DDPO as published)"""
 
 
 # --preset tiny: the shipped tiny text-to-image model (assets/tiny-sd: coloured shapes at 32 px) on the CPU, with the
 # settings of the learning test (tests/test_ddpo_rwr.py; with --estimator sf it used --learning-rate 1e-2)
-PRESETS = {"sd14": {}, "tiny": dict(pretrained_model="assets/tiny-sd", reward="jpeg_compressibility", prompts="shapes",
-                                    resolution=32, num_steps=10, guidance_scale=5.0, num_epochs=6, samples_per_epoch=64,
-                                    sample_batch_size=32, train_batch_size=16, learning_rate=3e-2)}  # fmt: skip
+PRESETS = {
+    "sd14": {},
+    "tiny": dict(
+        pretrained_model="assets/tiny-sd", reward="jpeg_compressibility", prompts="shapes", resolution=32, num_steps=10,
+        guidance_scale=5.0, num_epochs=6, samples_per_epoch=64, sample_batch_size=32, train_batch_size=16,
+        learning_rate=3e-2,
+    ),
+}  # fmt: skip
 
 
 if __name__ == "__main__":
-    args = cli(Args, PRESETS)  # --help, --preset, --resume's own flags; every shared value checked
+    args = cli(Args, PRESETS)  # --help, --preset, --resume's own flags; each flag's allowed values checked
     check(args, "eta", args.eta > 0, "above 0 for DDPO, so that each denoising step has a log-probability")
-    check(args, "clip_range", 0 < args.clip_range < float("inf"), "a positive number")
     check(args, "adv_clip_max", 0 < args.adv_clip_max <= float("inf"), "a positive number")
     check(args, "timestep_fraction", 0 < args.timestep_fraction <= 1, "in (0, 1]")
     check(args, "timestep_fraction", args.num_steps * args.timestep_fraction >= 1, "at least 1 / --num-steps")
     check(args, "samples_per_epoch", args.samples_per_epoch >= 2, "at least 2: advantages compare rewards")
-    check(args, "kl_weight", 0 <= args.kl_weight < float("inf"), "at least 0")
-    check(args, "per_prompt_buffer", args.per_prompt_buffer >= 1, "at least 1")
-    check(args, "per_prompt_min_count", args.per_prompt_min_count >= 1, "at least 1")
-    check(args, "group_size", args.group_size >= 1 and args.sample_batch_size % args.group_size == 0,
-          "at least 1 and a divisor of --sample-batch-size")  # fmt: skip
+    divisor = args.group_size >= 1 and args.sample_batch_size % args.group_size == 0
+    check(args, "group_size", divisor, "at least 1 and a divisor of --sample-batch-size")
     if args.estimator == "sf" and args.num_inner_epochs != 1:
         fail("DDPO-SF is on-policy: --num-inner-epochs must be 1 with --estimator sf")
     if args.samples_per_epoch % args.sample_batch_size or args.samples_per_epoch % args.train_batch_size:
@@ -197,7 +158,7 @@ if __name__ == "__main__":
     train_prompts, eval_prompts = split_prompts(load_prompts(args.prompts, args.prompt_file), args.validation_prompts)
 
     # TRY NOT TO MODIFY: processes and seeds, the model and the reward (common/run.py, common/models.py)
-    run = Run(args, name=args.reward, counter="epoch")
+    run = Run(args, "DDPO (Black et al., 2023)", name=args.reward, counter="epoch", end=args.num_epochs)
     model = load_model(
         args.pretrained_model, args.revision, run.device, run.dtype, args.resolution, args.num_steps, t5=args.t5
     )
@@ -207,7 +168,8 @@ if __name__ == "__main__":
         model.checkpoint_blocks()
     reward_fn = make_reward(args.reward, run.device, run.dtype)
 
-    # ALGO LOGIC: the MDP's actions are the steps with noise (not SD's into abar = 1, a flow's last two: step_std)
+    # ALGO LOGIC: the MDP's actions are the steps with noise. A step without any is not a policy: SD's into abar = 1
+    # where the config ends there, and a flow model's last two (Schedule.step_std says why).
     schedule = model.schedule(args.num_steps)
     policy_steps = (schedule.step_std(args.eta) > 0).nonzero().flatten()  # (S,) step indices
     if len(policy_steps) == 0:
@@ -216,55 +178,59 @@ if __name__ == "__main__":
     divides = args.timesteps_per_call >= 1 and num_train_timesteps % args.timesteps_per_call == 0
     check(args, "timesteps_per_call", divides, f"a divisor of the steps trained per trajectory ({num_train_timesteps})")
 
+    # ALGO LOGIC: each prompt's recent rewards, the statistics of its advantages (kept in every checkpoint)
+    tracker = PerPromptStatTracker(args.per_prompt_buffer, args.per_prompt_min_count)
+
     # TRY NOT TO MODIFY: the LoRA and its optimizer; the run folder, new or --resume's (common/run.py)
     lora_params = model.add_lora(args.lora_rank)
     optimizer = torch.optim.AdamW(lora_params, lr=args.learning_rate, weight_decay=args.weight_decay)
-    start_epoch = run.start(model, optimizer, reward_fn, eval_prompts)
+    start_epoch = run.start(model, optimizer, reward_fn, eval_prompts, method_state={"prompt_buffers": tracker})
 
-    tracker = PerPromptStatTracker(args.per_prompt_buffer, args.per_prompt_min_count)
-    tracker.buffers = run.state["prompt_buffers"] if run.state else {}
-
-    for epoch in run.steps(start_epoch, args.num_epochs):
+    for epoch in run.steps(start_epoch):
         epoch_start = time.time()
-        # ALGO LOGIC: sampling round, with eta > 0 so that every step is a Gaussian policy with a log-prob
+        # ALGO LOGIC: a sampling round, with eta > 0 so that every step is a Gaussian policy with a log-probability.
         batches, conds, prompts_seen = [], [], []
         for _ in range(args.samples_per_epoch // args.sample_batch_size):
-            # this rank's slice of the global batch: its prompts, and one generator per sample for all its noise
+            # This process's slice of the global batch: its prompts, and one generator per sample for all its noise.
             drawn = sample_prompts(train_prompts, run.world_size * args.sample_batch_size // args.group_size, run.rng)
             prompts = shard([p for p in drawn for _ in range(args.group_size)], args.sample_batch_size)  # G each
             generators = sample_generators(args.sample_batch_size, run.rng)
             cond = model.encode(prompts)
             latents = model.initial_latents(args.sample_batch_size, generators)  # x_T
-            x0, trajectory = sample(model, latents, cond, args.num_steps, args.guidance_scale, args.eta, generators,
-                                    trajectory=True)  # fmt: skip
-            batches.append({
+            x0, trajectory = sample(
+                model, latents, cond, args.num_steps, args.guidance_scale, args.eta, generators, trajectory=True
+            )
+            steps = policy_steps.tolist()
+            log_probs = [log_prob(trajectory.latents[j + 1], trajectory.means[j], trajectory.stds[j]) for j in steps]
+            batch = {
                 "latents": torch.stack(trajectory.latents, dim=1),  # (B, T + 1, C, h, w): x_T ... x_0
-                "log_probs": torch.stack([log_prob(trajectory.latents[j + 1], trajectory.means[j], trajectory.stds[j])
-                                          for j in policy_steps.tolist()], dim=1),  # (B, S): log p_old of each
+                "log_probs": torch.stack(log_probs, dim=1),  # (B, S): log p_old of each policy step
                 "rewards": reward_fn(model.decode(x0), prompts).float(),  # (B,)
-            })  # fmt: skip
+            }
+            batches.append(batch)
             conds.append(cond)
             prompts_seen += prompts
         samples = {key: torch.cat([batch[key] for batch in batches]) for key in batches[0]}  # N = samples_per_epoch
         samples["cond"] = Conditioning.cat(conds)
         del batches, conds  # else the trajectories are held twice through the training (0.86 GB at SD 1.4's defaults)
 
-        # ALGO LOGIC: advantages, normalised per prompt over the whole round (of all ranks) and, without groups, over
-        # the prompt's recent rounds (DDPO's tracker); with groups, over its group(s) of this round only (GRPO)
+        # ALGO LOGIC: advantages, the rewards normalised per prompt: over the whole round (of all processes) and the
+        # prompt's recent rounds (DDPO's tracker), or with groups over the prompt's group(s) of this round only (GRPO).
         rewards = gather(samples["rewards"])  # (world_size * N,)
         normalise = tracker if args.group_size == 1 else PerPromptStatTracker(len(rewards), min_count=1)
         advantages = normalise.update(gather(prompts_seen), rewards.cpu()).to(run.device)
         advantages = shard(advantages.clamp(-args.adv_clip_max, args.adv_clip_max), args.samples_per_epoch)
 
-        # ALGO LOGIC: policy-gradient steps on the stored transitions (x_t, x_{t-1}), steps shuffled per sample
+        # ALGO LOGIC: policy-gradient steps on the stored transitions (x_t, x_{t-1}), each sample's steps shuffled.
         num_batches = args.samples_per_epoch // args.train_batch_size
         batches_per_update = num_batches if args.estimator == "sf" else args.grad_accum_steps  # SF: one step an epoch
         losses, approx_kls, clipfracs, kls, grad_norms = [], [], [], [], []
         for inner_epoch in range(args.num_inner_epochs):
-            order = shuffle(args.samples_per_epoch, rng=run.rng)  # (N,), a permutation of this rank's samples
+            order = shuffle(args.samples_per_epoch, rng=run.rng)  # (N,), a permutation of this process's samples
             draws = [torch.randperm(len(policy_steps), generator=run.rng) for _ in range(len(order) * run.world_size)]
-            step_order = shard(torch.stack(draws), len(order))  # (N, S): each of this rank's samples' order of steps
-            # drawn on the CPU (the same draws on every device), indexing on the device: one copy, not one per step
+            step_order = shard(torch.stack(draws), len(order))  # (N, S): the order of each sample's steps
+            # Drawn on the CPU, so that every device makes the same draws; moved once, so that indexing with them
+            # needs no copy per step.
             order, step_order = order.to(run.device), step_order.to(run.device)
             for b in range(num_batches):
                 index = order[b * args.train_batch_size : (b + 1) * args.train_batch_size]
@@ -278,8 +244,9 @@ if __name__ == "__main__":
                     step = ddim_step(schedule, step_index, output, x_t, args.eta, prev_latents=x_prev)
                     new_log_prob = log_prob(x_prev, step.mean, step.std)
                     old_log_prob = samples["log_probs"][rows, position]
-                    loss, ratio = policy_loss(args.estimator, new_log_prob, old_log_prob, advantages[rows],
-                                              args.clip_range)  # fmt: skip
+                    loss, ratio = policy_loss(
+                        args.estimator, new_log_prob, old_log_prob, advantages[rows], args.clip_range
+                    )
                     if args.kl_weight:  # the KL to the pretrained policy, exact between Gaussians (docs/ddpo.md)
                         pre = model.predict(x_t, t, cond, args.guidance_scale, pretrained=True)  # LoRA off: no graph
                         kl = step_kl(schedule, step_index, output, pre, x_t, args.eta).mean()
@@ -291,7 +258,12 @@ if __name__ == "__main__":
                     approx_kls.append(0.5 * ((new_log_prob - old_log_prob) ** 2).mean().detach())
                     clipfracs.append(((ratio - 1.0).abs() > args.clip_range).float().mean())
                 if (b + 1) % batches_per_update == 0 or b == num_batches - 1:
-                    grad_norms.append(run.optimizer_step(losses[-1]))
+                    # The optimizer step. check_gradients averages the gradients over torchrun's processes and ends
+                    # the run with one sentence, before the LoRA is overwritten, if a loss or gradient is not finite.
+                    run.check_gradients(losses[-1])
+                    grad_norms.append(torch.nn.utils.clip_grad_norm_(lora_params, args.max_grad_norm))
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
         losses, approx_kls, clipfracs = (gather(torch.stack(x)) for x in (losses, approx_kls, clipfracs))
         metrics = {
             "reward_mean": rewards.mean().item(),
@@ -303,6 +275,6 @@ if __name__ == "__main__":
             "grad_norm": torch.stack(grad_norms).mean().item(),
             "images_per_sec": len(rewards) / (time.time() - epoch_start),
         }
-        run.log(epoch, metrics, {"prompt_buffers": tracker.buffers})  # TRY NOT TO MODIFY: metrics, grids, checkpoints
+        run.log(epoch, metrics)  # TRY NOT TO MODIFY: metrics, grids, checkpoints
 
     run.finish()  # TRY NOT TO MODIFY: the final LoRA

@@ -12,16 +12,16 @@ and 0 otherwise. No VAE re-encode: the latents are what was sampled. Any reward 
 Defaults: beta 0.2 as in DDPO's public code; optimiser and LoRA as DDPO's (unverified for RWR).
 """
 
-import os
 import time
 from dataclasses import dataclass
-from typing import Literal, Optional, Union
+from typing import Literal, Union
 
 import torch
 
-from common import check, cli, fail
+from common.cli import check, cli, fail
 from common.distributed import gather, sample_generators, shard, shuffle
-from common.models import SD14, Conditioning, load_model
+from common.flags import AtLeast0, AtLeast1, Count, Guidance, LearningRate, LoraRank, Positive, Resumable, RunArgs
+from common.models import Conditioning, load_model
 from common.prompts import load_prompts, sample_prompts, split_prompts
 from common.rewards import make_reward
 from common.run import Run
@@ -38,85 +38,38 @@ def rwr_weights(rewards, beta: float, sparse: bool, percentile: float, sample_ba
     return (batches >= thresholds).float().flatten()
 
 
-def denoising_loss(model, latents, cond, index, noise, weights, kl_weight: float = 0.0) -> torch.Tensor:
+def denoising_loss(model, latents, cond, index, noise, weights, kl_weight=0.0, guidance_scale=1.0) -> torch.Tensor:
     """mean_i w_i || target_i - model(z_t, t_i, c_i) ||^2 (mean over latent dims), z_t = alpha_t z_0 + sigma_t eps at
-    the training timesteps `index` (B,): the model's ordinary training loss, on the conditional model (no guidance),
-    with the target it was trained on: eps (SD), v = alpha eps - sigma z_0 (SD 2.x at 768 px), or the velocity
-    eps - z_0 (a flow). `kl_weight`: adds the squared distance to the pretrained model's prediction (docs/rwr.md)."""
-    path = model.training_schedule()
+    the training timesteps `index` (B,): the model's ordinary training loss, on the conditional model (no guidance;
+    a guidance-distilled model at its guidance input, model.training_guidance), with the target it was trained on:
+    eps (SD), v = alpha eps - sigma z_0 (SD 2.x at 768 px), or the velocity eps - z_0 (a flow). `kl_weight`: adds
+    the squared distance to the pretrained model's prediction (docs/rwr.md)."""
+    path, guidance = model.training_schedule(), model.training_guidance(guidance_scale)
     alpha, sigma = path.alphas[index].view(-1, 1, 1, 1), path.sigmas[index].view(-1, 1, 1, 1)
     noisy_latents = alpha * latents + sigma * noise
     target = {"epsilon": noise, "v_prediction": alpha * noise - sigma * latents, "flow": noise - latents}
-    output = model.predict(noisy_latents, path.timesteps[index], cond, guidance_scale=1.0)
+    output = model.predict(noisy_latents, path.timesteps[index], cond, guidance)
     loss = (weights * ((output - target[path.prediction_type]) ** 2).mean(dim=(1, 2, 3))).mean()
     if kl_weight:  # the pull towards the pretrained model: the KL between the two models' reverse steps at (z_t, t)
-        pretrained = model.predict(noisy_latents, path.timesteps[index], cond, guidance_scale=1.0, pretrained=True)
+        pretrained = model.predict(noisy_latents, path.timesteps[index], cond, guidance, pretrained=True)
         loss = loss + kl_weight * ((output - pretrained) ** 2).mean()  # up to a per-timestep factor, left out as above
     return loss
 
 
 @dataclass
-class Args:
-    preset: Literal["sd14", "tiny"] = "sd14"
-    """sd14: the paper's setting on SD 1.4 (a GPU); tiny: the shipped tiny model on the CPU (flags still apply)"""
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
-    seed: int = 1
-    """seed of the experiment"""
-    torch_deterministic: bool = True
-    """cuDNN's deterministic kernels (--no-torch-deterministic: faster, not reproducible to the bit)"""
-    cuda: bool = True
-    """use a CUDA device when there is one (--no-cuda: the CPU)"""
-    track: bool = False
-    """also log to Weights and Biases (pip install wandb)"""
-    wandb_project_name: str = "diffusion-reward-finetuning"
-    """the wandb's project name"""
-    wandb_entity: Optional[str] = None
-    """the entity (team) of wandb's project"""
-    output_dir: str = "runs"
-    """the run folder is {output_dir}/{run_name}"""
-    save_every: int = 10
-    """save a checkpoint (LoRA, optimizer, epoch, RNG, per-prompt buffers) every this many epochs"""
-    sample_every: int = 5
+class Args(RunArgs):  # RunArgs (common/flags.py): the flags every script shares, then these
+    save_every: Resumable[AtLeast1] = 10
+    """save a checkpoint (LoRA, optimizer, epoch, RNG) every this many epochs"""
+    sample_every: Resumable[AtLeast1] = 5
     """save a grid of fixed-seed samples on held-out prompts every this many epochs"""
-    push_to_hub: bool = False
-    """upload the final LoRA and its model card to the Hugging Face Hub (checked before training: a token is needed)"""
-    hub_model_id: Optional[str] = None
-    """the Hub repository to upload to, user/name (default: the run folder's name under your account)"""
-    resume: Optional[str] = None
-    """a checkpoint folder (runs/.../checkpoints/epoch_000010) or a run folder (its latest checkpoint)"""
-
-    # Model, reward and prompts
-    pretrained_model: str = SD14
-    """hub id or local folder of a diffusers pipeline: SD 1.x or 2.x, SDXL, SD 3 or 3.5, FLUX.1, Qwen-Image"""
-    revision: Optional[str] = None
-    """the model's revision on the hub"""
-    t5: bool = True
-    """use the T5 text encoder of a model that has one (SD 3); --no-t5 leaves it out (~9 GB less at SD 3.5 scale)"""
-    free_text_encoders: bool = False
-    """encode the training and held-out prompts once, then free the text encoders' memory (docs/RUNS.md)"""
-    gradient_checkpointing: bool = False
-    """recompute each denoiser block in the backward pass instead of keeping its activations (docs/RUNS.md)"""
-    reward: Union[Literal["aesthetic", "pickscore", "hpsv2", "colorfulness", "jpeg_compressibility",
-                          "jpeg_incompressibility"], str] = "aesthetic"  # fmt: skip
+    guidance_scale: Guidance = 5.0
+    """classifier-free guidance weight (FLUX.1-dev: its guidance input, 3.5 in its pipeline; FLUX.1-schnell: none)"""
+    reward: Union[
+        Literal["aesthetic", "pickscore", "hpsv2", "colorfulness", "jpeg_compressibility", "jpeg_incompressibility"],
+        str,
+    ] = "aesthetic"
     """the reward to maximise (RWR needs no gradient of it): a name, your own path.py:Name, or a weighted sum such
     as aesthetic+0.2*colorfulness"""
-    prompts: Literal["simple_animals", "nouns_activities", "shapes"] = "simple_animals"
-    """the prompt set"""
-    prompt_file: Optional[str] = None
-    """a file of prompts, one per line, instead of --prompts"""
-    validation_prompts: tuple[str, ...] = ()
-    """prompts or files of them for the grids and the held-out reward (default: 4 held out of --prompts)"""
-    num_steps: int = 50
-    """DDIM sampling steps"""
-    guidance_scale: float = 5.0
-    """classifier-free guidance weight (FLUX.1-dev: its guidance input, 3.5 in its pipeline; FLUX.1-schnell: none)"""
-    eta: float = 0.0
-    """DDIM eta for sampling (0: deterministic)"""
-    resolution: int = 512
-    """image height and width in pixels"""
-    mixed_precision: Literal["auto", "bf16", "no"] = "auto"
-    """dtype of the frozen weights: bf16, no (fp32), or auto (bf16 on CUDA, fp32 on the CPU); the LoRA stays fp32"""
 
     # Algorithm specific arguments
     sparse: bool = False
@@ -125,49 +78,52 @@ class Args:
     """inverse temperature of the weights N softmax(beta r), in the reward's inverse units (0: uniform weights)"""
     percentile: float = 90.0
     """sparse RWR's percentile"""
-    lora_rank: int = 4
+    lora_rank: LoraRank = 4
     """rank of the LoRA on the denoiser's attention projections"""
-    learning_rate: float = 3e-4
+    learning_rate: Resumable[LearningRate] = 3e-4
     """AdamW learning rate"""
-    weight_decay: float = 1e-4
+    weight_decay: Resumable[AtLeast0] = 1e-4
     """AdamW weight decay"""
-    num_epochs: int = 100
+    num_epochs: Resumable[Count] = 100
     """epochs; each is one sampling round and the training on it"""
-    samples_per_epoch: int = 256
+    samples_per_epoch: Count = 256
     """images sampled per epoch"""
-    sample_batch_size: int = 8
+    sample_batch_size: Count = 8
     """images per sampling batch (sparse RWR's percentile is taken within it)"""
-    train_batch_size: int = 4
+    train_batch_size: Count = 4
     """generated latents per training batch"""
-    grad_accum_steps: int = 1
+    grad_accum_steps: Count = 1
     """training batches per optimizer step"""
-    num_inner_epochs: int = 1
+    num_inner_epochs: Count = 1
     """passes over each epoch's samples"""
-    max_grad_norm: float = 1.0
+    max_grad_norm: Resumable[Positive] = 1.0
     """clip the LoRA gradient to this norm"""
-    kl_weight: float = 0.0
+    kl_weight: AtLeast0 = 0.0
     """weight of the squared distance to the pretrained model's prediction in the loss (0: none, RWR as published)"""
 
 
 # --preset tiny: the shipped tiny text-to-image model (assets/tiny-sd: coloured shapes at 32 px) on the CPU, with the
 # settings of the learning test (tests/test_ddpo_rwr.py); beta 30 because the reward is in kB with a spread of ~0.07
-PRESETS = {"sd14": {}, "tiny": dict(pretrained_model="assets/tiny-sd", reward="jpeg_incompressibility",
-                                    prompts="shapes", resolution=32, num_steps=10, guidance_scale=1.0, num_epochs=6,
-                                    samples_per_epoch=64, sample_batch_size=32, train_batch_size=32,
-                                    num_inner_epochs=2, learning_rate=3e-3, beta=30.0)}  # fmt: skip
+PRESETS = {
+    "sd14": {},
+    "tiny": dict(
+        pretrained_model="assets/tiny-sd", reward="jpeg_incompressibility", prompts="shapes", resolution=32,
+        num_steps=10, guidance_scale=1.0, num_epochs=6, samples_per_epoch=64, sample_batch_size=32,
+        train_batch_size=32, num_inner_epochs=2, learning_rate=3e-3, beta=30.0,
+    ),
+}  # fmt: skip
 
 
 if __name__ == "__main__":
-    args = cli(Args, PRESETS)  # --help, --preset, --resume's own flags; every shared value checked
+    args = cli(Args, PRESETS)  # --help, --preset, --resume's own flags; each flag's allowed values checked
     check(args, "percentile", 0 <= args.percentile <= 100, "between 0 and 100")
     check(args, "beta", 0 <= args.beta < float("inf"), "at least 0 (0: uniform weights)")
-    check(args, "kl_weight", 0 <= args.kl_weight < float("inf"), "at least 0")
     if args.samples_per_epoch % args.sample_batch_size or args.samples_per_epoch % args.train_batch_size:
         fail("--samples-per-epoch must be a multiple of --sample-batch-size and of --train-batch-size")
     train_prompts, eval_prompts = split_prompts(load_prompts(args.prompts, args.prompt_file), args.validation_prompts)
 
     # TRY NOT TO MODIFY: processes and seeds, the model and the reward (common/run.py, common/models.py)
-    run = Run(args, name=args.reward, counter="epoch")
+    run = Run(args, "RWR (reward-weighted regression)", name=args.reward, counter="epoch", end=args.num_epochs)
     model = load_model(
         args.pretrained_model, args.revision, run.device, run.dtype, args.resolution, args.num_steps, t5=args.t5
     )
@@ -182,50 +138,64 @@ if __name__ == "__main__":
     optimizer = torch.optim.AdamW(lora_params, lr=args.learning_rate, weight_decay=args.weight_decay)
     start_epoch = run.start(model, optimizer, reward_fn, eval_prompts)
 
-    for epoch in run.steps(start_epoch, args.num_epochs):
+    for epoch in run.steps(start_epoch):
         epoch_start = time.time()
-        # ALGO LOGIC: sampling round with the current model; only x_0's latents are kept
+        # ALGO LOGIC: a sampling round with the current model, of which only x_0's latents are kept.
         batches, conds, generators = [], [], []
         for _ in range(args.samples_per_epoch // args.sample_batch_size):
-            # this rank's slice of the global batch: its prompts, and one generator per sample for all its noise
-            prompts = shard(sample_prompts(train_prompts, run.world_size * args.sample_batch_size, run.rng),
-                            args.sample_batch_size)  # fmt: skip
+            # This process's slice of the global batch: its prompts, and one generator per sample for all its noise.
+            drawn = sample_prompts(train_prompts, run.world_size * args.sample_batch_size, run.rng)
+            prompts = shard(drawn, args.sample_batch_size)
             batch_generators = sample_generators(args.sample_batch_size, run.rng)
             cond = model.encode(prompts)
             latents = model.initial_latents(args.sample_batch_size, batch_generators)  # x_T
             x0, _ = sample(model, latents, cond, args.num_steps, args.guidance_scale, args.eta, batch_generators)
-            batches.append({
+            batch = {
                 "latents": x0,  # (B, C, h, w): the generated z_0, the regression's data
                 "rewards": reward_fn(model.decode(x0), prompts).float(),  # (B,)
-            })  # fmt: skip
+            }
+            batches.append(batch)
             conds.append(cond)
             generators += batch_generators  # the training noise also comes from each sample's generator
         samples = {key: torch.cat([batch[key] for batch in batches]) for key in batches[0]}  # N = samples_per_epoch
         samples["cond"] = Conditioning.cat(conds)
 
-        # ALGO LOGIC: per-sample weights from the rewards of the whole round (of all ranks)
+        # ALGO LOGIC: per-sample weights from the rewards of the whole round, of all processes.
         rewards = gather(samples["rewards"])  # (world_size * N,)
         weights = rwr_weights(rewards, args.beta, args.sparse, args.percentile, args.sample_batch_size)
         local_weights = shard(weights, args.samples_per_epoch)
 
-        # ALGO LOGIC: weighted denoising regression on the generated latents
+        # ALGO LOGIC: the weighted denoising regression on the generated latents.
         num_batches = args.samples_per_epoch // args.train_batch_size
         num_timesteps = len(model.training_schedule())
         losses, grad_norms = [], []
         for inner_epoch in range(args.num_inner_epochs):
-            order = shuffle(args.samples_per_epoch, run.rng)  # (N,), a permutation of this rank's samples
+            order = shuffle(args.samples_per_epoch, run.rng)  # (N,), a permutation of this process's samples
             for b in range(num_batches):
                 index = order[b * args.train_batch_size : (b + 1) * args.train_batch_size]
                 sample_rngs = [generators[i] for i in index]  # t and eps from each sample's generator
                 timesteps = torch.cat([torch.randint(num_timesteps, (1,), generator=g) for g in sample_rngs])
                 latents, timesteps = samples["latents"][index], timesteps.to(run.device)
                 noise = randn(latents.shape, sample_rngs, run.device)
-                loss = denoising_loss(model, latents, samples["cond"][index], timesteps, noise, local_weights[index],
-                                      args.kl_weight)  # fmt: skip
+                loss = denoising_loss(
+                    model,
+                    latents,
+                    samples["cond"][index],
+                    timesteps,
+                    noise,
+                    local_weights[index],
+                    args.kl_weight,
+                    args.guidance_scale,
+                )
                 (loss / args.grad_accum_steps).backward()
                 losses.append(loss.detach())  # kept on the device and read once an epoch
                 if (b + 1) % args.grad_accum_steps == 0 or b == num_batches - 1:
-                    grad_norms.append(run.optimizer_step(losses[-1]))
+                    # The optimizer step. check_gradients averages the gradients over torchrun's processes and ends
+                    # the run with one sentence, before the LoRA is overwritten, if a loss or gradient is not finite.
+                    run.check_gradients(losses[-1])
+                    grad_norms.append(torch.nn.utils.clip_grad_norm_(lora_params, args.max_grad_norm))
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
         metrics = {
             "reward_mean": rewards.mean().item(),
             "reward_std": rewards.std().item(),

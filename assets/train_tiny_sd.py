@@ -27,7 +27,7 @@ from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for common/
-from common import fail  # noqa: E402
+from common.cli import fail  # noqa: E402
 from common.models import load_model  # noqa: E402
 from common.prompts import COLOURS, PROMPT_SETS, SHAPES  # noqa: E402
 from common.rewards import Colorfulness  # noqa: E402

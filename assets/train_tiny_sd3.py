@@ -29,7 +29,7 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, 
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for common/
 from assets.train_tiny_sd import lr_lambda, make_t5_tokenizer, make_tokenizer, measure, save_grid  # noqa: E402
-from common import fail  # noqa: E402
+from common.cli import fail  # noqa: E402
 from common.families.sd3 import T5_TOKENS  # noqa: E402
 from common.models import load_model  # noqa: E402
 from common.prompts import PROMPT_SETS  # noqa: E402

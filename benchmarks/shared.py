@@ -4,7 +4,7 @@
   repeated timings)
 - device_name: the GPU's or the CPU's model name, for the tables
 - Meter, run_script: a script run in this process, as `python script.py ...`, with its denoiser's calls counted and
-  its training loop's iterations timed (speed/per_unet_call.py, peers/trl_trainers.py)
+  its training loop's iterations timed through common/hooks.py (speed/per_unet_call.py, peers/trl_trainers.py)
 - pipeline_model: this project's SD Model on the modules of a loaded diffusers pipeline (TRL's), so that the scripts'
   own evaluation runs on the peer's UNet (peers/trl_trainers.py, results/trl_ddpo_task.py)
 - build_models: SD-1.4-shaped random models, no downloads (speed/sd14_scale.py, peers/trl_trainers.py --sd14)
@@ -147,24 +147,16 @@ class Meter:
 
 
 def run_script(script: str, flags: dict, meter: Meter) -> tuple[dict, list[dict]]:
-    """`python script --flag value ...` in this process, with the meter on its denoiser (load_model) and around its
-    training loop (Run.steps, after the first evaluation). Returns the script's globals at its end and its
+    """`python script --flag value ...` in this process, with the meter on its denoiser and around its training loop
+    (after the first evaluation), through common/hooks.py. Returns the script's globals at its end and its
     metrics.jsonl."""
-    import common.models
-    from common.run import Run
+    from common import hooks
 
-    load_model, steps = common.models.load_model, Run.steps
-
-    def load_model_metered(*args, **kwargs):
-        model = load_model(*args, **kwargs)
+    def meter_the_denoiser(model):
         model.denoiser.register_forward_pre_hook(meter.unet_call, with_kwargs=True)
-        return model
 
-    def steps_metered(self, start, end):
-        yield from meter.loop(steps(self, start, end))
-
-    # the script imports load_model by name when it starts, so it takes the patched one
-    common.models.load_model, Run.steps = load_model_metered, steps_metered
+    hooks.model_loaded.append(meter_the_denoiser)
+    hooks.training_loop.append(meter.loop)
     try:
         with tempfile.TemporaryDirectory() as output_dir:
             flags = {**flags, "output_dir": output_dir}
@@ -174,7 +166,8 @@ def run_script(script: str, flags: dict, meter: Meter) -> tuple[dict, list[dict]
             with open(os.path.join(output_dir, run_dir, "metrics.jsonl")) as f:
                 return run, [json.loads(line) for line in f]
     finally:
-        common.models.load_model, Run.steps = load_model, steps
+        hooks.model_loaded.remove(meter_the_denoiser)
+        hooks.training_loop.remove(meter.loop)
 
 
 def pipeline_model(pipeline, resolution: int):

@@ -11,9 +11,9 @@ import shutil
 
 import torch
 
-from common import fail, load_error
+from common.cli import fail, load_error
 from common.distributed import broadcast
-from common.models import LORA_WEIGHTS
+from common.lora import LORA_WEIGHTS
 
 STATE = "state.pt"
 STATE_KEYS = ("optimizer", "rng", "args")  # and the counter, "step" or "epoch"
@@ -56,8 +56,10 @@ def find_checkpoint(path: str) -> tuple[str, dict]:
         fail("--resume needs a run folder (runs/...) or one of its checkpoint folders, got an empty path")
     if os.path.isfile(os.path.join(path, STATE)):
         if os.path.basename(os.path.dirname(os.path.abspath(path))) != "checkpoints":
-            fail(f"--resume {path} is a checkpoint outside a run folder's checkpoints/: a resumed run continues in its"
-                 " own run folder, so resume the run folder it came from")  # fmt: skip
+            fail(
+                f"--resume {path} is a checkpoint outside a run folder's checkpoints/: a resumed run continues in its"
+                " own run folder, so resume the run folder it came from"
+            )
         return path, load_state(path)
     folder = os.path.join(path, "checkpoints")
     names = sorted(os.listdir(folder), reverse=True) if os.path.isdir(folder) else []
@@ -201,5 +203,6 @@ def save_checkpoint(checkpoint_dir: str, model, state: dict) -> None:
         os.replace(temporary, checkpoint_dir)
     except Exception as e:  # torch.save reports a failed write as a RuntimeError, safetensors as its own error
         shutil.rmtree(temporary, ignore_errors=True)
-        fail(f"could not write the checkpoint {checkpoint_dir} ({why(e, temporary)}); the earlier checkpoints are"
-             " intact")  # fmt: skip
+        fail(
+            f"could not write the checkpoint {checkpoint_dir} ({why(e, temporary)}); the earlier checkpoints are intact"
+        )

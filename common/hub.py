@@ -6,7 +6,7 @@ import re
 import shlex
 import sys
 
-from common import fail
+from common.cli import fail
 
 UPLOADED = ["README.md", "pytorch_lora_weights.safetensors"]
 
@@ -29,19 +29,35 @@ def check_hub(repo_id: str | None) -> str:
         fail(f"--push-to-hub cannot reach the Hugging Face Hub with this token ({reason})")
 
 
-def model_card(run_dir: str, args, model, reward: str, grid: str | None, rewards: dict[str, float | None],
-               prompt: str, repo_id: str | None = None, notes: str = "") -> str:  # fmt: skip
+def model_card(
+    run_dir: str,
+    args,
+    method: str,
+    model,
+    reward: str,
+    grid: str | None,
+    rewards: dict[str, float | None],
+    prompt: str,
+    repo_id: str | None = None,
+    notes: str = "",
+) -> str:
     """The card's text: a YAML header (base model, library, tags, pipeline) and what a user of the LoRA needs."""
     script = os.path.basename(sys.argv[0])
-    method = (sys.modules["__main__"].__doc__ or script).strip().splitlines()[0].split(" (docs/")[0].rstrip(".")
     base = args.pretrained_model
     base_link = base if os.path.exists(base) else f"[{base}](https://huggingface.co/{base})"  # a local folder or an id
     reward_tag = re.sub(r"[^\w-]+", "-", os.path.basename(reward)).strip("-")  # a name, a file or a weighted sum
     tags = ["text-to-image", "diffusers", "lora", model.hub_tag, "reward-fine-tuning", script[:-3], reward_tag]
-    header = "\n".join([
-        "---", f"base_model: {args.pretrained_model}", "library_name: diffusers", "pipeline_tag: text-to-image",
-        "tags:", *(f"- {tag}" for tag in dict.fromkeys(tags)), "---",
-    ])  # fmt: skip
+    header = "\n".join(
+        [
+            "---",
+            f"base_model: {args.pretrained_model}",
+            "library_name: diffusers",
+            "pipeline_tag: text-to-image",
+            "tags:",
+            *(f"- {tag}" for tag in dict.fromkeys(tags)),
+            "---",
+        ]
+    )
     table = "\n".join(f"| {name} | {value if value is None else f'{value:.4g}'} |" for name, value in rewards.items())
     pipeline = model.pipeline
     return f"""{header}
@@ -64,8 +80,8 @@ A LoRA for {base_link}, fine-tuned to maximise the `{reward}` reward with `{scri
 python {" ".join(shlex.quote(a) for a in sys.argv)}
 ```
 
-{args.num_steps} sampling steps, guidance {args.guidance_scale}, {args.resolution} px, LoRA rank {args.lora_rank} on the
-denoiser's attention projections.
+{args.num_steps} sampling steps, guidance {args.guidance_scale}, {args.resolution} px, LoRA rank
+{model.denoiser.peft_config["default"].r} on the denoiser's attention projections.
 
 ## Use
 
@@ -86,8 +102,12 @@ def push(run_dir: str, repo_id: str, grid: str | None) -> str:
     api = HfApi()
     try:
         api.create_repo(repo_id, exist_ok=True)
-        api.upload_folder(repo_id=repo_id, folder_path=run_dir, allow_patterns=UPLOADED + ([grid] if grid else []),
-                          commit_message="LoRA, model card and samples")  # fmt: skip
+        api.upload_folder(
+            repo_id=repo_id,
+            folder_path=run_dir,
+            allow_patterns=UPLOADED + ([grid] if grid else []),
+            commit_message="LoRA, model card and samples",
+        )
     except Exception as e:  # network, permission, quota: the run folder keeps everything
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         fail(f"could not upload {run_dir} to the Hub repository {repo_id} ({reason}); the run folder is complete")

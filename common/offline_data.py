@@ -18,7 +18,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm.auto import tqdm
 
-from common import fail, load_error, load_or_fail
+from common.cli import fail, load_error, load_or_fail
 from common.distributed import gather, sample_generators, shard
 from common.prompts import sample_prompts
 from common.sampling import sample
@@ -38,8 +38,10 @@ def load_offline_data(path: str, resolution: int):
         try:  # weights_only: tensors, numbers, strings, lists and dicts; a pickle of anything else could run code
             return torch.load(path, weights_only=True)
         except Exception as e:  # corrupt, truncated, not written by torch.save, or holding other objects
-            fail(f"cannot load {path} with torch.load ({load_error(e)}); it must hold tensors, numbers, strings,"
-                 " lists and dicts (docs/braid.md)")  # fmt: skip
+            fail(
+                f"cannot load {path} with torch.load ({load_error(e)}); it must hold tensors, numbers, strings,"
+                " lists and dicts (docs/braid.md)"
+            )
     if not os.path.exists(path) and path.count("/") == 1:  # a Hub dataset id
         from huggingface_hub import snapshot_download
 
@@ -48,8 +50,10 @@ def load_offline_data(path: str, resolution: int):
     folders = [f for f in (path, os.path.join(path, "train")) if os.path.isdir(f)]
     folder = next((f for f in folders if any(os.path.isfile(os.path.join(f, t)) for t in tables)), None)
     if folder is None:
-        fail(f"--offline-data {path} is neither a .pt file nor a folder of images with a metadata.jsonl, metadata.csv"
-             " (file_name, reward, prompt) or scores.csv (file, score)")  # fmt: skip
+        fail(
+            f"--offline-data {path} is neither a .pt file nor a folder of images with a metadata.jsonl, metadata.csv"
+            " (file_name, reward, prompt) or scores.csv (file, score)"
+        )
     if os.path.isfile(os.path.join(folder, "metadata.jsonl")):
         table, (name_key, score_key) = os.path.join(folder, "metadata.jsonl"), ("file_name", "reward")
         rows, header = read_jsonl(table)
@@ -67,12 +71,15 @@ def load_offline_data(path: str, resolution: int):
             value = float(score)
         except ValueError:
             value = math.nan
-        reject(f"{table}, line {line}:", [
-            (not name, f"the '{name_key}' {'cell' if table.endswith('.csv') else 'value'} is empty"),
-            (name in seen, f"'{name}' is listed twice (also on line {seen.get(name)})"),
-            (score_key not in row or row[score_key] in (None, ""), f"it has no '{score_key}'"),
-            (not math.isfinite(value), f"the {score_key} '{score}' is not a finite number"),
-        ])  # fmt: skip
+        reject(
+            f"{table}, line {line}:",
+            [
+                (not name, f"the '{name_key}' {'cell' if table.endswith('.csv') else 'value'} is empty"),
+                (name in seen, f"'{name}' is listed twice (also on line {seen.get(name)})"),
+                (score_key not in row or row[score_key] in (None, ""), f"it has no '{score_key}'"),
+                (not math.isfinite(value), f"the {score_key} '{score}' is not a finite number"),
+            ],
+        )
         seen[name] = line
         try:
             with Image.open(os.path.join(folder, name)) as image:
@@ -93,9 +100,13 @@ def read_csv(table: str, expected: str) -> tuple[list, list]:
             rows, header = [(reader.line_num, row) for row in reader], reader.fieldnames or []
     except (UnicodeError, csv.Error) as e:
         fail(f"{table} is not a CSV text file in UTF-8 ({e})")
-    reject(table, [(not header, f"is empty: it needs the header line '{expected}', then one line per image"),
-                   (not set(expected.split(",")) <= set(header),
-                    f"starts with '{','.join(header)}', not '{expected}'")])  # fmt: skip
+    reject(
+        table,
+        [
+            (not header, f"is empty: it needs the header line '{expected}', then one line per image"),
+            (not set(expected.split(",")) <= set(header), f"starts with '{','.join(header)}', not '{expected}'"),
+        ],
+    )
     return rows, header
 
 
@@ -119,20 +130,26 @@ def check_offline_data(data, source: str, feature_dim: int, val_fraction: float)
     or synthesised) is a dict of 'scores' and 'images' or 'features' (and maybe 'true_rewards') of these forms, with
     enough distinct scores to fit on besides the validation split. Returns the size of that split."""
     if not (isinstance(data, dict) and "scores" in data and ("images" in data or "features" in data)):
-        fail(f"{source} must hold a dict with 'scores' and either 'images' or 'features', not a {type(data).__name__}"
-             + (f" with keys {list(data)}" if isinstance(data, dict) else ""))  # fmt: skip
+        fail(
+            f"{source} must hold a dict with 'scores' and either 'images' or 'features', not a {type(data).__name__}"
+            + (f" with keys {list(data)}" if isinstance(data, dict) else "")
+        )
     x = data["scores"]
     n = len(x) if isinstance(x, torch.Tensor) and x.ndim == 1 else "N"  # every tensor has one row per example
     numbers = lambda x: x.ndim == 1 and x.dtype != torch.bool and not x.is_complex()  # noqa: E731
     rules = {  # key: (what it must be, whether a tensor x is that)
         "scores": ("a 1-D tensor (N,) of finite numbers", numbers),
         "true_rewards": (f"a 1-D tensor ({n},) of finite numbers, one per score", numbers),
-        "images": (f"a uint8 tensor ({n}, 3, H, W), one image per score (multiply float images in [0, 1] by 255 and"
-                   " convert them to uint8: (images * 255).round().byte())",
-                   lambda x: x.dtype == torch.uint8 and x.ndim == 4 and x.shape[1] == 3),
-        "features": (f"a floating tensor ({n}, {feature_dim}) of finite numbers from the --feature-model, one row per"
-                     " score", lambda x: x.is_floating_point() and x.ndim == 2 and x.shape[1] == feature_dim),
-    }  # fmt: skip
+        "images": (
+            f"a uint8 tensor ({n}, 3, H, W), one image per score (multiply float images in [0, 1] by 255 and"
+            " convert them to uint8: (images * 255).round().byte())",
+            lambda x: x.dtype == torch.uint8 and x.ndim == 4 and x.shape[1] == 3,
+        ),
+        "features": (
+            f"a floating tensor ({n}, {feature_dim}) of finite numbers from the --feature-model, one row per score",
+            lambda x: x.is_floating_point() and x.ndim == 2 and x.shape[1] == feature_dim,
+        ),
+    }
     for key, (form, ok) in rules.items():
         x = data.get(key)
         if key in data and not (isinstance(x, torch.Tensor) and ok(x) and len(x) == n):
@@ -141,22 +158,31 @@ def check_offline_data(data, source: str, feature_dim: int, val_fraction: float)
         if key in data and x.is_floating_point() and not x.float().isfinite().all():  # float(): 1e39 is inf
             fail(f"{source}: '{key}' holds a NaN or infinity at {(~x.float().isfinite()).nonzero()[0].tolist()}")
     num_val = max(1, int(val_fraction * n))
-    reject(source, [  # a head fitted on one example is NaN (the std of one number); equal scores teach nothing
-        (n - num_val < 10, f"has {n} scored examples and --val-fraction holds {num_val} out: the reward model needs"
-                           " at least 10 others to fit on"),
-        (len(data["scores"].unique()) == 1, "has all its scores equal: the reward model would have nothing to learn"),
-    ])  # fmt: skip
+    reject(
+        source,
+        [  # a head fitted on one example is NaN (the std of one number); equal scores teach nothing
+            (
+                n - num_val < 10,
+                f"has {n} scored examples and --val-fraction holds {num_val} out: the reward model needs"
+                " at least 10 others to fit on",
+            ),
+            (
+                len(data["scores"].unique()) == 1,
+                "has all its scores equal: the reward model would have nothing to learn",
+            ),
+        ],
+    )
     return num_val
 
 
 @torch.no_grad()
-def offline_features(data, source: str, featurize, args, generator):
+def offline_features(data, source: str, featurize, resolution: int, val_fraction: float, generator):
     """The checked data's (check_offline_data) features (N, D), from the file or of its images by `featurize`, and
-    scores (N,), both on featurize's device, and a random split of their indices: `args.val_fraction` held out to
-    measure the reward model's error, the rest to fit it."""
+    scores (N,), both on featurize's device, and a random split of their indices: `val_fraction` held out to measure
+    the reward model's error, the rest to fit it."""
     device = next(featurize.parameters()).device
-    blank = torch.zeros(1, 3, args.resolution, args.resolution, device=device)  # tells the feature dimension
-    num_val = check_offline_data(data, source, featurize(blank).shape[1], args.val_fraction)
+    blank = torch.zeros(1, 3, resolution, resolution, device=device)  # tells the feature dimension
+    num_val = check_offline_data(data, source, featurize(blank).shape[1], val_fraction)
     if "features" in data:
         features = data["features"].float().to(device)
     else:
@@ -166,23 +192,32 @@ def offline_features(data, source: str, featurize, args, generator):
 
 
 @torch.no_grad()
-def sample_images(model, score, prompts: list[str], args, generator) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """`args.offline_size` images (uint8, (N, 3, H, W)) of `model` on prompts drawn from `prompts`, sampled as the
-    script samples (`args`: steps, guidance, eta, batch size), their scores by `score` (N,) and their prompts. Under
-    torchrun each rank samples its slice of every batch; every rank gets them all."""
+def sample_images(
+    model,
+    score,
+    prompts: list[str],
+    size: int,
+    batch_size: int,
+    num_steps: int,
+    guidance_scale: float,
+    eta: float,
+    generator,
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """`size` images (uint8, (N, 3, H, W)) of `model` on prompts drawn from `prompts`, sampled as the script samples
+    (`batch_size` a process, with these steps, guidance and eta), their scores by `score` (N,) and their prompts.
+    Under torchrun each process samples its slice of every batch; every process gets them all."""
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     images, scores, data_prompts = [], [], []
-    global_batch = world_size * args.batch_size
-    for _ in tqdm(range(math.ceil(args.offline_size / global_batch)), desc="synthesising offline data",
-                  disable=os.environ.get("RANK", "0") != "0"):  # fmt: skip
+    global_batch = world_size * batch_size
+    batches = range(math.ceil(size / global_batch))
+    for _ in tqdm(batches, desc="synthesising offline data", disable=os.environ.get("RANK", "0") != "0"):
         batch_prompts = sample_prompts(prompts, global_batch, generator)
-        generators = sample_generators(args.batch_size, generator)
-        latents = model.initial_latents(args.batch_size, generators)
-        cond = model.encode(shard(batch_prompts, args.batch_size))
-        batch_images = model.decode(sample(model, latents, cond, args.num_steps, args.guidance_scale, args.eta,
-                                           generators)[0])  # fmt: skip
-        scores.append(gather(score(batch_images, shard(batch_prompts, args.batch_size))).cpu())
+        generators = sample_generators(batch_size, generator)
+        latents = model.initial_latents(batch_size, generators)
+        cond = model.encode(shard(batch_prompts, batch_size))
+        x0, _ = sample(model, latents, cond, num_steps, guidance_scale, eta, generators)
+        batch_images = model.decode(x0)
+        scores.append(gather(score(batch_images, shard(batch_prompts, batch_size))).cpu())
         images.append(gather((batch_images * 255).round().byte()).cpu())
         data_prompts += batch_prompts
-    n = args.offline_size
-    return torch.cat(images)[:n], torch.cat(scores)[:n].float(), data_prompts[:n]
+    return torch.cat(images)[:size], torch.cat(scores)[:size].float(), data_prompts[:size]

@@ -4,7 +4,7 @@ import os
 
 import torch
 
-from common import fail
+from common.cli import fail
 
 # the 45 common animals of the DDPO paper
 SIMPLE_ANIMALS = [

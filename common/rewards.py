@@ -16,7 +16,7 @@ from PIL import Image
 from torch import nn
 from transformers import AutoTokenizer, CLIPModel
 
-from common import fail, load_or_fail
+from common.cli import fail, load_or_fail
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -93,9 +93,15 @@ class Aesthetic(nn.Module):
         self.features = ClipImageFeatures(clip_model)
         dim = self.features.clip.config.projection_dim
         self.head = nn.Sequential(
-            nn.Linear(dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
-            nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1),
-        )  # fmt: skip
+            nn.Linear(dim, 1024),
+            nn.Dropout(0.2),
+            nn.Linear(1024, 128),
+            nn.Dropout(0.2),
+            nn.Linear(128, 64),
+            nn.Dropout(0.1),
+            nn.Linear(64, 16),
+            nn.Linear(16, 1),
+        )
         state_dict = torch.load(hub_file(head, "aesthetic-model.pth"), map_location="cpu", weights_only=True)
         self.head.load_state_dict({k.removeprefix("layers."): v for k, v in state_dict.items()})
 
@@ -278,10 +284,14 @@ def make_reward(spec: str, device="cpu", dtype=torch.float32, differentiable=Fal
         elif name in REWARDS:
             parts[name] = REWARDS[name](**kwargs)
         else:
-            fail(f"unknown reward '{name}'; choose one of: {', '.join(REWARDS)}, a file's path.py:Name, or a weighted"
-                 " sum such as aesthetic+0.2*colorfulness")  # fmt: skip
+            fail(
+                f"unknown reward '{name}'; choose one of: {', '.join(REWARDS)}, a file's path.py:Name, or a weighted"
+                " sum such as aesthetic+0.2*colorfulness"
+            )
     reward = next(iter(parts.values())) if len(parts) == 1 and weights[name] == 1 else WeightedSum(parts, weights)
     if differentiable and not reward.differentiable:
-        fail(f"this method backpropagates through the reward and '{spec}' is not differentiable (a file's reward"
-             " says it is with an attribute differentiable = True); use one that is, e.g. aesthetic")  # fmt: skip
+        fail(
+            f"this method backpropagates through the reward and '{spec}' is not differentiable (a file's reward"
+            " says it is with an attribute differentiable = True); use one that is, e.g. aesthetic"
+        )
     return reward.requires_grad_(False).eval().to(device, dtype)

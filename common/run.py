@@ -1,15 +1,16 @@
-"""The run's lifecycle, the same in all six scripts, so that each script shows its method and not its plumbing:
-processes and seeding, the run folder and resuming, tracking, the held-out evaluation and its sample grids, the
-metrics log, checkpoints and the final LoRA (docs/RUNS.md says what a run folder holds). A script calls it in a
-few visible lines:
+"""The run's lifecycle, the same in all six scripts, so that each script shows its method and not its plumbing: Run
+reads the flags of RunArgs (common/flags.py) and does the processes and seeding, the run folder and resuming,
+tracking, the held-out evaluation and its sample grids, the metrics log, checkpoints and the final LoRA
+(docs/RUNS.md says what a run folder holds). A script calls it in a few visible lines:
 
-    run = Run(args, name=args.reward)                                  # processes, device, seeds: no folder yet
+    run = Run(args, "DDPO", name=args.reward, counter="epoch", end=args.num_epochs)   # processes, device, seeds
     ...                                                                # the model, reward, LoRA and optimizer
     start = run.start(model, optimizer, reward_fn, eval_prompts)       # the run folder; --resume's checkpoint
-    for step in run.steps(start, args.train_steps):                    # the first evaluation, a progress bar
-        ...                                                            # the method
-        grad_norm = run.optimizer_step(loss)                           # mean over ranks, clip, step
-        run.log(step, metrics)                                         # metrics, grids, checkpoints (rank 0)
+    for epoch in run.steps(start):                                     # the first evaluation, a progress bar
+        ...                                                            # the method, its optimizer step:
+        run.check_gradients(loss)                                      # torchrun's mean; a NaN ends the run
+        ...                                                            # clip, optimizer.step(), zero_grad()
+        run.log(epoch, metrics)                                        # metrics, grids, checkpoints (rank 0)
     run.finish()                                                       # the final LoRA, the model card
 """
 
@@ -22,19 +23,29 @@ import re
 import shutil
 import sys
 import time
+from typing import Protocol
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-import common
-from common import fail
+from common import hooks
 from common.checkpoint import find_checkpoint, open_run_dir, run_dir_of, save_checkpoint, why
+from common.cli import Running, fail
 from common.distributed import average_gradients, cleanup, setup
+from common.flags import RunArgs
 from common.hub import check_hub, model_card, push
 from common.prompts import PROMPT_SETS
 from common.sampling import sample
 from common.shapes import accuracy, describe
+
+
+class Stateful(Protocol):
+    """Method state that a checkpoint keeps and a resumed run restores (DDPO's per-prompt reward buffers)."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 def cpu_has_bf16() -> bool:
@@ -45,25 +56,29 @@ def cpu_has_bf16() -> bool:
 
 
 class Run:
-    def __init__(self, args, name: str, counter: str = "step"):
+    def __init__(self, args: RunArgs, method: str, name: str, counter: str, end: int):
         """Joins the torchrun processes (if any), picks the device and the frozen weights' dtype, seeds every
-        generator and reads --resume's checkpoint (cli has checked it). `name` leads the run folder's name (the reward);
-        `counter` is what the run counts: "step" (optimizer steps) or "epoch" (sampling rounds)."""
-        self.args, self.counter = args, counter
+        generator and reads --resume's checkpoint (cli has checked it). `method` names the method in the model card;
+        `name` leads the run folder's name (the reward); the run counts `counter`s, "step" (optimizer steps) or
+        "epoch" (sampling rounds), up to `end`."""
+        self.args, self.method, self.counter, self.end = args, method, counter, end
         self.rank, self.world_size, self.device = setup(args.cuda)  # one process per device under torchrun
         precision = args.mixed_precision if args.mixed_precision != "auto" else "bf16" * (self.device.type == "cuda")
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32  # of the frozen weights
         if self.dtype == torch.bfloat16 and self.device.type == "cpu" and self.rank == 0 and not cpu_has_bf16():
-            print("note: this CPU has no bf16 matrix instructions (AVX-512 BF16 or AMX), so --mixed-precision bf16 "
-                  "runs many times slower here than --mixed-precision no")  # fmt: skip
+            print(
+                "note: this CPU has no bf16 matrix instructions (AVX-512 BF16 or AMX), so --mixed-precision bf16 runs"
+                " many times slower here than --mixed-precision no"
+            )
         self.resume_dir, self.state = find_checkpoint(args.resume) if args.resume is not None else (None, None)
         self.dir = run_dir_of(self.resume_dir) if self.resume_dir else None  # a new run's folder is made by start
-        self.end = args.train_steps if counter == "step" else args.num_epochs
-        if self.state and self.state[counter] >= self.end:
+        if self.state and self.state[counter] >= end:
             flag, done = f"--{'train-steps' if counter == 'step' else 'num-epochs'}", self.state[counter]
-            if done > self.end:
-                fail(f"{flag} is {self.end} but {self.resume_dir} is at {counter} {done}: a run cannot go back; pass"
-                     f" a larger {flag} to extend it")  # fmt: skip
+            if done > end:
+                fail(
+                    f"{flag} is {end} but {self.resume_dir} is at {counter} {done}: a run cannot go back; pass a"
+                    f" larger {flag} to extend it"
+                )
             if self.rank == 0:
                 print(f"{self.dir} is already finished at {counter} {done}: pass a larger {flag} to extend it")
             raise SystemExit(0)
@@ -80,20 +95,32 @@ class Run:
         self.first_eval_extra = {}  # and what the first one added
         self.hub_user = check_hub(args.hub_model_id) if args.push_to_hub and self.rank == 0 else None
 
-    def start(self, model, optimizer, reward_fn, eval_prompts: list[str], eval_eta: float = 0.0) -> int:
+    def start(
+        self,
+        model,
+        optimizer: torch.optim.Optimizer,
+        reward_fn,
+        eval_prompts: list[str],
+        eval_eta: float = 0.0,
+        reward_name: str | None = None,
+        card_notes: str = "",
+        method_state: dict[str, Stateful] | None = None,
+    ) -> int:
         """Opens the run folder (rank 0 writes it for all ranks and locks it while the run lasts: a new folder, or the
-        resumed run's), tracking and TensorBoard, and loads the resumed checkpoint's LoRA, optimizer, random state
-        and counter. Evaluations sample `eval_prompts` twice each from fixed x_T (DDIM at `eval_eta`, with fixed
-        noise) and score them with `reward_fn`, named in the console and the model card by its `name` attribute
-        (default: --reward), the card adding its `notes`. Returns the counter to continue from (0 for a new run)."""
+        resumed run's), tracking and TensorBoard, and loads the resumed checkpoint's LoRA, optimizer, random state,
+        counter and `method_state` (objects with state_dict and load_state_dict, saved in every checkpoint under
+        their names). The optimizer keeps its own learning rate and weight decay, those of this command. Evaluations
+        sample `eval_prompts` twice each from fixed x_T (DDIM at `eval_eta`, with fixed noise) and score them with
+        `reward_fn`, named in the console and the model card `reward_name` (default: the run's name), the card adding
+        `card_notes`. Returns the counter to continue from (0 for a new run)."""
         args = self.args
         self.model, self.optimizer, self.reward_fn, self.eval_prompts = model, optimizer, reward_fn, eval_prompts
-        self.reward_name = getattr(reward_fn, "name", None) or getattr(args, "reward", "reward")
-        self.card_notes = getattr(reward_fn, "notes", "")
+        self.reward_name, self.card_notes = reward_name or self.name.split("__")[0], card_notes
+        self.method_state = method_state or {}
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.dir = open_run_dir(args.output_dir, self.name, self.resume_dir, self.state, self.rank)
         self.name = os.path.basename(self.dir)  # suffixed if another run took the name first
-        common.RUNNING["dir"] = self.dir  # where Ctrl-C says the last checkpoint is
+        Running.folder = self.dir  # where Ctrl-C says the last checkpoint is
         if self.rank == 0 and not self.resume_dir:  # a new run that ends before its first step leaves no folder behind
             atexit.register(lambda: self.started or shutil.rmtree(self.dir, ignore_errors=True))
         if self.rank == 0:
@@ -102,9 +129,16 @@ class Run:
                     import wandb
                 except ImportError:
                     fail("--track logs to Weights and Biases, which is not installed: pip install wandb")
-                wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args),
-                           name=self.name, id=self.name, resume="allow", sync_tensorboard=True,
-                           save_code=True)  # fmt: skip
+                wandb.init(
+                    project=args.wandb_project_name,
+                    entity=args.wandb_entity,
+                    config=vars(args),
+                    name=self.name,
+                    id=self.name,
+                    resume="allow",
+                    sync_tensorboard=True,
+                    save_code=True,
+                )
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(self.dir)
@@ -116,10 +150,13 @@ class Run:
         if not self.state:
             return 0
         model.load_lora(self.resume_dir)
+        this_command = [{"lr": g["lr"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
         optimizer.load_state_dict(self.state["optimizer"])
-        for group in optimizer.param_groups:  # this command's values, which may differ from the checkpoint's
-            group.update(lr=args.learning_rate, weight_decay=args.weight_decay)
+        for group, values in zip(optimizer.param_groups, this_command):  # which may differ from the checkpoint's
+            group.update(values)
         self.rng.set_state(self.state["rng"])
+        for key, obj in self.method_state.items():
+            obj.load_state_dict(self.state[key])
         self.eval_reward = self.state.get("eval_reward")
         self.first_eval_reward = self.state.get("first_eval_reward")
         self.eval_extra = self.state.get("eval_extra", {})
@@ -133,17 +170,28 @@ class Run:
         paths (common.sampling.sample), and, when the prompts are the tiny models' world (assets/tiny-sd, tiny-sd3),
         eval_fidelity, the share of samples that still show what their prompt asks (common.shapes.describe)."""
         generator = torch.Generator().manual_seed(self.args.seed) if self.eval_eta > 0 else None
-        x0, record = sample(self.model, self.eval_latents, self.eval_cond, self.args.num_steps,
-                            self.args.guidance_scale, self.eval_eta, generator, kl=True)  # fmt: skip
+        x0, record = sample(
+            self.model,
+            self.eval_latents,
+            self.eval_cond,
+            self.args.num_steps,
+            self.args.guidance_scale,
+            self.eval_eta,
+            generator,
+            kl=True,
+        )
         images = self.model.decode(x0)
         if count == 0 and not (images.isfinite().all() and images.std() > 1e-4):  # the pretrained model, once
             what = "not finite" if not images.isfinite().all() else "one flat colour"
-            fail(f"the pretrained model's first samples are {what}: its weights or scheduler config look broken"
-                 f" (check --pretrained-model {self.args.pretrained_model}); nothing was trained")  # fmt: skip
+            fail(
+                f"the pretrained model's first samples are {what}: its weights or scheduler config look broken"
+                f" (check --pretrained-model {self.args.pretrained_model}); nothing was trained"
+            )
         path = os.path.join(self.dir, "samples", f"{self.counter}_{count:06d}.png")
         grid = self.written("the sample grid", path, lambda: save_grid(images, path, len(self.eval_prompts)))
-        self.written("TensorBoard's events", self.dir, lambda: self.writer.add_image("samples", grid, count,
-                                                                                       dataformats="HWC"))  # fmt: skip
+        self.written(
+            "TensorBoard's events", self.dir, lambda: self.writer.add_image("samples", grid, count, dataformats="HWC")
+        )
         reward = self.reward_fn(images, self.eval_prompts * 2).mean().item()
         # logged with the next metrics line: the divergence from the pretrained model along these paths, and for a
         # weighted sum of rewards each part's held-out mean
@@ -174,37 +222,42 @@ class Run:
             return "no checkpoint has been written yet"
         return f"the last checkpoint, {os.path.join(folder, names[-1])}, is intact (resume with --resume {self.dir})"
 
-    def steps(self, start: int, end: int):
-        """start + 1, ..., end, with a progress bar on rank 0; a new run is evaluated before its first step."""
+    def steps(self, start: int):
+        """start + 1, ..., the end, with a progress bar on rank 0; a new run is evaluated before its first step."""
         if start == 0 and self.rank == 0:  # it also checks the pretrained model: a broken one leaves no run folder
             self.eval_reward = self.first_eval_reward = self.evaluate(0)
             self.first_eval_extra = dict(self.eval_extra)
         self.started = True
-        yield from tqdm(range(start + 1, end + 1), initial=start, total=end, disable=self.rank != 0)
+        counts = tqdm(range(start + 1, self.end + 1), initial=start, total=self.end, disable=self.rank != 0)
+        for hook in hooks.training_loop:
+            counts = hook(counts)
+        yield from counts
 
-    def optimizer_step(self, loss: torch.Tensor | None = None) -> torch.Tensor:
-        """One optimizer step on the LoRA: gradients averaged over the ranks (every rank takes the same step), clipped
-        to --max-grad-norm; a non-finite loss or gradient stops the run before the LoRA is overwritten. Returns the
-        gradient's norm before clipping."""
+    def check_gradients(self, loss: torch.Tensor) -> None:
+        """Before an optimizer step: the LoRA's gradients averaged over torchrun's processes (so that every process
+        takes the same step; nothing to do in one process), and a loss or gradient that is not finite ends the run
+        with one sentence, before the LoRA is overwritten."""
         average_gradients(self.params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.args.max_grad_norm)
-        if not (torch.isfinite(grad_norm) and (loss is None or torch.isfinite(loss))):
-            args, first = self.args, self.optimizer.state_dict()["state"] == {}  # no update taken yet: not the LoRA
-            value = "" if loss is None else f"the loss ({loss.item()}) or "
-            causes = (f"the model, or --guidance-scale {args.guidance_scale}" if first else f"--learning-rate"
-                      f" {args.learning_rate} (lower it), --weight-decay {args.weight_decay} or --guidance-scale"
-                      f" {args.guidance_scale}")  # fmt: skip
-            fail(f"{value}the gradient's norm ({grad_norm.item()}) is not finite"
-                 f"{' before the first update' if first else ''}: the likely cause is {causes}; stopped before the"
-                 f" LoRA was overwritten, and {self.last_checkpoint()}")  # fmt: skip
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+        norms = [torch.linalg.vector_norm(p.grad) for p in self.params if p.grad is not None]
+        grad_norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+        if torch.isfinite(grad_norm) and torch.isfinite(loss):
+            return
+        args, first = self.args, self.optimizer.state_dict()["state"] == {}  # no update taken yet: not the LoRA
+        lr, weight_decay = self.optimizer.param_groups[0]["lr"], self.optimizer.param_groups[0]["weight_decay"]
+        causes = f"the model, or --guidance-scale {args.guidance_scale}"
+        if not first:
+            causes = f"--learning-rate {lr} (lower it), --weight-decay {weight_decay} or --guidance-scale"
+            causes += f" {args.guidance_scale}"
+        fail(
+            f"the loss ({loss.item()}) or the gradient's norm ({grad_norm.item()}) is not finite"
+            f"{' before the first update' if first else ''}: the likely cause is {causes}; stopped before the LoRA"
+            f" was overwritten, and {self.last_checkpoint()}"
+        )
 
-    def log(self, count: int, metrics: dict, extra_state: dict | None = None) -> None:
+    def log(self, count: int, metrics: dict) -> None:
         """Rank 0: the held-out evaluation every --sample-every and at the end, one line of metrics.jsonl and the
-        TensorBoard scalars, and a checkpoint every --save-every and at the end (`extra_state`: what the method
-        needs besides the LoRA, optimizer and random state to resume exactly)."""
+        TensorBoard scalars, and a checkpoint every --save-every and at the end (with the method's state, start's
+        `method_state`)."""
         if self.rank != 0:
             return
         end = self.end
@@ -226,12 +279,21 @@ class Run:
 
         self.written("TensorBoard's events", self.dir, add_scalars)
         if count % self.args.save_every == 0 or count == end:
-            state = {"script": os.path.basename(sys.argv[0]), "run_name": self.name, self.counter: count,
-                     "optimizer": self.optimizer.state_dict(), "rng": self.rng.get_state(), "args": vars(self.args),
-                     "eval_reward": self.eval_reward, "first_eval_reward": self.first_eval_reward,
-                     "eval_extra": self.eval_extra, "first_eval_extra": self.first_eval_extra}  # fmt: skip
+            state = {
+                "script": os.path.basename(sys.argv[0]),
+                "run_name": self.name,
+                self.counter: count,
+                "optimizer": self.optimizer.state_dict(),
+                "rng": self.rng.get_state(),
+                "args": vars(self.args),
+                "eval_reward": self.eval_reward,
+                "first_eval_reward": self.first_eval_reward,
+                "eval_extra": self.eval_extra,
+                "first_eval_extra": self.first_eval_extra,
+            }
             checkpoint_dir = os.path.join(self.dir, "checkpoints", f"{self.counter}_{count:06d}")
-            save_checkpoint(checkpoint_dir, self.model, {**state, **(extra_state or {})})
+            method_state = {key: obj.state_dict() for key, obj in self.method_state.items()}
+            save_checkpoint(checkpoint_dir, self.model, {**state, **method_state})
 
     def finish(self) -> None:
         """The final LoRA in the run folder (the family's pipeline `.load_lora_weights(run_dir)` reads it), its model
@@ -245,18 +307,32 @@ class Run:
             if self.hub_user:
                 name = self.args.hub_model_id or self.name
                 repo_id = name if "/" in name else f"{self.hub_user}/{name}"
-            rewards = {f"pretrained ({self.counter} 0)": self.first_eval_reward,
-                       f"fine-tuned ({self.counter} {self.end})": self.eval_reward}  # fmt: skip
-            card = model_card(self.dir, self.args, self.model, self.reward_name, grid, rewards,
-                              self.eval_prompts[0], repo_id, self.card_notes)  # fmt: skip
+            rewards = {
+                f"pretrained ({self.counter} 0)": self.first_eval_reward,
+                f"fine-tuned ({self.counter} {self.end})": self.eval_reward,
+            }
+            card = model_card(
+                self.dir,
+                self.args,
+                self.method,
+                self.model,
+                self.reward_name,
+                grid,
+                rewards,
+                self.eval_prompts[0],
+                repo_id,
+                self.card_notes,
+            )
             path = os.path.join(self.dir, "README.md")
             self.written("the model card", path, lambda: write_text(path, card))
             where = push(self.dir, repo_id, grid) if repo_id else None
             folder = os.path.join(self.dir, "checkpoints")
-            lines = [f"held-out {self.reward_name}: {self.first_eval_reward} at the start, {self.eval_reward} at the"
-                     " end",
-                     f"LoRA: {self.dir}/pytorch_lora_weights.safetensors", f"model card: {path}",
-                     f"last checkpoint: {folder}/{sorted(os.listdir(folder))[-1]}"]  # fmt: skip
+            lines = [
+                f"held-out {self.reward_name}: {self.first_eval_reward} at the start, {self.eval_reward} at the end",
+                f"LoRA: {self.dir}/pytorch_lora_weights.safetensors",
+                f"model card: {path}",
+                f"last checkpoint: {folder}/{sorted(os.listdir(folder))[-1]}",
+            ]
             if "eval_fidelity" in self.eval_extra:  # the tiny models' world: what the reward does not see
                 first, last = self.first_eval_extra.get("eval_fidelity"), self.eval_extra["eval_fidelity"]
                 lines.insert(1, f"held-out samples that follow their prompt: {first} at the start, {last} at the end")

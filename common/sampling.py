@@ -40,6 +40,11 @@ class Schedule:
         tensors = (x.to(device) for x in (self.timesteps, self.alphas, self.sigmas))
         return Schedule(*tensors, self.prediction_type, self.floor)
 
+    def noiseless_tail(self) -> int:
+        """How many steps at the end of the schedule carry no noise at any eta (a flow's last two, SD's into abar = 1
+        where the config has one): no policy, no KL there."""
+        return int((self.step_std(1.0) == 0).flip(0).cumprod(0).sum())
+
     def step_std(self, eta: float) -> torch.Tensor:
         """(T,): each step's std at this eta; 0 where a step is deterministic: into sigma = 0 (a flow's x0, SD's
         abar = 1), and on a flow's path also into its scheduler's sigma_min (`floor`), the step before x0, whose DDIM
@@ -107,8 +112,17 @@ class Trajectory:
 
 
 @torch.no_grad()
-def sample(model, latents, cond, num_steps: int, guidance_scale: float, eta: float = 0.0, generator=None,
-           trajectory: bool = False, kl: bool = False):  # fmt: skip
+def sample(
+    model,
+    latents,
+    cond,
+    num_steps: int,
+    guidance_scale: float,
+    eta: float = 0.0,
+    generator=None,
+    trajectory: bool = False,
+    kl: bool = False,
+):
     """DDIM from x_T = `latents` to x_0 with guidance, without gradient (evaluation, DDPO's and RWR's sampling rounds,
     BRAID's offline data; the scripts that backpropagate through the sampler write their loop inline). Returns x_0,
     and the Trajectory when asked (else None). `kl`: also the pretrained model's output at every x_t visited, and the

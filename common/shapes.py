@@ -36,7 +36,7 @@ def draw(shapes, colours, backgrounds, resolution: int = 32, generator=None) -> 
             in_box,  # square
             in_box & ((u - 0.5).abs() < v / 2),  # triangle
         ]
-    )  # fmt: skip  (3, B, H, W)
+    )  # (3, B, H, W)
     mask = masks[shapes, torch.arange(batch_size)].unsqueeze(1)  # (B, 1, H, W)
     return torch.where(mask, PALETTE[colours].view(-1, 3, 1, 1), PALETTE[backgrounds].view(-1, 3, 1, 1))
 

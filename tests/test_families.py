@@ -13,7 +13,8 @@ import torch
 from diffusers import FluxPipeline, QwenImagePipeline
 
 from common.families.flux import pack
-from common.models import LORA_WEIGHTS, load_model
+from common.lora import LORA_WEIGHTS
+from common.models import load_model
 from common.rewards import Colorfulness
 from common.sampling import ddim_step, sample, step_kl
 from scripts import LENGTH, SCRIPTS, TINY, read_metrics, run_script

@@ -21,7 +21,8 @@ from diffusers import (
 from diffusers.models.attention_processor import AttnProcessor2_0
 from transformers import CLIPTextModel
 
-from common.models import LORA_WEIGHTS, load_model
+from common.lora import LORA_WEIGHTS
+from common.models import load_model
 from common.sampling import sample
 from scripts import LENGTH, SCRIPTS, TINY, read_metrics, run_script
 

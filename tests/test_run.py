@@ -15,21 +15,27 @@ import common.checkpoint
 import common.models
 import common.rewards
 import common.run
-from common import cli
 from common.checkpoint import find_checkpoint, save_checkpoint, truncate_metrics
+from common.cli import cli
 from common.models import load_model
 from common.prompts import PROMPT_SETS, load_prompts, sample_prompts, split_prompts
 from scripts import LENGTH, ROOT, SCRIPTS, TINY, definitions, read_metrics, run_script, run_subprocess
 
-# the only differences allowed between the scripts' shared blocks: DDPO and RWR count epochs, DRaFT asks for a reward
-# with a gradient, BRAID names its run after its labeler, has no reward model of its own there and evaluates at its eta
+# the only differences allowed between the scripts' shared blocks: each names its method; DDPO and RWR count epochs,
+# DRaFT asks for a reward with a gradient, BRAID names its run after its data's source, has no reward model of its
+# own there, evaluates at its eta and names its learned reward; DDPO's checkpoints keep its per-prompt buffers
 ALLOWED = [
+    (r'Run\(args, "[^"]*", ', "Run(args, METHOD, "),
     (r", differentiable=True", ""),
     (r"start_epoch", "start_step"),
-    (r', counter="epoch"', ""),
-    (r'name="offline" if args.offline_data else args.labeler', "name=args.reward"),
+    (r'counter="epoch", end=args.num_epochs', 'counter="step", end=args.train_steps'),
+    (r"name=data_source", "name=args.reward"),
     (r"\n    reward_fn = make_reward\(args.reward, run.device, run.dtype\)", ""),
-    (r", eval_eta=args.eta", ""),
+    (
+        r"run.start\(\n        (.*), eval_eta=args.eta, reward_name=reward_name, card_notes=notes\n    \)",
+        r"run.start(\1)",
+    ),
+    (r', method_state=\{"prompt_buffers": tracker\}', ""),
 ]
 
 
@@ -51,8 +57,6 @@ def test_the_plumbing_blocks_are_the_same_in_every_script():
     assert "run.log(step, metrics)" in reference[2] and "run.finish()" in reference[3]
     for script in SCRIPTS:
         blocks = plumbing_blocks(script)
-        if script == "ddpo.py":  # its checkpoint also holds its per-prompt reward buffers
-            blocks[2] = blocks[2].replace('epoch, metrics, {"prompt_buffers": tracker.buffers}', "step, metrics")
         blocks = [block.replace("epoch", "step") for block in blocks]
         assert blocks == reference, f"{script} differs from draft_k.py"
 
@@ -97,7 +101,7 @@ def test_a_run_prints_no_library_warning_and_releases_its_lock(script, tiny_sd_p
 
 @pytest.mark.slow
 def test_importing_common_changes_nothing_global():
-    """Our hooks and filters (quiet_and_catch) are installed by cli, when a script starts; an import leaves the
+    """Our hooks and filters (install_error_handling) are installed by cli, when a script starts; an import leaves the
     interpreter as it was (the libraries imported add filters of their own) and no library warns."""
     code = "import sys, logging, warnings; hook = sys.excepthook\n"
     code += "import common, common.models, common.run, common.rewards, common.sampling, common.offline_data\n"
@@ -331,7 +335,8 @@ def test_a_torchrun_rank_that_stops_answering_does_not_hang_the_others(tmp_path)
     probe = tmp_path / "probe.py"
     probe.write_text(
         "import os, sys, time\nsys.path.insert(0, os.environ['ROOT'])\nimport torch, torch.distributed as dist\n"
-        "from common import quiet_and_catch\nfrom common.distributed import setup\nquiet_and_catch()\n"
+        "from common.cli import install_error_handling\nfrom common.distributed import setup\n"
+        "install_error_handling()\n"
         "rank, _, _ = setup(False)\nif rank == 1:\n    time.sleep(60)\ndist.all_reduce(torch.ones(1))\n"
     )
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(probe)]

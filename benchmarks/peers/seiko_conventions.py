@@ -44,7 +44,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(ROOT))
-from common import fail  # noqa: E402
+from common.cli import fail  # noqa: E402
 from common.families.sd import StableDiffusion  # noqa: E402
 from common.models import Conditioning  # noqa: E402
 

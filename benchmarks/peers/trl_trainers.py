@@ -51,7 +51,7 @@ import tyro
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 from benchmarks.shared import Meter, build_models, median_range, pipeline_model, run_script  # noqa: E402
-from common import fail  # noqa: E402
+from common.cli import fail  # noqa: E402
 from common.prompts import load_prompts, split_prompts  # noqa: E402
 
 PAIRS = {"ddpo": ("ddpo.py", "DDPOTrainer"), "draft1": ("draft_k.py", "AlignPropTrainer")}

@@ -38,7 +38,7 @@ import tyro
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 from benchmarks.results import compare  # noqa: E402  (the repository's root is on the path only from here)
-from common import fail  # noqa: E402
+from common.cli import fail  # noqa: E402
 from common.prompts import PROMPT_SETS  # noqa: E402
 from common.shapes import parse  # noqa: E402
 

@@ -33,7 +33,6 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Literal
 
 import torch
@@ -41,7 +40,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 from benchmarks.shared import pipeline_model  # noqa: E402
-from common import cli, fail, load_or_fail  # noqa: E402
+from common.cli import cli, fail, load_or_fail  # noqa: E402
+from common.flags import AtLeast1, Count, Eta, Guidance, LearningRate, Resumable, RunArgs  # noqa: E402
 from common.prompts import load_prompts, sample_prompts, split_prompts  # noqa: E402
 from common.rewards import make_reward  # noqa: E402
 from common.run import Run  # noqa: E402
@@ -50,52 +50,48 @@ REQUIREMENTS = "benchmarks/peers/requirements-trl.txt"  # TRL 0.23.1 and what it
 
 
 @dataclass
-class Args:
+class Args(RunArgs):  # RunArgs (common/flags.py): the flags Run reads, with ddpo.py --preset tiny's values below
     preset: Literal["tiny"] = "tiny"
     """ddpo.py's --preset tiny, whose values are the defaults here (the only preset)"""
     exp_name: str = "trl_ddpo"
     """the name of this experiment"""
-    seed: int = 1
-    """seed of the experiment (TRL's set_seed, the prompt draws, the evaluation's x_T)"""
-    output_dir: str = "runs"
-    """the run folder is {output_dir}/{run_name}"""
-    save_every: int = 10
+    save_every: Resumable[AtLeast1] = 10
     """save a checkpoint (the LoRA, for inspection: no resuming) every this many epochs"""
-    sample_every: int = 5
+    sample_every: Resumable[AtLeast1] = 5
     """save a grid of fixed-seed samples on held-out prompts every this many epochs"""
     pretrained_model: str = "assets/tiny-sd"
     """a local folder or hub id of a Stable Diffusion 1.x pipeline"""
+    prompts: Literal["simple_animals", "nouns_activities", "shapes"] = "shapes"
+    """the prompt set"""
+    num_steps: AtLeast1 = 10
+    """DDIM sampling steps"""
+    guidance_scale: Guidance = 5.0
+    """classifier-free guidance weight"""
+    eta: Eta = 1.0
+    """DDIM eta (DDPO's 1: every step a Gaussian policy)"""
+    resolution: int = 32
+    """image height and width in pixels"""
     reward: Literal["aesthetic", "pickscore", "hpsv2", "colorfulness", "jpeg_compressibility",
                     "jpeg_incompressibility"] = "jpeg_compressibility"  # fmt: skip
     """the reward to maximise (DDPO needs no gradient of it)"""
-    prompts: Literal["simple_animals", "nouns_activities", "shapes"] = "shapes"
-    """the prompt set"""
-    num_steps: int = 10
-    """DDIM sampling steps"""
-    guidance_scale: float = 5.0
-    """classifier-free guidance weight"""
-    resolution: int = 32
-    """image height and width in pixels"""
     estimator: Literal["is"] = "is"
     """is: DDPO-IS, the only one DDPOTrainer has (PPO's clipped importance ratio)"""
-    learning_rate: float = 3e-2
+    learning_rate: LearningRate = 3e-2
     """AdamW learning rate"""
-    num_epochs: int = 6
+    num_epochs: Count = 6
     """epochs; each is one trainer.step: a sampling round and the training on it"""
-    samples_per_epoch: int = 64
+    samples_per_epoch: Count = 64
     """images sampled (with their trajectories) per epoch"""
-    sample_batch_size: int = 32
+    sample_batch_size: Count = 32
     """images per sampling batch"""
-    train_batch_size: int = 16
+    train_batch_size: Count = 16
     """trajectories per training batch (one optimizer step each); must divide --sample-batch-size"""
 
 
-# ddpo.py's defaults (its Args, not changed by its tiny preset) for what this file has no flag for; with them, Run
-# reads these arguments as it reads ddpo.py's
-FROM_DDPO = dict(eta=1.0, lora_rank=4, weight_decay=1e-4, grad_accum_steps=1, num_inner_epochs=1, clip_range=1e-4,
+# ddpo.py's defaults (its Args, not changed by its tiny preset) for what this file has no flag for
+FROM_DDPO = dict(lora_rank=4, weight_decay=1e-4, grad_accum_steps=1, num_inner_epochs=1, clip_range=1e-4,
                  adv_clip_max=5.0, timestep_fraction=1.0, per_prompt_buffer=16, per_prompt_min_count=16,
-                 max_grad_norm=1.0, mixed_precision="auto", cuda=True, torch_deterministic=True, track=False,
-                 resume=None, push_to_hub=False, hub_model_id=None)  # fmt: skip
+                 max_grad_norm=1.0)  # fmt: skip
 
 
 def trl_pipeline(name: str, resolution: int):
@@ -110,7 +106,7 @@ def trl_pipeline(name: str, resolution: int):
 
 
 if __name__ == "__main__":
-    args = cli(Args, {"tiny": {}})  # --help, one-sentence errors, every shared value checked
+    args = cli(Args, {"tiny": {}})  # --help, one-sentence errors, each flag's allowed values checked
     if args.samples_per_epoch % args.sample_batch_size or args.sample_batch_size % args.train_batch_size:
         fail("--samples-per-epoch must be a multiple of --sample-batch-size, and that of --train-batch-size (TRL's)")
     train_prompts, eval_prompts = split_prompts(load_prompts(args.prompts))
@@ -122,7 +118,7 @@ if __name__ == "__main__":
         fail(f"TRL 0.23.1's DDPOTrainer is not installed: pip install --no-deps -r {REQUIREMENTS}")
 
     # TRY NOT TO MODIFY: processes and seeds, as in ddpo.py (common/run.py); quiet libraries
-    run = Run(SimpleNamespace(**vars(args), **FROM_DDPO), name=args.reward, counter="epoch")
+    run = Run(args, "DDPO (TRL 0.23.1's DDPOTrainer)", name=args.reward, counter="epoch", end=args.num_epochs)
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # DDPOTrainer is deprecated in 0.23
     logging.getLogger("trl").setLevel(logging.ERROR)  # "no LoRA weights found", "no image_samples_hook"
     reward_fn = make_reward(args.reward, run.device, run.dtype)
@@ -140,7 +136,7 @@ if __name__ == "__main__":
         mixed_precision="bf16" if run.dtype == torch.bfloat16 else "no",  # ddpo.py's frozen weights' dtype
         sample_num_steps=args.num_steps,
         sample_guidance_scale=args.guidance_scale,
-        sample_eta=FROM_DDPO["eta"],
+        sample_eta=args.eta,
         sample_batch_size=args.sample_batch_size,
         sample_num_batches_per_epoch=args.samples_per_epoch // args.sample_batch_size,
         train_batch_size=args.train_batch_size,
@@ -181,7 +177,7 @@ if __name__ == "__main__":
     start_epoch = run.start(model, trainer.optimizer, reward_fn, eval_prompts)
     pipeline.unet.eval()
     global_step = 0
-    for epoch in run.steps(start_epoch, args.num_epochs):
+    for epoch in run.steps(start_epoch):
         epoch_start, logged[:], epoch_rewards[:] = time.time(), [], []
         global_step = trainer.step(epoch - 1, global_step)  # TRL counts epochs from 0
         pipeline.unet.eval()  # TRL leaves it in train mode after a step

@@ -35,7 +35,7 @@ import tyro
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 from benchmarks.shared import build_family, build_models, device_name  # noqa: E402
-from common import fail  # noqa: E402
+from common.cli import fail  # noqa: E402
 
 DRAFT_AND_BRAID = ["draft_full.py", "draft_k.py", "draft_lv.py", "braid.py"]
 BATCH_1 = {"draft_full.py": "--batch-size 1", "draft_k.py": "--batch-size 1", "draft_lv.py": "--batch-size 1",

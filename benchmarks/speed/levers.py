@@ -18,8 +18,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
-import common.models  # noqa: E402
-from common import fail  # noqa: E402
+from common import hooks  # noqa: E402
+from common.cli import fail  # noqa: E402
 
 
 def tf32() -> None:
@@ -27,15 +27,11 @@ def tf32() -> None:
 
 
 def channels_last() -> None:
-    load_model = common.models.load_model
-
-    def load_model_channels_last(*args, **kwargs):
-        model = load_model(*args, **kwargs)
+    def to_channels_last(model):
         model.denoiser.to(memory_format=torch.channels_last)
         model.vae.to(memory_format=torch.channels_last)
-        return model
 
-    common.models.load_model = load_model_channels_last
+    hooks.model_loaded.append(to_channels_last)
 
 
 def fused_adamw() -> None:
@@ -47,22 +43,15 @@ def fused_adamw() -> None:
 
 
 def compile_denoiser() -> None:
-    add_lora = common.models.Model.add_lora
-
-    def add_lora_and_compile(self, *args, **kwargs):
-        params = add_lora(self, *args, **kwargs)
-        self.denoiser.compile()
-        return params
-
-    common.models.Model.add_lora = add_lora_and_compile
+    hooks.lora_added.append(lambda model: model.denoiser.compile())
 
 
 LEVERS = {"tf32": tf32, "channels_last": channels_last, "fused_adamw": fused_adamw, "compile": compile_denoiser}
 
 
 def apply(names: list[str]) -> None:
-    """Switches the named levers on, in this process, before a script is run (the scripts import load_model and
-    torch.optim.AdamW by name when they start, so they pick up the patched ones; add_lora is Model's method)."""
+    """Switches the named levers on, in this process, before a script is run: through common/hooks.py, and for fused
+    AdamW by replacing torch's class (the scripts look torch.optim.AdamW up when they build their optimizer)."""
     unknown = [name for name in names if name not in LEVERS]
     if unknown:
         fail(f"unknown lever(s) {', '.join(unknown)}; choose from: {', '.join(LEVERS)}")

@@ -24,7 +24,7 @@ import tyro
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 from benchmarks.shared import median_range  # noqa: E402
-from common import fail  # noqa: E402
+from common.cli import fail  # noqa: E402
 
 SAMPLING = dict(num_steps=20, guidance_scale=5.0, reward="colorfulness")  # what the DRaFT presets already use
 CASES = {  # name: (script, flags on top of --preset tiny); siblings side by side

@@ -17,7 +17,7 @@ import torch
 import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from common import fail, quiet_and_catch  # noqa: E402
+from common.cli import fail, install_error_handling  # noqa: E402
 from common.models import load_model  # noqa: E402
 from common.sampling import sample  # noqa: E402
 
@@ -42,7 +42,7 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     if min(args.resolution, args.batch_size, args.num_steps, args.repeats) < 1:
         fail("--resolution, --batch-size, --num-steps and --repeats must be at least 1")
-    quiet_and_catch()  # before diffusers' pipelines import transformers: its warnings say nothing about this
+    install_error_handling()  # before diffusers' pipelines import transformers: its warnings say nothing about this
     import diffusers
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 

@@ -41,7 +41,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 from benchmarks.shared import build_models, device_name  # noqa: E402
 from benchmarks.speed.levers import LEVERS  # noqa: E402
-from common import fail  # noqa: E402
+from common.cli import fail  # noqa: E402
 
 SCRIPTS = ["draft_full.py", "draft_k.py", "draft_lv.py", "ddpo.py", "rwr.py", "braid.py"]
 PEAK_BF16_TFLOPS = {"H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H200": 989.0, "A100": 312.0}  # dense, no sparsity
@@ -110,17 +110,17 @@ def count_flops(script: str, script_args: list[str]) -> int:
     step; an epoch for DDPO and RWR): the counter is on from its start to the second's, so loading, BRAID's offline
     data and the sample grids are outside it."""
     from benchmarks.shared import FlopCounter
-    from common.run import Run
+    from common import hooks
 
-    counter, steps = FlopCounter(), Run.steps
+    counter = FlopCounter()
 
-    def steps_counted(self, start, end):  # the body of the first iteration runs between its yield and the next
-        for i, step in enumerate(steps(self, start, end)):
+    def counted(counts):  # the body of the first iteration runs between its yield and the next
+        for i, count in enumerate(counts):
             if i < 2:
                 counter.__enter__() if i == 0 else counter.__exit__(None, None, None)
-            yield step
+            yield count
 
-    Run.steps = steps_counted
+    hooks.training_loop.append(counted)
     sys.argv = [script, *script_args]
     runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
     return counter.flops

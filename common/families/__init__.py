@@ -5,7 +5,7 @@ SD 1.4 never imports FLUX's or Qwen-Image's code."""
 
 import importlib
 
-from common import fail
+from common.cli import fail
 
 # model_index.json's _class_name -> (module of common.families, class in it)
 FAMILIES = {

@@ -12,7 +12,7 @@ from diffusers import FluxTransformer2DModel
 from diffusers.loaders import FluxLoraLoaderMixin
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from common import fail
+from common.cli import fail
 from common.families.sd3 import LORA_TARGETS_MMDIT
 from common.models import Conditioning, Model
 
@@ -69,6 +69,11 @@ class Flux(Model):
     def guide(self, latents, t, cond: Conditioning, guidance_scale: float) -> torch.Tensor:
         """One call: FLUX.1-dev takes the guidance value as an input, FLUX.1-schnell takes none."""
         return self.denoise(latents, t, cond, guidance_scale)
+
+    def training_guidance(self, guidance_scale: float) -> float:
+        """FLUX.1-dev's denoising loss regresses the prediction at its guidance input, as diffusers' FLUX LoRA
+        training does (3.5 by default there); schnell has none."""
+        return guidance_scale
 
     def denoise(self, latents, t, cond: Conditioning, guidance_scale: float = 1.0) -> torch.Tensor:
         """The transformer on the packed latents, with each image token's (0, row, column) as its position id and
