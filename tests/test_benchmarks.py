@@ -137,12 +137,15 @@ def test_flop_counter_counts_attention_by_its_shapes():
 
 @pytest.mark.slow
 def test_each_lever_switches_on_what_it_names(tiny_sd_path, monkeypatch, capsys):
-    """benchmarks/speed/levers.py patches what the scripts call; the patches are undone after this test."""
+    """benchmarks/speed/levers.py switches its levers on through common/hooks.py (and torch's AdamW); all are undone
+    after this test."""
     import common.models
     from benchmarks.speed.levers import apply
+    from common import hooks
 
-    for owner, name in [(torch.optim, "AdamW"), (common.models, "load_model"), (common.models.Model, "add_lora")]:
-        monkeypatch.setattr(owner, name, getattr(owner, name))
+    monkeypatch.setattr(torch.optim, "AdamW", torch.optim.AdamW)
+    for name in ("model_loaded", "lora_added", "training_loop"):
+        monkeypatch.setattr(hooks, name, [])
     precision = torch.get_float32_matmul_precision()
     try:
         apply(["tf32", "channels_last", "fused_adamw", "compile"])
@@ -374,6 +377,20 @@ def test_trl_ddpo_task_writes_the_scripts_run_folder_with_their_evaluation(tiny_
     ddpo_dir, _ = read_metrics(tmp_path / "ddpo")
     ours, theirs = (Path(run, "samples", "epoch_000000.png").read_bytes() for run in (run_dir, ddpo_dir))
     assert ours == theirs
+
+
+def test_results_md_keeps_what_people_wrote_and_writes_no_conclusion_of_its_own():
+    """compare.py --summarize regenerates RESULTS.md's numbers; the blocks people wrote under them (what a figure
+    shows, why a claim fails here) are kept from the file as it was, and a block nobody has written says so."""
+    from benchmarks.results.compare import END, HAND, hand_written
+
+    existing = f"# Results\n\n{HAND.format('samples')}\nThe colours win.\n\nThe shapes go.\n{END}\n\nmore"
+    assert hand_written("samples", existing) == [HAND.format("samples"), "The colours win.\n\nThe shapes go.", END]
+    start, text, end = hand_written("claims", existing)
+    assert (start, end) == (HAND.format("claims"), END) and text.startswith("(Not written yet")
+    recorded = Path(ROOT, "docs", "RESULTS.md").read_text()
+    for name in ("samples", "claims"):  # the recorded page's blocks are where --summarize will find them
+        assert not hand_written(name, recorded)[1].startswith("(Not written yet"), name
 
 
 @pytest.mark.slow

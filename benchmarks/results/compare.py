@@ -42,7 +42,7 @@ import tyro
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 from benchmarks.shared import mean_sd  # noqa: E402  (the repository's root is on the path only from here)
-from common import fail  # noqa: E402
+from common.cli import fail  # noqa: E402
 from common.prompts import load_prompts, split_prompts  # noqa: E402
 
 # the task, the same for every method (flags after --preset tiny). Guidance 5 and 10 DDIM steps for all, so that
@@ -531,6 +531,21 @@ def claim_e(run: str, pretrained_model: str, partner: Optional[str] = None, scal
 # RESULTS.md
 
 
+HAND = "<!-- written by hand: {} -->"  # the start of a block of RESULTS.md that people write; --summarize keeps it
+END = "<!-- end -->"
+
+
+def hand_written(name: str, existing: str) -> list[str]:
+    """The block of RESULTS.md named `name` that people write under the generated numbers (what the figures show,
+    why a claim fails here), as it stands in `existing` (the file before this summary), between its markers; a new
+    block says that it has yet to be written. The generator writes numbers and verdicts computed from them, never a
+    conclusion of its own."""
+    start = HAND.format(name)
+    if start in existing and END in existing.split(start, 1)[1]:
+        return [start, existing.split(start, 1)[1].split(END, 1)[0].strip("\n"), END]
+    return [start, "(Not written yet: what these numbers show, in words, after reading them.)", END]
+
+
 def verdict(ok: Optional[bool]) -> str:
     return {True: "**holds here**", False: "**does not hold here**", None: "**not measurable here**"}[ok]
 
@@ -550,7 +565,9 @@ def run_seconds(output_dir: str) -> float:
     return total
 
 
-def results_md(args: Args, results: dict, claims: dict, figures: list[str], sweep_points: list[dict]) -> str:
+def results_md(
+    args: Args, results: dict, claims: dict, figures: list[str], sweep_points: list[dict], existing: str = ""
+) -> str:
     seeds = max(len(r["runs"]) for r in results.values())
     n_lrs = max(len(r["sweep"]) for r in results.values())
     budget = sorted({sizes(name, args)[1] * sizes(name, args)[2] for name in results})
@@ -615,26 +632,11 @@ def results_md(args: Args, results: dict, claims: dict, figures: list[str], swee
         if file.endswith(".png") and os.path.basename(file).startswith("reward_vs_"):
             lines += ["", f"![{os.path.basename(file)}](results/{os.path.basename(file)})"]
     lines += ["", "## Samples before and after", "", "Held-out prompts (columns) x 2 seeds (rows); left: step 0, right:"
-              " the last step, of seed 0's run. 3x enlarged. At the learning rates the sweep picked (the highest"
-              " held-out reward), every method reaches its reward with colourful textures that no longer show the"
-              " prompted shape, and BRAID's images barely depend on the prompt: colourfulness says nothing of the"
-              " prompt, and only BRAID has a KL term (weight 0.01). This is reward over-optimisation, which the"
-              " papers hold back with a KL penalty, a smaller step or early stopping; a sweep that picks the rate by"
-              " the reward alone favours it, and the gains above measure how fast each method climbs the reward, not"
-              " image quality.", ""]  # fmt: skip
+              " the last step, of seed 0's run. 3x enlarged.", "", *hand_written("samples", existing), ""]  # fmt: skip
     for name in results:
         lines.append(f"**{name}**  \n![{name}](results/samples_{name}.png)  ")
     lines += ["", "## The papers' claims, checked", ""] + claims_md(results, claims, sweep_points)
-    lines += [
-        "",
-        "What differs from the papers' setting, and may explain a claim that does not hold here: a 6.5 MB model of",
-        "coloured shapes at 32 px instead of SD 1.4 at 512 px; 10 sampling steps instead of 50; a budget of hundreds",
-        "of reward queries where the papers spend thousands (DRaFT) to tens of thousands (DDPO); a reward (colour",
-        "statistics of the pixels) that a small change of the output moves a lot. DDPO's advantages fall back to the",
-        "round's mean and spread (its per-prompt statistics need 16 samples of a prompt, and 86 prompts share 16",
-        "samples a round). Learning rates were swept on seed 0 (0.3x, 1x, 3x each method's default, and up to two",
-        "more points past an edge where the best was there). No run was tuned to make a claim hold.",
-    ]
+    lines += ["", *hand_written("claims", existing)]
     edge = [n for n, r in results.items() if r["best"] in (max(r["sweep"], key=lambda x: float(x[2:])),
                                                              min(r["sweep"], key=lambda x: float(x[2:])))]  # fmt: skip
     if edge:
@@ -652,10 +654,10 @@ def claims_md(results: dict, claims: dict, sweep_points: list[dict]) -> list[str
     out = []
     if {"draft_k1", "draft_full"} <= set(g):
         ok = g["draft_k1"] > g["draft_full"]
-        out.append(f"(a) DRaFT-1 gains more held-out reward per query than full backpropagation: {verdict(ok)}"
-                   f" ({g['draft_k1']:+.1f} against {g['draft_full']:+.1f} per 100 queries, the mean over seeds)."
-                   " The paper explains truncation's edge by the gradient through 50 steps growing large and noisy;"
-                   " here the chain has 10 steps and the gradient is clipped to norm 1.")  # fmt: skip
+        out.append(
+            f"(a) DRaFT-1 gains more held-out reward per query than full backpropagation: {verdict(ok)}"
+            f" ({g['draft_k1']:+.1f} against {g['draft_full']:+.1f} per 100 queries, the mean over seeds)."
+        )
     else:
         out.append(f"(a) DRaFT-1 against full backpropagation: {verdict(None)} (runs missing).")
     b = claims.get("b")
@@ -740,8 +742,8 @@ def claim_d_md(results: dict, sweep_points: list[dict]) -> list[str]:
         ok = proxy[1] > proxy[0] and true[1] < true[0]
         out.append(f"\n(d) braid --c 0 raises the proxy and lowers the true reward: {verdict(ok)} (means over seeds of"
                    f" the first and last 5 training batches: proxy {proxy[0]:.1f} -> {proxy[1]:.1f}, true"
-                   f" {true[0]:.1f} -> {true[1]:.1f}: the proxy overshoots the true reward by"
-                   f" {proxy[1] - true[1]:+.1f} at the end, but the true reward still rises).")  # fmt: skip
+                   f" {true[0]:.1f} -> {true[1]:.1f}: the proxy ends {proxy[1] - true[1]:+.1f} above the true"
+                   f" reward).")  # fmt: skip
     if sweep_points:
         lrs = ", ".join(sorted({f"{p['lr']:g}" for p in sweep_points}))
         best = results["braid_boot"]["best"][2:] if "braid_boot" in results else "?"
@@ -785,7 +787,9 @@ def summarize(args: Args) -> None:
     for file in ("claims.json", "sweep.json"):  # the raw numbers, beside the figures
         if os.path.isfile(os.path.join(args.output_dir, file)) and args.docs_dir != args.output_dir:
             shutil.copy(os.path.join(args.output_dir, file), os.path.join(args.docs_dir, "results", file))
-    text = results_md(args, results, claims, figures, sweep_points)
+    path = os.path.join(args.docs_dir, "RESULTS.md")
+    existing = open(path).read() if os.path.isfile(path) else ""  # its hand-written blocks are kept
+    text = results_md(args, results, claims, figures, sweep_points, existing)
     frontier = os.path.join(args.docs_dir, "results", "frontier.md")
     if os.path.isfile(frontier):
         text = lead_with(text, open(frontier).read())
