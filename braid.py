@@ -14,6 +14,9 @@ sum_t ||mean_theta(x_t) - mean_pre(x_t)||^2 / (2 sigma_t^2) (mean over latent di
 code), not its reward scale (docs/braid.md); c and KL weight kept after a sweep (docs/RESULTS.md); unverified at scale.
 """
 
+import common.startup  # noqa: F401  (first: Ctrl-C while the libraries load ends in one line)
+
+# isort: split
 import os
 import time
 from dataclasses import dataclass
@@ -130,7 +133,7 @@ class Args(RunArgs):  # RunArgs (common/flags.py): the flags every script shares
     # Algorithm specific arguments
     offline_data: Optional[str] = None
     """your data: an imagefolder (metadata.jsonl/.csv of file_name, prompt, reward), a Hub dataset id, a scores.csv
-    folder or a .pt file (docs/braid.md); default: synthesised from the pretrained model"""
+    folder or a .pt file (docs/braid.md); None: synthesised from the pretrained model"""
     offline_size: AtLeast1 = 1024
     """synthesised data: images sampled from the pretrained model"""
     labeler: Union[
@@ -161,7 +164,7 @@ class Args(RunArgs):  # RunArgs (common/flags.py): the flags every script shares
     kl_weight: AtLeast0 = 0.01
     """alpha, the weight of the path KL to the pretrained model"""
     k: Optional[int] = None
-    """backpropagate through the last K steps only (default: all; at least 1)"""
+    """backpropagate through the last K steps only (None: all of them)"""
     lora_rank: LoraRank = 4
     """rank of the LoRA on the denoiser's attention projections"""
     learning_rate: Resumable[LearningRate] = 1e-3
@@ -182,8 +185,9 @@ class Args(RunArgs):  # RunArgs (common/flags.py): the flags every script shares
 PRESETS = {
     "sd14": {},
     "tiny": dict(
-        pretrained_model="assets/tiny-sd", labeler="colorfulness", prompts="shapes", feature_model="vae", resolution=32,
-        num_steps=20, guidance_scale=5.0, offline_size=256, offline_quantile=0.5, train_steps=40,
+        pretrained_model="assets/tiny-sd", cpu_threads=1, labeler="colorfulness", prompts="shapes",
+        feature_model="vae", resolution=32, num_steps=20, guidance_scale=5.0, offline_size=256, offline_quantile=0.5,
+        train_steps=40,
     ),
 }  # fmt: skip
 
@@ -198,9 +202,17 @@ if __name__ == "__main__":
     check(args, "val_fraction", 0 < args.val_fraction < 1, "in (0, 1)")
     check(args, "bonus_lambda", 0 < args.bonus_lambda < float("inf"), "above 0 (it keeps Sigma invertible)")
     check(args, "ensemble_size", args.conservatism == "bonus" or args.ensemble_size >= 2, "at least 2 with boot")
-    train_prompts, eval_prompts = split_prompts(load_prompts(args.prompts, args.prompt_file), args.validation_prompts)
-
-    data_source = "offline" if args.offline_data else args.labeler  # the run folder's name starts with it
+    # ALGO LOGIC: your offline data (--offline-data), read first: where every image has a prompt, the model is
+    # fine-tuned on those prompts instead of --prompts.
+    data, prompts = None, load_prompts(args.prompts, args.prompt_file)
+    if args.offline_data is not None:
+        data = load_offline_data(args.offline_data, args.resolution)
+        if isinstance(data, dict) and data.get("prompts") and all(isinstance(p, str) and p for p in data["prompts"]):
+            prompts = sorted(set(data["prompts"]))
+            if os.environ.get("RANK", "0") == "0":
+                print(f"fine-tuning on the {len(prompts)} prompts of {args.offline_data}, not on --prompts")
+    train_prompts, eval_prompts = split_prompts(prompts, args.validation_prompts)
+    data_source = "offline" if args.offline_data is not None else args.labeler  # the run folder's name starts with it
 
     # TRY NOT TO MODIFY: processes and seeds, the model and the reward (common/run.py, common/models.py)
     run = Run(args, "BRAID (Uehara et al., 2024)", name=data_source, counter="step", end=args.train_steps)
@@ -212,15 +224,15 @@ if __name__ == "__main__":
     if args.gradient_checkpointing:
         model.checkpoint_blocks()
 
-    # ALGO LOGIC: the offline data: --offline-data, the resumed run's, or (BRAID's protocol) images of the pretrained
-    # model scored by the labeler plus label noise, of which only the scores up to --offline-quantile are kept, so
-    # that the fine-tuned model has to extrapolate beyond the data. The labeler's own reward is logged as the true one.
-    labeler = None if args.offline_data else make_reward(args.labeler, run.device, run.dtype)
-    synthesised = not (args.offline_data or run.dir)
-    source = "the synthesised offline data" if synthesised else args.offline_data or f"{run.dir}/offline_data.pt"
-    if not synthesised:
-        data = load_offline_data(source, args.resolution)
-    else:
+    # ALGO LOGIC: the offline data of a resumed run, or (BRAID's protocol) images of the pretrained model scored by
+    # the labeler plus label noise, of which only the scores up to --offline-quantile are kept, so that the
+    # fine-tuned model has to extrapolate beyond the data. The labeler's own reward is logged as the true one.
+    labeler = None if args.offline_data is not None else make_reward(args.labeler, run.device, run.dtype)
+    synthesised = data is None and not run.dir
+    source = args.offline_data or f"{run.dir}/offline_data.pt" if not synthesised else "the synthesised offline data"
+    if data is None and run.dir:
+        data = load_offline_data(source, args.resolution, "the resumed run's offline data")
+    if synthesised:
         generator = torch.Generator().manual_seed(args.seed + 1)
         images, true_rewards, data_prompts = sample_images(
             model,
@@ -278,9 +290,10 @@ if __name__ == "__main__":
     )
 
     if run.rank == 0:  # the synthesised data (a resumed run reads them back) and the reward model, in the run folder
+        data_file, model_file = os.path.join(run.dir, "offline_data.pt"), os.path.join(run.dir, "reward_model.pt")
         if synthesised:
-            torch.save(data, os.path.join(run.dir, "offline_data.pt"))
-        torch.save(conservative.state_dict(), os.path.join(run.dir, "reward_model.pt"))
+            run.written("the offline data", data_file, lambda: torch.save(data, data_file))
+        run.written("the reward model", model_file, lambda: torch.save(conservative.state_dict(), model_file))
         print(f"reward model: validation MSE {val_mse:.4g}; offline data: best {best:.4g}, median {median:.4g}")
         print(notes)
     for step in run.steps(start_step):

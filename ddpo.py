@@ -12,6 +12,9 @@ ratio (DDPO-IS) or REINFORCE (DDPO-SF). Any reward works, differentiable or not.
 ddpo-pytorch (LoRA rank 4, AdamW lr 3e-4, weight decay 1e-4, guidance 5, clip range 1e-4, 256 samples an epoch).
 """
 
+import common.startup  # noqa: F401  (first: Ctrl-C while the libraries load ends in one line)
+
+# isort: split
 import math
 import time
 from dataclasses import dataclass
@@ -135,9 +138,9 @@ class Args(RunArgs):  # RunArgs (common/flags.py): the flags every script shares
 PRESETS = {
     "sd14": {},
     "tiny": dict(
-        pretrained_model="assets/tiny-sd", reward="jpeg_compressibility", prompts="shapes", resolution=32, num_steps=10,
-        guidance_scale=5.0, num_epochs=6, samples_per_epoch=64, sample_batch_size=32, train_batch_size=16,
-        learning_rate=3e-2,
+        pretrained_model="assets/tiny-sd", cpu_threads=1, reward="jpeg_compressibility", prompts="shapes",
+        resolution=32, num_steps=10, guidance_scale=5.0, num_epochs=6, samples_per_epoch=64, sample_batch_size=32,
+        train_batch_size=16, learning_rate=3e-2,
     ),
 }  # fmt: skip
 

@@ -11,6 +11,9 @@ Defaults follow the paper's small-scale setup (LoRA rank 8, AdamW lr 4e-4, weigh
 unverified against their code, which is not public); the gradient-norm clip of 1.0 is ours.
 """
 
+import common.startup  # noqa: F401  (first: Ctrl-C while the libraries load ends in one line)
+
+# isort: split
 import time
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
@@ -60,8 +63,8 @@ class Args(RunArgs):  # RunArgs (common/flags.py): the flags every script shares
 PRESETS = {
     "sd14": {},
     "tiny": dict(
-        pretrained_model="assets/tiny-sd", reward="colorfulness", prompts="shapes", resolution=32, num_steps=20,
-        guidance_scale=5.0, train_steps=60,
+        pretrained_model="assets/tiny-sd", cpu_threads=1, reward="colorfulness", prompts="shapes", resolution=32,
+        num_steps=20, guidance_scale=5.0, train_steps=60,
     ),
 }  # fmt: skip
 

@@ -12,6 +12,9 @@ and 0 otherwise. No VAE re-encode: the latents are what was sampled. Any reward 
 Defaults: beta 0.2 as in DDPO's public code; optimiser and LoRA as DDPO's (unverified for RWR).
 """
 
+import common.startup  # noqa: F401  (first: Ctrl-C while the libraries load ends in one line)
+
+# isort: split
 import time
 from dataclasses import dataclass
 from typing import Literal, Union
@@ -107,8 +110,8 @@ class Args(RunArgs):  # RunArgs (common/flags.py): the flags every script shares
 PRESETS = {
     "sd14": {},
     "tiny": dict(
-        pretrained_model="assets/tiny-sd", reward="jpeg_incompressibility", prompts="shapes", resolution=32,
-        num_steps=10, guidance_scale=1.0, num_epochs=6, samples_per_epoch=64, sample_batch_size=32,
+        pretrained_model="assets/tiny-sd", cpu_threads=1, reward="jpeg_incompressibility", prompts="shapes",
+        resolution=32, num_steps=10, guidance_scale=1.0, num_epochs=6, samples_per_epoch=64, sample_batch_size=32,
         train_batch_size=32, num_inner_epochs=2, learning_rate=3e-3, beta=30.0,
     ),
 }  # fmt: skip

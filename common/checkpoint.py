@@ -5,6 +5,7 @@ whole or not at all. state.pt is read with torch.load(weights_only=True): tensor
 dicts only, so a file from elsewhere cannot run code when it is loaded."""
 
 import atexit
+import fcntl
 import json
 import os
 import shutil
@@ -80,11 +81,32 @@ def find_checkpoint(path: str) -> tuple[str, dict]:
 
 
 def read_state(checkpoint_dir: str) -> dict:
-    """state.pt, loaded without running any code from it, with the keys a resume needs (else ValueError)."""
+    """state.pt, loaded without running any code from it, with the keys a resume needs, each of the kind it must be
+    (else ValueError, naming the first that is not)."""
     state = torch.load(os.path.join(checkpoint_dir, STATE), weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"it holds a {type(state).__name__}, not a dict")
     missing = [key for key in STATE_KEYS if key not in state] + ([] if {"step", "epoch"} & set(state) else ["step"])
     if missing:
         raise ValueError(f"it has no '{missing[0]}'")
+    counter = "step" if "step" in state else "epoch"
+    kinds = {  # key: (what it must be, whether a value is that)
+        counter: ("a count", lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0),
+        "rng": (
+            "a uint8 tensor (a generator's state)",
+            lambda x: isinstance(x, torch.Tensor) and x.dtype == torch.uint8,
+        ),
+        "args": ("a dict of the run's flags", lambda x: isinstance(x, dict)),
+        "optimizer": (
+            "an optimizer's state_dict",
+            lambda x: (
+                isinstance(x, dict) and isinstance(x.get("state"), dict) and isinstance(x.get("param_groups"), list)
+            ),
+        ),
+    }
+    for key, (kind, ok) in kinds.items():
+        if not ok(state[key]):
+            raise ValueError(f"its '{key}' is a {type(state[key]).__name__}, not {kind}")
     return state
 
 
@@ -148,22 +170,46 @@ def process_start(pid: int) -> str:
         return ""
 
 
+HELD = {}  # the run folders this process has locked: the lock file's path -> its open file (the lock lasts while open)
+
+
 def lock(run_dir: str) -> None:
-    """Hold `run_dir/.lock` (this process's id and start time) until the program ends; refuse a folder that a live
-    process holds. The lock of a killed run is taken over, also when its process id now belongs to another process."""
-    path = os.path.join(run_dir, ".lock")
-    try:
-        with open(path) as f:
-            pid, started = (f.read().split() + [""])[:2]
-        pid = int(pid)
-        os.kill(pid, 0)  # raises if no such process: the lock is stale (a killed run)
-        if pid != os.getpid() and (not started or started == process_start(pid)):
-            fail(f"the run folder {run_dir} is in use by process {pid}; wait for it to end or resume another run")
-    except (FileNotFoundError, ProcessLookupError, PermissionError, ValueError):
-        pass
-    with open(path, "w") as f:
-        f.write(f"{os.getpid()} {process_start(os.getpid())}")
-    atexit.register(lambda: os.path.exists(path) and os.remove(path))
+    """Hold `run_dir/.lock` until the program ends, or refuse the folder with one sentence if another process holds
+    it. The lock is the OS's (flock on the open file), so two processes started at the same instant cannot both take
+    it, and a killed run's is released with its process; the file says who holds it (this process's id and start)."""
+    path = os.path.realpath(os.path.join(run_dir, ".lock"))
+    if path in HELD:  # this process holds it already (a run resumed in the same process)
+        return
+    while True:
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = (f.read().split() or ["another process"])[0]
+            f.close()
+            fail(f"the run folder {run_dir} is in use by process {holder}; wait for it to end or resume another run")
+        try:  # the file may have been removed by a run that just ended: lock the one now at the path instead
+            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        f.close()
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()} {process_start(os.getpid())}")
+    f.flush()
+    HELD[path] = f
+    atexit.register(release, path)
+
+
+def release(path: str) -> None:
+    """Remove the lock file and let the lock go (at exit)."""
+    f = HELD.pop(path, None)
+    if f is not None:
+        if os.path.exists(path):
+            os.remove(path)
+        f.close()
 
 
 def truncate_metrics(run_dir: str, counter: str, last: int) -> None:

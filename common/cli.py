@@ -10,6 +10,7 @@ import io
 import logging
 import os
 import re
+import signal
 import sys
 import threading
 import warnings
@@ -19,9 +20,16 @@ T = TypeVar("T")
 
 
 def fail(message: str) -> NoReturn:
-    """End the program on a user error with one clear sentence and exit status 2 (no traceback)."""
-    print(f"error: {message}", file=sys.stderr)
+    """End the program on a user error with one clear sentence and exit status 2 (no traceback). The sentence starts
+    a line of its own, also under a progress bar, so that `grep '^error:'` finds it."""
+    print(f"{end_progress_bar()}error: {message}", file=sys.stderr)
     raise SystemExit(2)
+
+
+def end_progress_bar() -> str:
+    """A newline if a progress bar (tqdm's, drawn on its line with carriage returns) is on the screen, else ""."""
+    tqdm = sys.modules.get("tqdm.std")
+    return "\n" if tqdm is not None and any(not bar.disable for bar in list(tqdm.tqdm._instances)) else ""
 
 
 def check(args, name: str, ok: bool, allowed: str) -> None:
@@ -42,7 +50,7 @@ def cli(args_class: type[T], presets: dict[str, dict]) -> T:
     sentence, and `args.resume` becomes the checkpoint folder. Every flag declared with Allowed values is checked; a
     value the parser cannot read ends in one sentence too. Installs the error handling (install_error_handling)."""
     from common.checkpoint import find_checkpoint
-    from common.flags import Allowed, CanChangeOnResume, metadata
+    from common.flags import Allowed, CanChangeOnResume, RunArgs, metadata
 
     install_error_handling()
     argv = sys.argv[1:]
@@ -52,10 +60,10 @@ def cli(args_class: type[T], presets: dict[str, dict]) -> T:
         return argv[argv.index(f"--{flag}") + 1] if f"--{flag}" in argv[:-1] else value
 
     name = given("preset") if given("preset") in presets else args_class.preset  # the parser refuses an unknown one
-    defaults = dataclasses.replace(args_class(), preset=name, **presets[name])
+    defaults = dataclasses.replace(args_class(), preset=name, **with_paths_found(presets[name]))
     extras = metadata(args_class)
     if given("resume") is None or "--help" in argv or "-h" in argv:  # '--resume ""' is refused by find_checkpoint
-        args = parse(args_class, defaults)
+        args = parse(args_class, defaults, presets)
     else:
         checkpoint_dir, state = find_checkpoint(given("resume"))
         script = os.path.basename(sys.argv[0])
@@ -71,7 +79,7 @@ def cli(args_class: type[T], presets: dict[str, dict]) -> T:
                 f" python {state['script']} --resume {given('resume')}"
             )
         saved = {k: v for k, v in state.get("args", {}).items() if k in extras}
-        args = parse(args_class, dataclasses.replace(defaults, **saved))
+        args = parse(args_class, dataclasses.replace(defaults, **saved), presets)
         for flag, old in saved.items():
             new, resumable = getattr(args, flag), any(isinstance(m, CanChangeOnResume) for m in extras[flag])
             if new != old and not resumable:
@@ -83,18 +91,38 @@ def cli(args_class: type[T], presets: dict[str, dict]) -> T:
     for flag, annotations in extras.items():
         for allowed in (m for m in annotations if isinstance(m, Allowed)):
             check(args, flag, allowed.test(getattr(args, flag)), allowed.what)
+    if isinstance(args, RunArgs) and args.refused():
+        fail(args.refused())
     return args
 
 
-def parse(args_class: type[T], defaults: T) -> T:
+def with_paths_found(preset: dict) -> dict:
+    """A preset's values, a relative path among them (the tiny model's folder) taken from the script's own folder
+    when the working directory has no such path: --preset tiny works from any folder."""
+    here = os.path.dirname(os.path.abspath(sys.argv[0]))
+    found = {}
+    for key, value in preset.items():
+        beside_script = os.path.join(here, value) if isinstance(value, str) else ""
+        use_script_folder = isinstance(value, str) and not os.path.exists(value) and os.path.exists(beside_script)
+        found[key] = beside_script if use_script_folder else value
+    return found
+
+
+def parse(args_class: type[T], defaults: T, presets: dict[str, dict]) -> T:
     """tyro.cli, with the message of a value it cannot parse (an unknown choice, a word for a number, an unknown flag)
-    turned from its box into one sentence."""
+    turned from its box into one sentence. `--help` shows the chosen preset's values as the defaults, and says what
+    each other preset sets."""
     import tyro
 
+    description = sys.modules["__main__"].__doc__ or ""
+    for name, values in presets.items():
+        if values and name != defaults.preset:
+            flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in values.items())
+            description += f"\n--preset {name} sets: {flags}\n"
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
-            return tyro.cli(args_class, default=defaults, description=sys.modules["__main__"].__doc__)
+            return tyro.cli(args_class, default=defaults, description=description)
     except SystemExit as e:
         if not e.code:  # --help
             sys.stderr.write(captured.getvalue())
@@ -120,10 +148,24 @@ class Running:
     folder: str | None = None
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (what `timeout`, Slurm, `docker stop` and a closed terminal send), raised where the program
+    is, as Ctrl-C's KeyboardInterrupt is, so that it ends the same way."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def stop(signum, frame) -> None:
+    raise Stopped(signum)
+
+
 def on_exception(exc_type, exc, traceback) -> None:
     """sys.excepthook: running out of memory (CUDA or CPU) and a torchrun process that stopped answering end in one
-    sentence and exit status 2 like the user errors, Ctrl-C in one line saying where the last checkpoint is (status
-    130, as a shell reports SIGINT); anything else keeps Python's traceback."""
+    sentence and exit status 2 like the user errors; Ctrl-C, SIGTERM and SIGHUP in one line saying where the last
+    checkpoint is (status 128 + the signal's number, as a shell reports it: 130 for Ctrl-C); anything else keeps
+    Python's traceback."""
     if issubclass(exc_type, KeyboardInterrupt):
         run_dir = Running.folder
         folder = os.path.join(run_dir or "", "checkpoints")
@@ -131,9 +173,11 @@ def on_exception(exc_type, exc, traceback) -> None:
         where = "; no checkpoint was written" if run_dir else ""
         if names:
             where = f"; the last checkpoint is {os.path.join(folder, names[-1])} (--resume {run_dir})"
-        print(f"interrupted{where}", file=sys.__stderr__)
+        signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
+        what = f"stopped by {signal.Signals(signum).name}" if isinstance(exc, Stopped) else "interrupted"
+        print(f"{end_progress_bar()}{what}{where}", file=sys.__stderr__)
         atexit._run_exitfuncs()
-        os._exit(130)
+        os._exit(128 + signum)
     message = str(exc)
     if exc_type.__name__ == "OutOfMemoryError" or isinstance(exc, MemoryError) or "can't allocate memory" in message:
         fail_now(
@@ -170,6 +214,9 @@ def install_error_handling() -> None:
     (sys.excepthook), and the libraries' warnings that say nothing about the run are filtered."""
     sys.excepthook = on_exception
     threading.excepthook = quiet_writer_thread
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt, which on_exception reports
+    for signum in (signal.SIGTERM, signal.SIGHUP):  # ended like Ctrl-C: the lock released, the checkpoint named
+        signal.signal(signum, stop)
     # diffusers 0.42 still passes this retired argument to huggingface_hub, which warns on every config load
     warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
     # transformers 5 warns on every run without torchvision that it uses its PIL image processors instead: the rewards
@@ -203,11 +250,13 @@ def load_or_fail(load, model_id: str, **kwargs):
     downloaded ends the run with one sentence saying which id failed and what to do."""
     try:
         return load(model_id, **kwargs)
-    except (OSError, ValueError) as e:  # huggingface_hub's not-found and connection errors are OSErrors
+    except Exception as e:  # not found, no network, a damaged or refused file, a config that does not fit its weights
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         part = f" (subfolder '{kwargs['subfolder']}')" if kwargs.get("subfolder") else ""
         if os.path.exists(model_id):  # a local folder or file: the network has nothing to do with it
             fail(f"could not load the local '{model_id}'{part}: a part is missing or damaged ({reason})")
+        if not isinstance(e, OSError):  # huggingface_hub's not-found and connection errors are OSErrors
+            fail(f"could not load '{model_id}'{part}: {type(e).__name__}: {reason}")
         fail(
             f"could not load '{model_id}'{part}: pass a local folder instead, check the network connection, or set"
             f" HF_HUB_OFFLINE=1 to use the local Hugging Face cache only ({reason})"

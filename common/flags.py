@@ -71,20 +71,22 @@ class RunArgs:
     preset: Literal["sd14", "tiny"] = "sd14"
     """sd14: the paper's setting on SD 1.4 (a GPU); tiny: the shipped tiny model on the CPU (flags still apply)"""
     exp_name: ExperimentName = field(default_factory=script_name)
-    """the name of this experiment (default: the script's)"""
+    """the name of this experiment"""
     seed: Annotated[int, Allowed(lambda x: 0 <= x < 2**32, "between 0 and 2**32 - 1")] = 1
     """seed of the experiment"""
     torch_deterministic: Resumable[bool] = True
     """cuDNN's deterministic kernels (--no-torch-deterministic: faster, not reproducible to the bit)"""
     cuda: Resumable[bool] = True
     """use a CUDA device when there is one (--no-cuda: the CPU)"""
+    cpu_threads: Resumable[Optional[Annotated[int, Allowed(lambda x: x is None or x >= 1, "at least 1")]]] = None
+    """torch's threads on the CPU (None: torch's default, every core; --preset tiny: 1, docs/RUNS.md says why)"""
     track: Resumable[bool] = False
     """also log to Weights and Biases (pip install wandb)"""
     wandb_project_name: Resumable[str] = "diffusion-reward-finetuning"
     """the wandb's project name"""
     wandb_entity: Resumable[Optional[str]] = None
     """the entity (team) of wandb's project"""
-    output_dir: str = "runs"
+    output_dir: Annotated[str, Allowed(lambda x: bool(x.strip()), "a folder's path, not empty")] = "runs"
     """the run folder is {output_dir}/{run_name}"""
     save_every: Resumable[AtLeast1] = 500
     """save a checkpoint (LoRA, optimizer, counter, RNG) every this many optimizer steps"""
@@ -93,7 +95,7 @@ class RunArgs:
     push_to_hub: Resumable[bool] = False
     """upload the final LoRA and its model card to the Hugging Face Hub (checked before training: a token is needed)"""
     hub_model_id: Resumable[Optional[str]] = None
-    """the Hub repository to upload to, user/name (default: the run folder's name under your account)"""
+    """the Hub repository to upload to, user/name (None: the run folder's name, under your account)"""
     resume: Resumable[Optional[str]] = None
     """a checkpoint folder (runs/.../checkpoints/step_000100) or a run folder (its latest checkpoint)"""
 
@@ -113,7 +115,7 @@ class RunArgs:
     prompt_file: Optional[str] = None
     """a file of prompts, one per line, instead of --prompts"""
     validation_prompts: tuple[str, ...] = ()
-    """prompts or files of them for the grids and the held-out reward (default: 4 held out of --prompts)"""
+    """prompts or files of them for the grids and the held-out reward (none given: 4 held out of --prompts)"""
     num_steps: AtLeast1 = 50
     """DDIM sampling steps"""
     guidance_scale: Guidance = 7.5
@@ -124,3 +126,11 @@ class RunArgs:
     """image height and width in pixels"""
     mixed_precision: Resumable[Literal["auto", "bf16", "no"]] = "auto"
     """dtype of the frozen weights: bf16, no (fp32), or auto (bf16 on CUDA, fp32 on the CPU); the LoRA stays fp32"""
+
+    def refused(self) -> str | None:
+        """What no single flag's type can say: a combination of flags that is refused, in one sentence, or None."""
+        if self.hub_model_id is not None and not self.push_to_hub:
+            return (
+                "--hub-model-id names where --push-to-hub uploads, and --push-to-hub is not given: add it or drop both"
+            )
+        return None

@@ -21,7 +21,7 @@ def check_hub(repo_id: str | None) -> str:
     if constants.HF_HUB_OFFLINE:
         fail("--push-to-hub cannot upload with HF_HUB_OFFLINE=1 set: unset it, or leave --push-to-hub out")
     if not get_token():
-        fail("--push-to-hub needs a Hugging Face token: run `huggingface-cli login` or set HF_TOKEN")
+        fail("--push-to-hub needs a Hugging Face token: run `hf auth login` or set HF_TOKEN")
     try:
         return HfApi().whoami()["name"]
     except Exception as e:  # no network, or a token the Hub refuses
@@ -40,8 +40,10 @@ def model_card(
     prompt: str,
     repo_id: str | None = None,
     notes: str = "",
+    commands: list[list[str]] = (),
 ) -> str:
-    """The card's text: a YAML header (base model, library, tags, pipeline) and what a user of the LoRA needs."""
+    """The card's text: a YAML header (base model, library, tags, pipeline) and what a user of the LoRA needs.
+    `commands`: the run's commands, the one that started it and those that resumed it (relative_command)."""
     script = os.path.basename(sys.argv[0])
     base = args.pretrained_model
     base_link = base if os.path.exists(base) else f"[{base}](https://huggingface.co/{base})"  # a local folder or an id
@@ -77,8 +79,10 @@ A LoRA for {base_link}, fine-tuned to maximise the `{reward}` reward with `{scri
 ## How it was trained
 
 ```bash
-python {" ".join(shlex.quote(a) for a in sys.argv)}
+{chr(10).join("python " + shlex.join(command) for command in commands)}
 ```
+{"The first command started the run and each later one resumed it; p" if len(commands) > 1 else "P"}aths are relative
+to this folder.
 
 {args.num_steps} sampling steps, guidance {args.guidance_scale}, {args.resolution} px, LoRA rank
 {model.denoiser.peft_config["default"].r} on the denoiser's attention projections.
@@ -93,6 +97,13 @@ pipeline.load_lora_weights("{repo_id or run_dir}")
 image = pipeline({prompt!r}, {model.pipeline_call(args.num_steps, args.guidance_scale)}).images[0]
 ```
 """
+
+
+def relative_command(argv: list[str], run_dir: str) -> list[str]:
+    """A command line as a model card shows it: the script's name, and every argument that names an existing file or
+    folder as a path relative to the run folder (where the card is), so that it says nothing of this machine."""
+    paths = [os.path.relpath(os.path.abspath(a), run_dir) if os.path.exists(a) else a for a in argv[1:]]
+    return [os.path.basename(argv[0]), *paths]
 
 
 def push(run_dir: str, repo_id: str, grid: str | None) -> str:

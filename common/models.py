@@ -305,6 +305,9 @@ def load_model(
     kwargs = dict(revision=revision, torch_dtype=dtype)
     text_encoders, tokenizers = [], []
     for encoder_folder, tokenizer_folder, encoder_class, tokenizer_class in family.text_encoders_to_load(index, t5):
+        for folder in (encoder_folder, tokenizer_folder):  # a library may hand back a default tokenizer for a gap
+            if os.path.isdir(name) and not os.path.isdir(os.path.join(name, folder)):
+                fail(f"'{name}' has no '{folder}' folder, which its model_index.json names")
         text_encoders.append(load_or_fail(encoder_class.from_pretrained, name, subfolder=encoder_folder, **kwargs))
         tokenizer = load_or_fail(tokenizer_class.from_pretrained, name, subfolder=tokenizer_folder, revision=revision)
         if len(tokenizer) < 10:  # transformers returns an empty tokenizer, not an error, when the files are missing

@@ -15,6 +15,7 @@ import os
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -31,9 +32,14 @@ def reject(where: str, checks) -> None:
             fail(f"{where} {why}")
 
 
-def load_offline_data(path: str, resolution: int):
+def load_offline_data(path: str, resolution: int, what: str = "--offline-data"):
     """A folder of images with scores.csv (file,score), or a .pt file, as the module docstring describes. A CSV line
-    that cannot be used ends the run naming the line; check_offline_data checks what a .pt file holds."""
+    that cannot be used ends the run naming the line; check_offline_data checks what a .pt file holds. `what` names
+    where the path came from in the sentence that says it cannot be read."""
+    if not path.strip():
+        fail(f"{what} is empty: give a folder of images with their scores, a .pt file or a Hub dataset id")
+    if what != "--offline-data" and not os.path.isfile(path):
+        fail(f"{what} {path} is missing: it cannot be resumed without it; start a new run")
     if os.path.isfile(path) and path.endswith(".pt"):
         try:  # weights_only: tensors, numbers, strings, lists and dicts; a pickle of anything else could run code
             return torch.load(path, weights_only=True)
@@ -51,7 +57,7 @@ def load_offline_data(path: str, resolution: int):
     folder = next((f for f in folders if any(os.path.isfile(os.path.join(f, t)) for t in tables)), None)
     if folder is None:
         fail(
-            f"--offline-data {path} is neither a .pt file nor a folder of images with a metadata.jsonl, metadata.csv"
+            f"{what} {path} is neither a .pt file nor a folder of images with a metadata.jsonl, metadata.csv"
             " (file_name, reward, prompt) or scores.csv (file, score)"
         )
     if os.path.isfile(os.path.join(folder, "metadata.jsonl")):
@@ -84,8 +90,9 @@ def load_offline_data(path: str, resolution: int):
         try:
             with Image.open(os.path.join(folder, name)) as image:
                 images.append(np.asarray(image.convert("RGB").resize((resolution, resolution))))
-        except OSError as e:  # missing, not an image, truncated
-            fail(f"{table}, line {line}: cannot read the image '{name}' ({e.strerror or e})")
+        except (OSError, ValueError, Image.DecompressionBombError) as e:  # missing, not an image, truncated, a bomb
+            reason = getattr(e, "strerror", None) or str(e).splitlines()[0][:150]  # a NUL in the name: ValueError
+            fail(f"{table}, line {line}: cannot read the image {name!r} ({reason})")
         scores.append(value)
         prompts.append(str(row.get("prompt", "")))
     images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # (N, 3, H, W) uint8
@@ -156,7 +163,11 @@ def check_offline_data(data, source: str, feature_dim: int, val_fraction: float)
             got = f"{x.dtype} of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else f"a {type(x).__name__}"
             fail(f"{source}: '{key}' must be {form}, got {got}")
         if key in data and x.is_floating_point() and not x.float().isfinite().all():  # float(): 1e39 is inf
-            fail(f"{source}: '{key}' holds a NaN or infinity at {(~x.float().isfinite()).nonzero()[0].tolist()}")
+            where = (~x.float().isfinite()).nonzero()[0].tolist()
+            fail(
+                f"{source}: '{key}' holds a value that is not a finite float32 (NaN, infinity or beyond 3.4e38)"
+                f" at {where}"
+            )
     num_val = max(1, int(val_fraction * n))
     reject(
         source,
@@ -185,10 +196,20 @@ def offline_features(data, source: str, featurize, resolution: int, val_fraction
     num_val = check_offline_data(data, source, featurize(blank).shape[1], val_fraction)
     if "features" in data:
         features = data["features"].float().to(device)
-    else:
-        features = torch.cat([featurize(batch.to(device).float() / 255) for batch in data["images"].split(32)])
+    else:  # at --resolution, as a folder's images are read and as the fine-tuned model's images are scored
+        features = torch.cat(
+            [featurize(at_resolution(batch.to(device), resolution)) for batch in data["images"].split(32)]
+        )
     order = torch.randperm(len(features), generator=generator).to(device)
     return features, data["scores"].float().to(device), order[:num_val], order[num_val:]
+
+
+def at_resolution(images: torch.Tensor, resolution: int) -> torch.Tensor:
+    """uint8 images (B, 3, H, W) as floats in [0, 1] at resolution x resolution (bicubic, antialiased, as PIL)."""
+    images = images.float() / 255
+    if images.shape[-2:] == (resolution, resolution):
+        return images
+    return F.interpolate(images, (resolution, resolution), mode="bicubic", antialias=True).clamp(0, 1)
 
 
 @torch.no_grad()

@@ -65,9 +65,23 @@ def split_prompts(prompts: list[str], validation: tuple[str, ...] = ()) -> tuple
     prompt or a file of them, with every prompt of the set trained on; or without them, 4 prompts spread through the
     set, held out of training (a set of 4 or fewer is used for both)."""
     if validation:
-        return prompts, [p for v in validation for p in (load_prompts(prompt_file=v) if os.path.isfile(v) else [v])]
+        return prompts, [p for v in validation for p in validation_prompt(v)]
     held_out = [round((i + 0.5) * len(prompts) / 4) for i in range(4)] if len(prompts) > 4 else []
     return [p for i, p in enumerate(prompts) if i not in held_out], [prompts[i] for i in held_out] or prompts[:4]
+
+
+def validation_prompt(value: str) -> list[str]:
+    """One --validation-prompts value: a file of prompts, or a prompt. A value that names a folder, is empty, or reads
+    like a file's path (a path separator, a text file's extension) but names no file is refused, not made a prompt."""
+    if os.path.isfile(value):
+        return load_prompts(prompt_file=value)
+    if not value.strip():
+        fail("--validation-prompts has an empty value: give prompts, or files of them, one prompt a line")
+    if os.path.isdir(value):
+        fail(f"--validation-prompts names the folder '{value}': give prompts, or text files of them")
+    if os.sep in value or "/" in value or os.path.splitext(value)[1].lower() in (".txt", ".csv", ".json", ".jsonl"):
+        fail(f"--validation-prompts '{value}' reads like a file's path, but no such file exists")
+    return [value]
 
 
 def sample_prompts(prompts: list[str], n: int, generator: torch.Generator) -> list[str]:

@@ -212,6 +212,15 @@ REWARDS = {
 }
 
 
+# a built-in reward's own models from a local folder (--reward NAME:FOLDER), instead of the hub: what each expects there
+LOCAL_MODELS = {
+    "aesthetic": lambda folder: dict(clip_model=folder, head=os.path.join(folder, "aesthetic-model.pth")),
+    "pickscore": lambda folder: dict(model=folder, processor=folder),
+    "hpsv2": lambda folder: dict(checkpoint=os.path.join(folder, "HPS_v2_compressed.pt")),
+}
+MAX_WEIGHT = 1e6  # a weight beyond this is a typo (1e300 would overflow the sum)
+
+
 class FunctionReward(nn.Module):
     """A user's reward function as a module: fn(images, prompts) -> (B,); differentiable if fn.differentiable."""
 
@@ -224,74 +233,144 @@ class FunctionReward(nn.Module):
 
 
 class WeightedSum(nn.Module):
-    """sum_i w_i r_i(images, prompts); differentiable if every part is. `last` holds each part's rewards of the last
-    call (detached), so that the parts can be logged apart."""
+    """sum_i w_i r_i(images, prompts); differentiable if every part is."""
 
     def __init__(self, parts: dict[str, nn.Module], weights: dict[str, float]):
         super().__init__()
         self.names, self.parts = list(parts), nn.ModuleList(parts.values())  # names may hold dots: not module keys
-        self.weights, self.last = weights, {}
+        self.weights = weights
         self.differentiable = all(part.differentiable for part in parts.values())
 
     def forward(self, images, prompts=None):
-        values = {name: part(images, prompts) for name, part in zip(self.names, self.parts)}
-        self.last = {name: value.detach() for name, value in values.items()}
-        return sum(self.weights[name] * value for name, value in values.items())
+        return {name: part(images, prompts) for name, part in zip(self.names, self.parts)}
+
+
+class Reward(nn.Module):
+    """What make_reward returns: the reward `spec` (one reward or a weighted sum of them), whose every call is
+    checked: a part that raises, returns something other than one float per image, or a value that is not finite
+    ends the run with one sentence naming the part (a user's file: its line; the traceback goes to the run folder's
+    error.log). `last` holds each part's rewards of the last call of a sum (detached), so they can be logged apart."""
+
+    def __init__(self, spec: str, parts: dict[str, nn.Module], weights: dict[str, float]):
+        super().__init__()
+        self.spec, self.sum, self.last = spec, WeightedSum(parts, weights), {}
+        self.differentiable = self.sum.differentiable
+
+    def forward(self, images, prompts=None):
+        try:
+            values = self.sum(images, prompts)
+        except (torch.OutOfMemoryError, MemoryError):
+            raise  # the run's own sentence for it names the flags that lower memory
+        except Exception as e:  # a user's reward, or a model's: the sentence says where
+            fail(raised(self.spec, e))
+        for name, value in values.items():
+            check_value(name, value, len(images))
+        if len(values) > 1:
+            self.last = {name: value.detach() for name, value in values.items()}
+        return sum(self.sum.weights[name] * value for name, value in values.items())
+
+
+def raised(spec: str, e: Exception) -> str:
+    """The sentence for a reward that raised: its exception, and for a user's file the line it raised at; the full
+    traceback is appended to the run folder's error.log (common.cli.Running) when there is one."""
+    import traceback
+
+    from common.cli import Running
+
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename.endswith(".py") and "site-packages" not in
+              f.filename and f"{os.sep}common{os.sep}" not in f.filename]  # fmt: skip
+    where = f" at {frames[-1].filename}, line {frames[-1].lineno}" if frames else ""
+    log = ""
+    if Running.folder and os.path.isdir(Running.folder):
+        path = os.path.join(Running.folder, "error.log")
+        with open(path, "a") as f:
+            f.write("".join(traceback.format_exception(e)))
+        log = f"; the traceback is in {path}"
+    reason = (str(e).strip().splitlines() or [""])[0][:150]
+    return f"the reward '{spec}' raised {type(e).__name__}{where} ({reason}){log}"
+
+
+def check_value(name: str, value, batch: int) -> None:
+    """One part's output: a float tensor of one finite value per image, or one sentence saying what it was."""
+    if not (isinstance(value, torch.Tensor) and value.shape == (batch,) and value.is_floating_point()):
+        got = (
+            f"{value.dtype} of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+        )
+        fail(f"the reward '{name}' must return a float tensor (B,) for images (B, 3, H, W), got {got}")
+    if not value.detach().isfinite().all():
+        bad = value.detach()[~value.detach().isfinite()][0].item()
+        fail(f"the reward '{name}' returned {bad} for an image: every reward must be a finite number")
 
 
 def reward_from_file(spec: str) -> nn.Module:
     """`path.py:Name`: a class (constructed without arguments) or a function of (images, prompts) in a Python file;
     its attribute `differentiable` says whether DRaFT and BRAID may backpropagate through it (default: no)."""
     path, _, name = spec.rpartition(":")
+    if not path:
+        fail(f"the reward file '{spec}' needs the name of its class or function after a colon: --reward {spec}:Name")
     if not os.path.isfile(path):
         fail(f"the reward file '{path}' does not exist (--reward path/to/file.py:Name)")
     try:
         module_spec = importlib.util.spec_from_file_location(f"user_reward_{abs(hash(path))}", path)
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
+    except SystemExit as e:  # the file ended the program while being imported: say so, whatever its status
+        fail(f"the reward file '{path}' called sys.exit({e.code!r}) while being imported")
     except Exception as e:  # whatever the user's file raises on import
         fail(f"the reward file '{path}' cannot be imported ({type(e).__name__}: {str(e).splitlines()[0][:150]})")
     if not callable(getattr(module, name, None)):
         fail(f"the reward file '{path}' has no class or function named '{name}'")
     obj = getattr(module, name)
-    reward = obj() if inspect.isclass(obj) else FunctionReward(obj)
-    reward = reward if isinstance(reward, nn.Module) else FunctionReward(reward)
-    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():  # one call on two random images: the contract, checked now rather than mid-run
-        value = reward(images, ["a photo", "a painting"])
-    if not (isinstance(value, torch.Tensor) and value.shape == (2,) and value.is_floating_point()):
-        got = (
-            f"{value.dtype} of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
-        )
-        fail(f"the reward '{spec}' must return a float tensor (B,) for images (B, 3, H, W), got {got}")
-    return reward
+    try:
+        reward = obj() if inspect.isclass(obj) else FunctionReward(obj)
+    except Exception as e:
+        fail(raised(spec, e))
+    return reward if isinstance(reward, nn.Module) else FunctionReward(reward)
 
 
-def make_reward(spec: str, device="cpu", dtype=torch.float32, differentiable=False, **kwargs) -> nn.Module:
+def make_reward(spec: str, device="cpu", dtype=torch.float32, differentiable=False, **kwargs) -> Reward:
     """The reward `spec`, frozen and in eval mode on `device` (its weights in `dtype`): a name of REWARDS (`kwargs` go
-    to its constructor: model ids or local paths), a user's `path.py:Name`, or a weighted sum of those,
-    "aesthetic+0.2*colorfulness". `differentiable`: refuse a reward without a gradient (DRaFT's and BRAID's need)."""
+    to its constructor: model ids or local paths; NAME:FOLDER takes its models from a local folder), a user's
+    `path.py:Name`, or a weighted sum of those, "aesthetic+0.2*colorfulness" (a term given twice counts twice).
+    `differentiable`: refuse a reward without a gradient (DRaFT's and BRAID's need), also one that says it has one
+    and has not. One call on two random images checks the contract now rather than mid-run."""
     parts, weights = {}, {}
     for term in spec.split("+"):
         weight, _, name = term.partition("*") if "*" in term else ("1", "", term)
         name = name.strip()
         try:
-            weights[name] = float(weight)
+            value = float(weight)
         except ValueError:
             fail(f"the reward weight '{weight.strip()}' in '{spec}' is not a number (e.g. aesthetic+0.2*colorfulness)")
+        if not abs(value) <= MAX_WEIGHT:  # NaN fails the comparison
+            fail(f"the reward weight {weight.strip()} in '{spec}' must be a finite number of size at most 1e6")
+        weights[name] = weights.get(name, 0.0) + value
+        if name in parts:
+            continue
+        reward_name, _, folder = name.partition(":")
         if name.endswith(".py") or ".py:" in name:
             parts[name] = reward_from_file(name)
         elif name in REWARDS:
             parts[name] = REWARDS[name](**kwargs)
+        elif reward_name in LOCAL_MODELS:
+            if not os.path.isdir(folder):
+                fail(f"the reward '{name}' names the folder '{folder}' for its models, which does not exist")
+            parts[name] = REWARDS[reward_name](**LOCAL_MODELS[reward_name](folder))
         else:
             fail(
                 f"unknown reward '{name}'; choose one of: {', '.join(REWARDS)}, a file's path.py:Name, or a weighted"
                 " sum such as aesthetic+0.2*colorfulness"
             )
-    reward = next(iter(parts.values())) if len(parts) == 1 and weights[name] == 1 else WeightedSum(parts, weights)
+    reward = Reward(spec, parts, weights).requires_grad_(False).eval().to(device, dtype)
+    gradient = differentiable and reward.differentiable
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.set_grad_enabled(gradient):
+        value = reward(images.requires_grad_(gradient), ["a photo", "a painting"])
     if differentiable and not reward.differentiable:
         fail(
             f"this method backpropagates through the reward and '{spec}' is not differentiable (a file's reward"
             " says it is with an attribute differentiable = True); use one that is, e.g. aesthetic"
         )
-    return reward.requires_grad_(False).eval().to(device, dtype)
+    if gradient and not value.requires_grad:
+        fail(f"the reward '{spec}' says it is differentiable, but its value carries no gradient back to the images")
+    return reward

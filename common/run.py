@@ -34,8 +34,9 @@ from common.checkpoint import find_checkpoint, open_run_dir, run_dir_of, save_ch
 from common.cli import Running, fail
 from common.distributed import average_gradients, cleanup, setup
 from common.flags import RunArgs
-from common.hub import check_hub, model_card, push
+from common.hub import check_hub, model_card, push, relative_command
 from common.prompts import PROMPT_SETS
+from common.rewards import Reward
 from common.sampling import sample
 from common.shapes import accuracy, describe
 
@@ -63,6 +64,8 @@ class Run:
         "epoch" (sampling rounds), up to `end`."""
         self.args, self.method, self.counter, self.end = args, method, counter, end
         self.rank, self.world_size, self.device = setup(args.cuda)  # one process per device under torchrun
+        if self.device.type == "cpu" and args.cpu_threads:
+            torch.set_num_threads(args.cpu_threads)
         precision = args.mixed_precision if args.mixed_precision != "auto" else "bf16" * (self.device.type == "cuda")
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32  # of the frozen weights
         if self.dtype == torch.bfloat16 and self.device.type == "cpu" and self.rank == 0 and not cpu_has_bf16():
@@ -82,7 +85,8 @@ class Run:
             if self.rank == 0:
                 print(f"{self.dir} is already finished at {counter} {done}: pass a larger {flag} to extend it")
             raise SystemExit(0)
-        name = re.sub(r"[^\w.+-]+", "_", os.path.basename(name))[:60]  # a reward may be a path or a weighted sum
+        name = "+".join(os.path.basename(term) for term in name.split("+"))  # a path, or a weighted sum of them
+        name = re.sub(r"[^\w.+-]+", "_", name)[:60]
         self.name = f"{name}__{args.exp_name}__{args.seed}__{int(time.time())}"
         random.seed(args.seed)
         np.random.seed(args.seed)
@@ -90,10 +94,11 @@ class Run:
         torch.backends.cudnn.deterministic = args.torch_deterministic
         # prompts and per-sample seeds, on the CPU: the same draws on every device and rank (each rank keeps its slice)
         self.rng = torch.Generator().manual_seed(args.seed)
-        self.writer, self.started, self.eval_reward, self.first_eval_reward = None, False, None, None
+        self.writer, self.logged, self.eval_reward, self.first_eval_reward = None, False, None, None
         self.eval_extra = {}  # what the last evaluation adds to the metrics lines: eval_kl, a sum's parts
         self.first_eval_extra = {}  # and what the first one added
         self.hub_user = check_hub(args.hub_model_id) if args.push_to_hub and self.rank == 0 else None
+        self.commands = list((self.state or {}).get("commands", []))  # the command that started it, then resumes
 
     def start(
         self,
@@ -118,11 +123,15 @@ class Run:
         self.reward_name, self.card_notes = reward_name or self.name.split("__")[0], card_notes
         self.method_state = method_state or {}
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        if self.state:  # the LoRA is read before the run folder is touched: a refused resume changes nothing there
+            model.load_lora(self.resume_dir)
         self.dir = open_run_dir(args.output_dir, self.name, self.resume_dir, self.state, self.rank)
         self.name = os.path.basename(self.dir)  # suffixed if another run took the name first
+        self.commands.append(relative_command(sys.argv, self.dir))
         Running.folder = self.dir  # where Ctrl-C says the last checkpoint is
-        if self.rank == 0 and not self.resume_dir:  # a new run that ends before its first step leaves no folder behind
-            atexit.register(lambda: self.started or shutil.rmtree(self.dir, ignore_errors=True))
+        if self.rank == 0 and not self.resume_dir:  # a new run that ends before its first metrics leaves no folder
+            error_log = os.path.join(self.dir, "error.log")  # a failed reward's traceback, which the sentence names
+            atexit.register(lambda: self.logged or os.path.exists(error_log) or shutil.rmtree(self.dir, True))
         if self.rank == 0:
             if args.track:
                 try:
@@ -149,14 +158,17 @@ class Run:
         self.eval_eta = eval_eta
         if not self.state:
             return 0
-        model.load_lora(self.resume_dir)
         this_command = [{"lr": g["lr"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
-        optimizer.load_state_dict(self.state["optimizer"])
+        try:
+            optimizer.load_state_dict(self.state["optimizer"])
+            self.rng.set_state(self.state["rng"])
+            for key, obj in self.method_state.items():
+                obj.load_state_dict(self.state[key])
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:  # a state.pt written by other code, or tampered
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:150]
+            fail(f"the checkpoint {self.resume_dir} does not fit this run ({reason}); resume from another one")
         for group, values in zip(optimizer.param_groups, this_command):  # which may differ from the checkpoint's
             group.update(values)
-        self.rng.set_state(self.state["rng"])
-        for key, obj in self.method_state.items():
-            obj.load_state_dict(self.state[key])
         self.eval_reward = self.state.get("eval_reward")
         self.first_eval_reward = self.state.get("first_eval_reward")
         self.eval_extra = self.state.get("eval_extra", {})
@@ -195,7 +207,7 @@ class Run:
         reward = self.reward_fn(images, self.eval_prompts * 2).mean().item()
         # logged with the next metrics line: the divergence from the pretrained model along these paths, and for a
         # weighted sum of rewards each part's held-out mean
-        parts = getattr(self.reward_fn, "last", {})
+        parts = self.reward_fn.last if isinstance(self.reward_fn, Reward) else {}
         self.eval_extra = {
             "eval_kl": record.kl.mean().item(),
             **{f"eval_{n}_mean": v.mean().item() for n, v in parts.items()},
@@ -227,8 +239,8 @@ class Run:
         if start == 0 and self.rank == 0:  # it also checks the pretrained model: a broken one leaves no run folder
             self.eval_reward = self.first_eval_reward = self.evaluate(0)
             self.first_eval_extra = dict(self.eval_extra)
-        self.started = True
-        counts = tqdm(range(start + 1, self.end + 1), initial=start, total=self.end, disable=self.rank != 0)
+        self.bar = tqdm(range(start + 1, self.end + 1), initial=start, total=self.end, disable=self.rank != 0)
+        counts = self.bar
         for hook in hooks.training_loop:
             counts = hook(counts)
         yield from counts
@@ -270,6 +282,9 @@ class Run:
         metrics = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in metrics.items()}
         path = os.path.join(self.dir, "metrics.jsonl")
         self.written("the metrics", path, lambda: append_line(path, json.dumps(metrics)))
+        self.logged = True  # the folder now holds a run's record: kept whatever happens next
+        shown = {k: metrics[k] for k in ("reward_mean", "loss", "eval_reward_mean") if metrics.get(k) is not None}
+        self.bar.set_postfix({k.removesuffix("_mean"): f"{v:.4g}" for k, v in shown.items()}, refresh=False)
 
         def add_scalars():
             for name, value in metrics.items():
@@ -289,6 +304,7 @@ class Run:
                 "eval_reward": self.eval_reward,
                 "first_eval_reward": self.first_eval_reward,
                 "eval_extra": self.eval_extra,
+                "commands": self.commands,
                 "first_eval_extra": self.first_eval_extra,
             }
             checkpoint_dir = os.path.join(self.dir, "checkpoints", f"{self.counter}_{count:06d}")
@@ -322,22 +338,30 @@ class Run:
                 self.eval_prompts[0],
                 repo_id,
                 self.card_notes,
+                self.commands,
             )
             path = os.path.join(self.dir, "README.md")
             self.written("the model card", path, lambda: write_text(path, card))
             where = push(self.dir, repo_id, grid) if repo_id else None
             folder = os.path.join(self.dir, "checkpoints")
             lines = [
-                f"held-out {self.reward_name}: {self.first_eval_reward} at the start, {self.eval_reward} at the end",
+                f"held-out {self.reward_name}: {rounded(self.first_eval_reward)} at the start,"
+                f" {rounded(self.eval_reward)} at the end",
                 f"LoRA: {self.dir}/pytorch_lora_weights.safetensors",
                 f"model card: {path}",
                 f"last checkpoint: {folder}/{sorted(os.listdir(folder))[-1]}",
             ]
             if "eval_fidelity" in self.eval_extra:  # the tiny models' world: what the reward does not see
                 first, last = self.first_eval_extra.get("eval_fidelity"), self.eval_extra["eval_fidelity"]
-                lines.insert(1, f"held-out samples that follow their prompt: {first} at the start, {last} at the end")
+                share = f"{rounded(first)} at the start, {rounded(last)} at the end"
+                lines.insert(1, f"held-out samples that follow their prompt: {share}")
             print("\n".join(lines + ([f"uploaded to {where}"] if where else [])))
         cleanup()
+
+
+def rounded(value) -> str:
+    """A number as the console shows it: 4 significant digits."""
+    return "n/a" if value is None else f"{value:.4g}"
 
 
 def write_text(path: str, text: str) -> None:

@@ -23,6 +23,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 import common.run
@@ -143,10 +144,17 @@ class RunWouldStart(Exception):
 def parse_as_the_script(script: str, argv: list[str], tmp_path, monkeypatch, capsys):
     """Runs `python script argv` in this process up to its `Run(args, ...)`, the first thing that touches a device
     or a model: every flag has been parsed by `cli(Args, PRESETS)` and checked by the script by then. Files a user
-    brings (`--prompt-file`) are stood in for; `runs/<run>` is a run folder with a checkpoint of this script."""
+    brings (`--prompt-file`, `--offline-data`) are stood in for; `runs/<run>` is a run folder with a checkpoint of
+    this script."""
     monkeypatch.chdir(tmp_path)  # nothing lands in the checkout
     if "--prompt-file" in argv:
         (tmp_path / argv[argv.index("--prompt-file") + 1]).write_text("a cat\na dog\n")
+    if "--offline-data" in argv:  # braid.py reads its data before anything loads: 12 scored images
+        folder = tmp_path / argv[argv.index("--offline-data") + 1]
+        folder.mkdir()
+        for i in range(12):
+            Image.new("RGB", (8, 8), (20 * i, 0, 0)).save(folder / f"{i}.png")
+        (folder / "scores.csv").write_text("file,score\n" + "".join(f"{i}.png,{i}\n" for i in range(12)))
     if "runs/<run>" in argv:
         argv = [word.replace("<run>", "a_run") for word in argv]
         fake_run(script, tmp_path / "runs" / "a_run")
@@ -173,8 +181,8 @@ def fake_run(script: str, run_dir) -> None:
     counter = "epoch" if script in ("ddpo.py", "rwr.py") else "step"
     checkpoint = run_dir / "checkpoints" / f"{counter}_000001"
     checkpoint.mkdir(parents=True)
-    state = {"script": script, counter: 1, "args": dataclasses.asdict(args), "optimizer": {},
-             "rng": torch.Generator().get_state()}  # fmt: skip
+    state = {"script": script, counter: 1, "args": dataclasses.asdict(args), "rng": torch.Generator().get_state(),
+             "optimizer": {"state": {}, "param_groups": []}}  # fmt: skip
     torch.save(state, checkpoint / "state.pt")
     save_file({"lora": torch.zeros(1)}, checkpoint / "pytorch_lora_weights.safetensors")
 

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -113,7 +114,8 @@ def test_importing_common_changes_nothing_global():
 
 def state(step: int) -> dict:
     """The least a checkpoint's state.pt holds."""
-    return {"step": step, "optimizer": {}, "rng": torch.zeros(1, dtype=torch.uint8), "args": {}}
+    return {"step": step, "optimizer": {"state": {}, "param_groups": []}, "rng": torch.zeros(1, dtype=torch.uint8),
+            "args": {}}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -167,27 +169,58 @@ def test_truncate_metrics_keeps_what_the_checkpoint_had_logged_and_drops_a_torn_
     assert "metrics.jsonl, line 2, is not JSON" in capsys.readouterr().err
 
 
+def hold_lock(run_dir) -> subprocess.Popen:
+    """Another process that takes `run_dir`'s lock and holds it until it is killed."""
+    code = f"import sys, time; sys.path.insert(0, {ROOT!r}); from common.checkpoint import lock; lock({str(run_dir)!r})"
+    holder = subprocess.Popen([sys.executable, "-c", code + "; print('locked', flush=True); time.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
 def test_two_runs_never_share_a_folder_and_a_folder_in_use_is_refused(tmp_path, capsys):
     first = common.checkpoint.open_run_dir(str(tmp_path), "reward__exp__1__1700000000", None, None, rank=0)
     second = common.checkpoint.open_run_dir(str(tmp_path), "reward__exp__1__1700000000", None, None, rank=0)
     assert os.path.basename(second) == "reward__exp__1__1700000000_2" and first != second  # same name, same second
     pid, started = open(os.path.join(first, ".lock")).read().split()  # held until this process ends
     assert int(pid) == os.getpid() and started == common.checkpoint.process_start(os.getpid())
-    checkpoint = os.path.join(first, "checkpoints", "step_000001")
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    third = tmp_path / "third"
+    checkpoint = str(third / "checkpoints" / "step_000001")
+    (third / "samples").mkdir(parents=True)
+    holder = hold_lock(third)  # another live process resumed that run
     try:
-        with open(os.path.join(first, ".lock"), "w") as f:
-            f.write(str(holder.pid))  # another live process resumed the run
         with pytest.raises(SystemExit) as exit_info:
             common.checkpoint.open_run_dir(str(tmp_path), "", checkpoint, {"step": 1}, rank=0)
         assert exit_info.value.code == 2 and f"is in use by process {holder.pid}" in capsys.readouterr().err
-        with open(os.path.join(first, ".lock"), "w") as f:  # a killed run's lock whose id another process now has
-            f.write(f"{holder.pid} 12345")
-        assert common.checkpoint.open_run_dir(str(tmp_path), "", checkpoint, {"step": 1}, rank=0) == first
     finally:
-        holder.kill()
+        holder.kill()  # killed: the OS releases its lock, though its file still names it
         holder.wait()
-    assert common.checkpoint.open_run_dir(str(tmp_path), "", checkpoint, {"step": 1}, rank=0) == first  # stale lock
+    assert open(third / ".lock").read().split()[0] == str(holder.pid)
+    assert common.checkpoint.open_run_dir(str(tmp_path), "", checkpoint, {"step": 1}, rank=0) == str(third)
+
+
+@pytest.mark.slow
+def test_processes_started_at_the_same_instant_cannot_both_take_a_run_folder(tmp_path):
+    """Four processes contest 20 run folders, one at a time, each contest starting at the same instant for all: in
+    every one exactly one takes the folder (the earlier read-then-write lock let 2 to 4 take each, measured here)."""
+    rounds, start = 20, time.time() + 10  # time for all of them to start and import
+    for r in range(rounds):
+        (tmp_path / str(r)).mkdir()
+    code = f"""import sys, time; sys.path.insert(0, {ROOT!r}); from common.checkpoint import lock
+for r in range({rounds}):
+    while time.time() < {start} + 0.25 * r:
+        pass
+    try:
+        lock({str(tmp_path)!r} + "/" + str(r))
+        print("took", r, flush=True)
+    except SystemExit:
+        pass
+time.sleep(3)  # every lock held until all contests are over
+"""
+    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    children = [subprocess.Popen([sys.executable, "-c", code], **pipes) for _ in range(4)]
+    outputs = [child.communicate(timeout=300)[0] for child in children]
+    assert [sum(f"took {r}\n" in out for out in outputs) for r in range(rounds)] == [1] * rounds
 
 
 def expect_exit_2(script, args, message, monkeypatch, capsys) -> str:

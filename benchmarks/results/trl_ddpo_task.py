@@ -33,7 +33,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 
@@ -55,6 +55,8 @@ class Args(RunArgs):  # RunArgs (common/flags.py): the flags Run reads, with ddp
     """ddpo.py's --preset tiny, whose values are the defaults here (the only preset)"""
     exp_name: str = "trl_ddpo"
     """the name of this experiment"""
+    cpu_threads: Optional[int] = 1
+    """torch's threads on the CPU (ddpo.py --preset tiny's 1)"""
     save_every: Resumable[AtLeast1] = 10
     """save a checkpoint (the LoRA, for inspection: no resuming) every this many epochs"""
     sample_every: Resumable[AtLeast1] = 5
