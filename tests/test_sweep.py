@@ -143,6 +143,13 @@ def test_a_users_reward_that_fails_mid_run_is_named_with_its_line(name, message,
 EPOCHS_TINY = TINY["ddpo.py"][2:]  # without --reward
 
 
+def test_braid_refuses_an_empty_offline_data_path(tiny_sd_path, tmp_path, monkeypatch, capsys):
+    """An empty --offline-data synthesised data before, as if the flag were not given."""
+    args = ["--pretrained-model", tiny_sd_path, *TINY["braid.py"], "--offline-data", "", "--output-dir", str(tmp_path)]
+    expect_exit_2("braid.py", args, "--offline-data is empty: give a folder of images", monkeypatch, capsys)
+    assert not os.listdir(tmp_path)
+
+
 def test_braid_trains_on_the_prompts_of_a_users_data(tiny_sd_path, tmp_path, monkeypatch, capsys):
     folder = tmp_path / "data"
     folder.mkdir()
@@ -286,10 +293,9 @@ def test_sigterm_and_sighup_end_a_run_as_ctrl_c_does(signum, tmp_path):
     _, err = process.communicate(timeout=120)
     assert process.returncode == 128 + signum, err[-2000:]
     (run_dir,) = tmp_path.iterdir()
-    assert f"stopped by {signal.Signals(signum).name}; the last checkpoint is {run_dir}/checkpoints/" in err, err[
-        -2000:
-    ]
-    assert "Traceback" not in err and not (run_dir / ".lock").exists()
+    stopped = f"stopped by {signal.Signals(signum).name}; the last checkpoint is {run_dir}/checkpoints/"
+    assert stopped in err and "Traceback" not in err and not (run_dir / ".lock").exists(), err[-2000:]
+    assert "reward=" in err and "loss=" in err  # the progress bar shows the step's numbers
 
 
 @pytest.mark.slow
