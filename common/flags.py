@@ -78,7 +78,7 @@ class RunArgs:
     """cuDNN's deterministic kernels (--no-torch-deterministic: faster, not reproducible to the bit)"""
     cuda: Resumable[bool] = True
     """use a CUDA device when there is one (--no-cuda: the CPU)"""
-    cpu_threads: Resumable[Optional[Annotated[int, Allowed(lambda x: x is None or x >= 1, "at least 1")]]] = None
+    cpu_threads: Resumable[Annotated[Optional[int], Allowed(lambda x: x is None or x >= 1, "at least 1")]] = None
     """torch's threads on the CPU (None: torch's default, every core; --preset tiny: 1, docs/RUNS.md says why)"""
     track: Resumable[bool] = False
     """also log to Weights and Biases (pip install wandb)"""

@@ -48,6 +48,8 @@ def load_offline_data(path: str, resolution: int, what: str = "--offline-data"):
                 f"cannot load {path} with torch.load ({load_error(e)}); it must hold tensors, numbers, strings,"
                 " lists and dicts (docs/braid.md)"
             )
+    if not os.path.exists(path) and (path.count("/") != 1 or path.endswith((".pt", "/")) or path.startswith(".")):
+        fail(f"{what} {path} does not exist (a folder of images with their scores, a .pt file or a Hub dataset id)")
     if not os.path.exists(path) and path.count("/") == 1:  # a Hub dataset id
         from huggingface_hub import snapshot_download
 

@@ -338,6 +338,8 @@ def make_reward(spec: str, device="cpu", dtype=torch.float32, differentiable=Fal
     for term in spec.split("+"):
         weight, _, name = term.partition("*") if "*" in term else ("1", "", term)
         name = name.strip()
+        if not name:
+            fail(f"the reward '{spec}' has an empty term: name a reward on each side of every + (e.g. a+0.2*b)")
         try:
             value = float(weight)
         except ValueError:

@@ -89,7 +89,7 @@ METHOD_BAD = [
     ("braid.py", ["--val-fraction", "1"], "--val-fraction must be in (0, 1), got 1.0"),
     ("braid.py", ["--labeler", "beauty"], "unknown reward 'beauty'; choose one of"),
     ("braid.py", ["--conservatism", "boot", "--ensemble-size", "1"], "--ensemble-size must be at least 2 with boot"),
-    ("braid.py", ["--offline-data", "/no/such/data"], "is neither a .pt file nor a folder of images with a metadata"),
+    ("braid.py", ["--offline-data", "/no/such/data"], "--offline-data /no/such/data does not exist"),
     ("braid.py", ["--k", "9"], "--k must be between 1 and --num-steps (4), got 9"),
     ("braid.py", ["--k", "0"], "--k must be between 1 and --num-steps (4), got 0"),
     ("braid.py", ["--offline-size", "0"], "--offline-size must be at least 1, got 0"),

@@ -101,6 +101,9 @@ def test_a_reward_term_given_twice_counts_twice():
     (["--reward", "colorfulness+inf*colorfulness"], "must be a finite number of size at most 1e6"),
     (["--reward", "1e300*colorfulness"], "the reward weight 1e300 in '1e300*colorfulness' must be a finite number"),
     (["--reward", "aesthetic:/no/such/folder"], "names the folder '/no/such/folder' for its models, which does not"),
+    (["--reward", "colorfulness+"], "the reward 'colorfulness+' has an empty term"),
+    (["--cpu-threads", "0"], "--cpu-threads must be at least 1, got 0"),
+    (["--cpu-threads", "-3"], "--cpu-threads must be at least 1, got -3"),
 ])  # fmt: skip
 def test_a_value_that_would_be_silently_wrong_is_refused(flags, message, tiny_sd_path, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
@@ -143,10 +146,21 @@ def test_a_users_reward_that_fails_mid_run_is_named_with_its_line(name, message,
 EPOCHS_TINY = TINY["ddpo.py"][2:]  # without --reward
 
 
-def test_braid_refuses_an_empty_offline_data_path(tiny_sd_path, tmp_path, monkeypatch, capsys):
-    """An empty --offline-data synthesised data before, as if the flag were not given."""
-    args = ["--pretrained-model", tiny_sd_path, *TINY["braid.py"], "--offline-data", "", "--output-dir", str(tmp_path)]
-    expect_exit_2("braid.py", args, "--offline-data is empty: give a folder of images", monkeypatch, capsys)
+@pytest.mark.parametrize("path, message", [
+    ("", "--offline-data is empty: give a folder of images"),  # it synthesised data, as if the flag were not given
+    ("/no/such/data.pt", "--offline-data /no/such/data.pt does not exist"),
+])  # fmt: skip
+def test_braid_refuses_offline_data_that_is_not_there(path, message, tiny_sd_path, tmp_path, monkeypatch, capsys):
+    args = [
+        "--pretrained-model",
+        tiny_sd_path,
+        *TINY["braid.py"],
+        "--offline-data",
+        path,
+        "--output-dir",
+        str(tmp_path),
+    ]
+    expect_exit_2("braid.py", args, message, monkeypatch, capsys)
     assert not os.listdir(tmp_path)
 
 
