@@ -33,7 +33,7 @@ from common.flags import AtLeast0, AtLeast1, Count, Eta, LearningRate, LoraRank,
 from common.models import load_model
 from common.offline_data import load_offline_data, offline_features, sample_images
 from common.prompts import load_prompts, sample_prompts, split_prompts
-from common.rewards import ImageFeatures, make_reward
+from common.rewards import ImageFeatures, RewardName, make_reward
 from common.run import Run
 from common.sampling import ddim_step
 
@@ -136,10 +136,7 @@ class Args(RunArgs):  # RunArgs (common/flags.py): the flags every script shares
     folder or a .pt file (docs/braid.md); None: synthesised from the pretrained model"""
     offline_size: AtLeast1 = 1024
     """synthesised data: images sampled from the pretrained model"""
-    labeler: Union[
-        Literal["aesthetic", "pickscore", "hpsv2", "colorfulness", "jpeg_compressibility", "jpeg_incompressibility"],
-        str,
-    ] = "aesthetic"
+    labeler: Union[RewardName, str] = "aesthetic"
     """synthesised data: the reward that labels it (the 'true' reward, logged as true_reward_mean)"""
     label_noise: AtLeast0 = 0.1
     """synthesised data: scores are labeler + label_noise * N(0, 1)"""

@@ -4,12 +4,16 @@ Black, Janner, Du, Kostrikov and Levine, 2023, arXiv 2305.13301.
     python ddpo.py                              # DDPO-IS, SD 1.4, aesthetic, simple animals (GPU)
     python ddpo.py --estimator sf --reward jpeg_compressibility
     python ddpo.py --preset tiny                # the shipped tiny model: a CPU run in minutes
+    python ddpo.py --pretrained-model stabilityai/stable-diffusion-3.5-medium --reward hpsv2 --group-size 8 \
+        --sampler flow_grpo --eta 0.7 --sde-window 2 --no-train-guidance --ema-decay 0.9   # Flow-GRPO's recipes
 
 Denoising is a T-step MDP: state (x_t, t, c), action x_{t-1}, reward r(x_0, c) at the end. Each epoch samples
 images with DDIM at eta = 1, keeping every step's (x_t, x_{t-1}, log p_old); scores them; normalises the rewards
 per prompt into advantages; then takes policy-gradient steps on the steps' log-probs: PPO's clipped importance
 ratio (DDPO-IS) or REINFORCE (DDPO-SF). Any reward works, differentiable or not. Defaults follow the public code
 ddpo-pytorch (LoRA rank 4, AdamW lr 3e-4, weight decay 1e-4, guidance 5, clip range 1e-4, 256 samples an epoch).
+Flow-GRPO (Liu et al., 2025, arXiv 2505.05470) is this loop with group advantages and its recipes as flags: its own
+noisy step, a window of noisy steps (the rest deterministic), sampling and training without guidance, an EMA.
 """
 
 import common.startup  # noqa: F401  (first: Ctrl-C while the libraries load ends in one line)
@@ -25,11 +29,12 @@ import torch
 from common.cli import check, cli, fail
 from common.distributed import gather, sample_generators, shard, shuffle
 from common.flags import AtLeast0, AtLeast1, Count, Eta, Guidance, LearningRate, LoraRank, Positive, Resumable, RunArgs
+from common.lora import EMA
 from common.models import Conditioning, load_model
 from common.prompts import load_prompts, sample_prompts, split_prompts
-from common.rewards import make_reward
+from common.rewards import RewardName, make_reward
 from common.run import Run
-from common.sampling import ddim_step, sample, step_kl
+from common.sampling import SAMPLERS, sample, step_kl
 
 
 class PerPromptStatTracker:
@@ -83,14 +88,25 @@ class Args(RunArgs):  # RunArgs (common/flags.py): the flags every script shares
     """save a grid of fixed-seed samples on held-out prompts every this many epochs"""
     guidance_scale: Guidance = 5.0
     """classifier-free guidance weight (FLUX.1-dev: its guidance input, 3.5 in its pipeline; FLUX.1-schnell: none)"""
-    reward: Union[
-        Literal["aesthetic", "pickscore", "hpsv2", "colorfulness", "jpeg_compressibility", "jpeg_incompressibility"],
-        str,
-    ] = "aesthetic"
+    reward: Union[RewardName, str] = "aesthetic"
     """the reward to maximise (DDPO needs no gradient of it): a name, your own path.py:Name, or a weighted sum such
     as aesthetic+0.2*colorfulness"""
     eta: Eta = 1.0
-    """DDIM eta: 1 makes every step a Gaussian policy with a log-prob (DDPO needs eta > 0)"""
+    """the steps' noise, DDIM's eta (1: every step a Gaussian policy with a log-prob; DDPO needs > 0) or, with
+    --sampler flow_grpo, Flow-GRPO's noise level a (0.7 in its code)"""
+    sampler: Literal["ddim", "flow_grpo"] = "ddim"
+    """ddim: DDIM's step at --eta; flow_grpo: Flow-GRPO's SDE step (flow models: SD 3, FLUX.1, Qwen-Image)"""
+    sde_window: int = 0
+    """W > 0: only W consecutive steps of each round are noisy, and only they are trained; the others deterministic
+    (Flow-GRPO-Fast, MixGRPO); 0: every step that can be"""
+    window_placement: Literal["random", "sliding"] = "random"
+    """the window's place each round: drawn at random, or one step later each epoch from the first, wrapping round"""
+    train_guidance: bool = True
+    """--no-train-guidance: sample and train without classifier-free guidance, one denoiser call a step instead of
+    two (evaluations keep --guidance-scale)"""
+    ema_decay: float = 0.0
+    """> 0: evaluate with an exponential moving average of the LoRA at this decay, saved in ema/ beside it
+    (Flow-GRPO: 0.9)"""
 
     # Algorithm specific arguments
     estimator: Literal["is", "sf"] = "is"
@@ -150,6 +166,7 @@ if __name__ == "__main__":
     check(args, "eta", args.eta > 0, "above 0 for DDPO, so that each denoising step has a log-probability")
     check(args, "adv_clip_max", 0 < args.adv_clip_max <= float("inf"), "a positive number")
     check(args, "timestep_fraction", 0 < args.timestep_fraction <= 1, "in (0, 1]")
+    check(args, "ema_decay", 0 <= args.ema_decay < 1, "in [0, 1)")
     check(args, "timestep_fraction", args.num_steps * args.timestep_fraction >= 1, "at least 1 / --num-steps")
     check(args, "samples_per_epoch", args.samples_per_epoch >= 2, "at least 2: advantages compare rewards")
     divisor = args.group_size >= 1 and args.sample_batch_size % args.group_size == 0
@@ -165,6 +182,8 @@ if __name__ == "__main__":
     model = load_model(
         args.pretrained_model, args.revision, run.device, run.dtype, args.resolution, args.num_steps, t5=args.t5
     )
+    if args.sampler == "flow_grpo" and not model.flow:
+        fail("--sampler flow_grpo is a flow model's step (SD 3, FLUX.1, Qwen-Image); this model is not one: use ddim")
     if args.free_text_encoders:
         model.free_text_encoders(train_prompts + eval_prompts)
     if args.gradient_checkpointing:
@@ -172,12 +191,19 @@ if __name__ == "__main__":
     reward_fn = make_reward(args.reward, run.device, run.dtype)
 
     # ALGO LOGIC: the MDP's actions are the steps with noise. A step without any is not a policy: SD's into abar = 1
-    # where the config ends there, and a flow model's last two (Schedule.step_std says why).
-    schedule = model.schedule(args.num_steps)
-    policy_steps = (schedule.step_std(args.eta) > 0).nonzero().flatten()  # (S,) step indices
+    # where the config ends there, and with DDIM's step a flow model's last two (Schedule.step_std says why).
+    # Flow-GRPO's last step, into x_0, has noise but a std near sigma_min (0.006 on SD 3.5): not trained (nor in its
+    # code).
+    schedule, step_fn = model.schedule(args.num_steps), SAMPLERS[args.sampler]
+    stds = schedule.step_std(args.eta) if args.sampler == "ddim" else schedule.flow_grpo_std(args.eta)
+    policy_steps = ((stds > 0) & (schedule.sigmas[1:] > 0)).nonzero().flatten()  # (S,) step indices
     if len(policy_steps) == 0:
         fail(f"no step of this model's {args.num_steps}-step schedule has noise at --eta {args.eta}: raise --num-steps")
-    num_train_timesteps = max(1, int(len(policy_steps) * args.timestep_fraction))
+    window = args.sde_window or len(policy_steps)  # each round's noisy steps, the ones trained
+    check(args, "sde_window", 0 <= args.sde_window <= len(policy_steps), f"0 to the {len(policy_steps)} noisy steps")
+    num_train_timesteps = max(1, int(window * args.timestep_fraction))
+    # the guidance of the sampling rounds and of training: --guidance-scale's, or none (a distilled model's input)
+    guidance = args.guidance_scale if args.train_guidance else model.training_guidance(args.guidance_scale)
     divides = args.timesteps_per_call >= 1 and num_train_timesteps % args.timesteps_per_call == 0
     check(args, "timesteps_per_call", divides, f"a divisor of the steps trained per trajectory ({num_train_timesteps})")
 
@@ -187,11 +213,26 @@ if __name__ == "__main__":
     # TRY NOT TO MODIFY: the LoRA and its optimizer; the run folder, new or --resume's (common/run.py)
     lora_params = model.add_lora(args.lora_rank)
     optimizer = torch.optim.AdamW(lora_params, lr=args.learning_rate, weight_decay=args.weight_decay)
-    start_epoch = run.start(model, optimizer, reward_fn, eval_prompts, method_state={"prompt_buffers": tracker})
+    ema = EMA(lora_params, args.ema_decay) if args.ema_decay else None
+    start_epoch = run.start(
+        model, optimizer, reward_fn, eval_prompts, method_state={"prompt_buffers": tracker}, ema=ema
+    )
 
     for epoch in run.steps(start_epoch):
         epoch_start = time.time()
-        # ALGO LOGIC: a sampling round, with eta > 0 so that every step is a Gaussian policy with a log-probability.
+        # ALGO LOGIC: this round's noisy steps, the ones trained: every policy step, or a window of W of them, drawn
+        # at random each round or sliding one step each epoch, with every other step deterministic.
+        steps, etas = policy_steps.tolist(), [args.eta] * args.num_steps
+        if args.sde_window:
+            places = len(policy_steps) - window + 1
+            if args.window_placement == "random":
+                first = int(torch.randint(places, (), generator=run.rng))
+            else:
+                first = (epoch - 1) % places
+            steps = steps[first : first + window]
+            etas = [args.eta if i in steps else 0.0 for i in range(args.num_steps)]
+        round_steps = torch.tensor(steps, device=run.device)  # (W,), on the device for indexing
+        # ALGO LOGIC: a sampling round, with eta > 0 so that every noisy step is a Gaussian policy with a log-prob.
         batches, conds, prompts_seen = [], [], []
         for _ in range(args.samples_per_epoch // args.sample_batch_size):
             # This process's slice of the global batch: its prompts, and one generator per sample for all its noise.
@@ -201,9 +242,8 @@ if __name__ == "__main__":
             cond = model.encode(prompts)
             latents = model.initial_latents(args.sample_batch_size, generators)  # x_T
             x0, trajectory = sample(
-                model, latents, cond, args.num_steps, args.guidance_scale, args.eta, generators, trajectory=True
+                model, latents, cond, args.num_steps, guidance, etas, generators, trajectory=True, step=step_fn
             )
-            steps = policy_steps.tolist()
             log_probs = [log_prob(trajectory.latents[j + 1], trajectory.means[j], trajectory.stds[j]) for j in steps]
             batch = {
                 "latents": torch.stack(trajectory.latents, dim=1),  # (B, T + 1, C, h, w): x_T ... x_0
@@ -230,7 +270,7 @@ if __name__ == "__main__":
         losses, approx_kls, clipfracs, kls, grad_norms = [], [], [], [], []
         for inner_epoch in range(args.num_inner_epochs):
             order = shuffle(args.samples_per_epoch, rng=run.rng)  # (N,), a permutation of this process's samples
-            draws = [torch.randperm(len(policy_steps), generator=run.rng) for _ in range(len(order) * run.world_size)]
+            draws = [torch.randperm(len(steps), generator=run.rng) for _ in range(len(order) * run.world_size)]
             step_order = shard(torch.stack(draws), len(order))  # (N, S): the order of each sample's steps
             # Drawn on the CPU, so that every device makes the same draws; moved once, so that indexing with them
             # needs no copy per step.
@@ -240,19 +280,19 @@ if __name__ == "__main__":
                 for j in range(0, num_train_timesteps, args.timesteps_per_call):
                     position = step_order[index, j : j + args.timesteps_per_call].flatten()  # (B J,): its next J
                     rows = index[:, None].expand(-1, args.timesteps_per_call).flatten()  # (B J,): each sample J times
-                    step_index = policy_steps[position]  # (B J,) indices into the schedule
+                    step_index = round_steps[position]  # (B J,) indices into the schedule
                     x_t, x_prev = samples["latents"][rows, step_index], samples["latents"][rows, step_index + 1]
                     t, cond = schedule.timesteps[step_index], samples["cond"][rows]
-                    output = model.predict(x_t, t, cond, args.guidance_scale)
-                    step = ddim_step(schedule, step_index, output, x_t, args.eta, prev_latents=x_prev)
+                    output = model.predict(x_t, t, cond, guidance)
+                    step = step_fn(schedule, step_index, output, x_t, args.eta, prev_latents=x_prev)
                     new_log_prob = log_prob(x_prev, step.mean, step.std)
                     old_log_prob = samples["log_probs"][rows, position]
                     loss, ratio = policy_loss(
                         args.estimator, new_log_prob, old_log_prob, advantages[rows], args.clip_range
                     )
                     if args.kl_weight:  # the KL to the pretrained policy, exact between Gaussians (docs/ddpo.md)
-                        pre = model.predict(x_t, t, cond, args.guidance_scale, pretrained=True)  # LoRA off: no graph
-                        kl = step_kl(schedule, step_index, output, pre, x_t, args.eta).mean()
+                        pre = model.predict(x_t, t, cond, guidance, pretrained=True)  # LoRA off: no graph
+                        kl = step_kl(schedule, step_index, output, pre, x_t, args.eta, step_fn).mean()
                         loss, kls = loss + args.kl_weight * kl, kls + [kl.detach()]
                     # the mean over this call's J steps, weighted as J of the num_train_timesteps
                     (loss * args.timesteps_per_call / (num_train_timesteps * batches_per_update)).backward()
@@ -267,6 +307,8 @@ if __name__ == "__main__":
                     grad_norms.append(torch.nn.utils.clip_grad_norm_(lora_params, args.max_grad_norm))
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
+                    if ema:
+                        ema.update()
         losses, approx_kls, clipfracs = (gather(torch.stack(x)) for x in (losses, approx_kls, clipfracs))
         metrics = {
             "reward_mean": rewards.mean().item(),

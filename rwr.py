@@ -17,16 +17,17 @@ import common.startup  # noqa: F401  (first: Ctrl-C while the libraries load end
 # isort: split
 import time
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Union
 
 import torch
 
 from common.cli import check, cli, fail
 from common.distributed import gather, sample_generators, shard, shuffle
 from common.flags import AtLeast0, AtLeast1, Count, Guidance, LearningRate, LoraRank, Positive, Resumable, RunArgs
+from common.lora import EMA
 from common.models import Conditioning, load_model
 from common.prompts import load_prompts, sample_prompts, split_prompts
-from common.rewards import make_reward
+from common.rewards import RewardName, make_reward
 from common.run import Run
 from common.sampling import randn, sample
 
@@ -67,10 +68,7 @@ class Args(RunArgs):  # RunArgs (common/flags.py): the flags every script shares
     """save a grid of fixed-seed samples on held-out prompts every this many epochs"""
     guidance_scale: Guidance = 5.0
     """classifier-free guidance weight (FLUX.1-dev: its guidance input, 3.5 in its pipeline; FLUX.1-schnell: none)"""
-    reward: Union[
-        Literal["aesthetic", "pickscore", "hpsv2", "colorfulness", "jpeg_compressibility", "jpeg_incompressibility"],
-        str,
-    ] = "aesthetic"
+    reward: Union[RewardName, str] = "aesthetic"
     """the reward to maximise (RWR needs no gradient of it): a name, your own path.py:Name, or a weighted sum such
     as aesthetic+0.2*colorfulness"""
 
@@ -103,6 +101,8 @@ class Args(RunArgs):  # RunArgs (common/flags.py): the flags every script shares
     """clip the LoRA gradient to this norm"""
     kl_weight: AtLeast0 = 0.0
     """weight of the squared distance to the pretrained model's prediction in the loss (0: none, RWR as published)"""
+    ema_decay: float = 0.0
+    """> 0: evaluate with an exponential moving average of the LoRA at this decay, saved in ema/ beside it"""
 
 
 # --preset tiny: the shipped tiny text-to-image model (assets/tiny-sd: coloured shapes at 32 px) on the CPU, with the
@@ -121,6 +121,7 @@ if __name__ == "__main__":
     args = cli(Args, PRESETS)  # --help, --preset, --resume's own flags; each flag's allowed values checked
     check(args, "percentile", 0 <= args.percentile <= 100, "between 0 and 100")
     check(args, "beta", 0 <= args.beta < float("inf"), "at least 0 (0: uniform weights)")
+    check(args, "ema_decay", 0 <= args.ema_decay < 1, "in [0, 1)")
     if args.samples_per_epoch % args.sample_batch_size or args.samples_per_epoch % args.train_batch_size:
         fail("--samples-per-epoch must be a multiple of --sample-batch-size and of --train-batch-size")
     train_prompts, eval_prompts = split_prompts(load_prompts(args.prompts, args.prompt_file), args.validation_prompts)
@@ -139,7 +140,8 @@ if __name__ == "__main__":
     # TRY NOT TO MODIFY: the LoRA and its optimizer; the run folder, new or --resume's (common/run.py)
     lora_params = model.add_lora(args.lora_rank)
     optimizer = torch.optim.AdamW(lora_params, lr=args.learning_rate, weight_decay=args.weight_decay)
-    start_epoch = run.start(model, optimizer, reward_fn, eval_prompts)
+    ema = EMA(lora_params, args.ema_decay) if args.ema_decay else None  # common/lora.py
+    start_epoch = run.start(model, optimizer, reward_fn, eval_prompts, ema=ema)
 
     for epoch in run.steps(start_epoch):
         epoch_start = time.time()
@@ -199,6 +201,8 @@ if __name__ == "__main__":
                     grad_norms.append(torch.nn.utils.clip_grad_norm_(lora_params, args.max_grad_norm))
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
+                    if ema:
+                        ema.update()
         metrics = {
             "reward_mean": rewards.mean().item(),
             "reward_std": rewards.std().item(),

@@ -110,7 +110,7 @@ class RunArgs:
     """encode the training and held-out prompts once, then free the text encoders' memory (docs/RUNS.md)"""
     gradient_checkpointing: Resumable[bool] = False
     """recompute each denoiser block in the backward pass instead of keeping its activations (docs/RUNS.md)"""
-    prompts: Literal["simple_animals", "nouns_activities", "shapes"] = "simple_animals"
+    prompts: Literal["simple_animals", "nouns_activities", "shapes", "shapes_seen", "shapes_unseen"] = "simple_animals"
     """the prompt set"""
     prompt_file: Optional[str] = None
     """a file of prompts, one per line, instead of --prompts"""

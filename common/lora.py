@@ -1,6 +1,9 @@
 """The LoRA on a model's denoiser (peft): added with B = 0, so that training starts from the pretrained model, kept in
 fp32; saved in diffusers' format, which the family's pipeline `load_lora_weights` reads, and loaded back to resume;
-and the denoiser's block-wise gradient checkpointing, which has to switch the LoRA as it was in each call."""
+and the denoiser's block-wise gradient checkpointing, which has to switch the LoRA as it was in each call; and an
+exponential moving average of the LoRA (EMA)."""
+
+from contextlib import contextmanager
 
 import torch
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
@@ -92,3 +95,43 @@ class Lora:
             return checkpoint(run, *args, use_reentrant=False)
 
         self.denoiser.enable_gradient_checkpointing(block_checkpoint)
+
+
+class EMA:
+    """An exponential moving average of the LoRA's weights, for evaluation (Flow-GRPO's recipe): after each optimizer
+    step k (from 0), shadow = d shadow + (1 - d) weights with d = min(decay, (1 + k) / (10 + k)), Flow-GRPO's
+    warm-up (its ema.py), so that the first steps are not averaged with the starting weights at the full decay.
+    `applied()` swaps the average in for a `with` block (evaluations, the saved ema/ LoRA) and the weights back."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float):
+        self.params, self.decay, self.updates = params, decay, 0
+        self.shadow = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for shadow, p in zip(self.shadow, self.params):
+            shadow.lerp_(p.detach(), 1 - d)  # d shadow + (1 - d) p
+        self.updates += 1
+
+    @contextmanager
+    def applied(self):
+        kept = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, shadow in zip(self.params, self.shadow):
+                p.copy_(shadow)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, weights in zip(self.params, kept):
+                    p.copy_(weights)
+
+    def state_dict(self) -> dict:  # kept in every checkpoint, so that a resumed run averages as this one would
+        return {"shadow": [s.cpu() for s in self.shadow], "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        if [s.shape for s in state["shadow"]] != [p.shape for p in self.params]:
+            raise ValueError("the EMA's weights have other shapes than this LoRA's")
+        self.shadow = [s.to(p.device) for s, p in zip(state["shadow"], self.params)]
+        self.updates = state["updates"]

@@ -19,6 +19,10 @@ ACTIVITIES = ["washing the dishes", "riding a bike", "playing chess"]
 COLOURS = ["red", "green", "blue", "yellow", "white", "black"]
 SHAPES = ["circle", "square", "triangle"]
 
+# prompt following on combinations never trained on (the GenEval analogue): a third of the colour-shape pairs (each
+# shape in two colours, each colour with one shape) held out of training, with every background
+UNSEEN_PAIRS = {(c, s) for i, c in enumerate(COLOURS) for j, s in enumerate(SHAPES) if (i + j) % 3 == 0}
+
 PROMPT_SETS = {
     "simple_animals": SIMPLE_ANIMALS,
     "nouns_activities": [
@@ -34,6 +38,8 @@ PROMPT_SETS = {
         if background != colour
     ],
 }
+PROMPT_SETS["shapes_seen"] = [p for p in PROMPT_SETS["shapes"] if tuple(p.split()[1:3]) not in UNSEEN_PAIRS]
+PROMPT_SETS["shapes_unseen"] = [p for p in PROMPT_SETS["shapes"] if tuple(p.split()[1:3]) in UNSEEN_PAIRS]
 
 
 def load_prompts(name: str = "simple_animals", prompt_file: str | None = None) -> list[str]:
@@ -71,8 +77,11 @@ def split_prompts(prompts: list[str], validation: tuple[str, ...] = ()) -> tuple
 
 
 def validation_prompt(value: str) -> list[str]:
-    """One --validation-prompts value: a file of prompts, or a prompt. A value that names a folder, is empty, or reads
-    like a file's path (a path separator, a text file's extension) but names no file is refused, not made a prompt."""
+    """One --validation-prompts value: a prompt set's name, a file of prompts, or a prompt. A value that names a
+    folder, is empty, or reads like a file's path (a path separator, a text file's extension) but names no file is
+    refused, not made a prompt."""
+    if value in PROMPT_SETS:
+        return list(PROMPT_SETS[value])
     if os.path.isfile(value):
         return load_prompts(prompt_file=value)
     if not value.strip():

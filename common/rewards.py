@@ -7,6 +7,7 @@ import importlib.util
 import inspect
 import io
 import os
+from typing import Literal
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 from transformers import AutoTokenizer, CLIPModel
 
 from common.cli import fail, load_or_fail
+from common.prompts import SHAPES
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -202,6 +204,30 @@ class Colorfulness(nn.Module):
         return spread + 0.3 * offset
 
 
+class PromptFollowing(nn.Module):
+    """Prompt following in the tiny models' world (assets/tiny-sd, tiny-sd3), the analogue of GenEval's checks: per
+    image, the share of its prompt's three parts (the shape, its colour, the background's colour) that the image shows,
+    read back from the pixels by common.shapes.describe (exact on drawn images): 0, 1/3, 2/3 or 1. Not differentiable.
+    Takes the shapes prompts only ("a red circle on a white background")."""
+
+    differentiable = False
+
+    def forward(self, images, prompts):
+        from common.shapes import describe, parse
+
+        unknown = [p for p in prompts if len(p.split()) != 7 or p.split()[2] not in SHAPES]
+        if unknown:
+            fail(f"the prompt_following reward reads the tiny models' shapes prompts only, got {unknown[0]!r}")
+        parts = ("shape", "colour", "background")
+        shown = [sum(d[k] == parse(p)[k] for k in parts) / 3 for d, p in zip(describe(images), prompts)]
+        return torch.tensor(shown, device=images.device)
+
+
+# the names of REWARDS, as a flag's choices (the methods that need no gradient of the reward)
+RewardName = Literal[
+    "aesthetic", "pickscore", "hpsv2", "colorfulness", "jpeg_compressibility", "jpeg_incompressibility",
+    "prompt_following",
+]  # fmt: skip
 REWARDS = {
     "aesthetic": Aesthetic,
     "pickscore": PickScore,
@@ -209,6 +235,7 @@ REWARDS = {
     "jpeg_compressibility": JpegCompressibility,
     "jpeg_incompressibility": JpegIncompressibility,
     "colorfulness": Colorfulness,
+    "prompt_following": PromptFollowing,
 }
 
 
@@ -367,7 +394,8 @@ def make_reward(spec: str, device="cpu", dtype=torch.float32, differentiable=Fal
     gradient = differentiable and reward.differentiable
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)).to(device)
     with torch.set_grad_enabled(gradient):
-        value = reward(images.requires_grad_(gradient), ["a photo", "a painting"])
+        value = reward(images.requires_grad_(gradient), ["a red circle on a white background", "a blue square"
+                                                          " on a yellow background"])  # fmt: skip
     if differentiable and not reward.differentiable:
         fail(
             f"this method backpropagates through the reward and '{spec}' is not differentiable (a file's reward"

@@ -15,6 +15,7 @@ tracking, the held-out evaluation and its sample grids, the metrics log, checkpo
 """
 
 import atexit
+import contextlib
 import json
 import math
 import os
@@ -110,6 +111,7 @@ class Run:
         reward_name: str | None = None,
         card_notes: str = "",
         method_state: dict[str, Stateful] | None = None,
+        ema=None,
     ) -> int:
         """Opens the run folder (rank 0 writes it for all ranks and locks it while the run lasts: a new folder, or the
         resumed run's), tracking and TensorBoard, and loads the resumed checkpoint's LoRA, optimizer, random state,
@@ -117,11 +119,12 @@ class Run:
         their names). The optimizer keeps its own learning rate and weight decay, those of this command. Evaluations
         sample `eval_prompts` twice each from fixed x_T (DDIM at `eval_eta`, with fixed noise) and score them with
         `reward_fn`, named in the console and the model card `reward_name` (default: the run's name), the card adding
-        `card_notes`. Returns the counter to continue from (0 for a new run)."""
+        `card_notes`; with an `ema` (common.lora.EMA), with its averaged LoRA, which every checkpoint keeps and the
+        run's end saves in ema/ beside the LoRA. Returns the counter to continue from (0 for a new run)."""
         args = self.args
         self.model, self.optimizer, self.reward_fn, self.eval_prompts = model, optimizer, reward_fn, eval_prompts
         self.reward_name, self.card_notes = reward_name or self.name.split("__")[0], card_notes
-        self.method_state = method_state or {}
+        self.method_state, self.ema = {**(method_state or {}), **({"ema": ema} if ema else {})}, ema
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         if self.state:  # the LoRA is read before the run folder is touched: a refused resume changes nothing there
             model.load_lora(self.resume_dir)
@@ -180,18 +183,20 @@ class Run:
         """Fixed-seed samples on the held-out prompts: a grid (samples/ and TensorBoard), and their mean reward; and
         what the reward does not see: eval_kl, the KL of the fine-tuned sampler from the pretrained one along these
         paths (common.sampling.sample), and, when the prompts are the tiny models' world (assets/tiny-sd, tiny-sd3),
-        eval_fidelity, the share of samples that still show what their prompt asks (common.shapes.describe)."""
+        eval_fidelity, the share of samples that still show what their prompt asks (common.shapes.describe). With an
+        EMA, the samples are the averaged LoRA's."""
         generator = torch.Generator().manual_seed(self.args.seed) if self.eval_eta > 0 else None
-        x0, record = sample(
-            self.model,
-            self.eval_latents,
-            self.eval_cond,
-            self.args.num_steps,
-            self.args.guidance_scale,
-            self.eval_eta,
-            generator,
-            kl=True,
-        )
+        with self.ema.applied() if self.ema else contextlib.nullcontext():
+            x0, record = sample(
+                self.model,
+                self.eval_latents,
+                self.eval_cond,
+                self.args.num_steps,
+                self.args.guidance_scale,
+                self.eval_eta,
+                generator,
+                kl=True,
+            )
         images = self.model.decode(x0)
         if count == 0 and not (images.isfinite().all() and images.std() > 1e-4):  # the pretrained model, once
             what = "not finite" if not images.isfinite().all() else "one flat colour"
@@ -316,6 +321,10 @@ class Run:
         card (README.md) and, with --push-to-hub, both uploaded; the console's last lines say what is where."""
         if self.rank == 0:
             self.written("the final LoRA", self.dir, lambda: self.model.save_lora(self.dir))
+            if self.ema:  # and its average, in the same format: load_lora_weights(run_dir / "ema") reads it
+                with self.ema.applied():
+                    ema_dir = os.path.join(self.dir, "ema")
+                    self.written("the EMA's LoRA", ema_dir, lambda: self.model.save_lora(ema_dir))
             self.written("TensorBoard's events", self.dir, self.writer.close)
             grids = sorted(os.listdir(os.path.join(self.dir, "samples")))
             grid = f"samples/{grids[-1]}" if grids else None
@@ -348,6 +357,7 @@ class Run:
                 f"held-out {self.reward_name}: {rounded(self.first_eval_reward)} at the start,"
                 f" {rounded(self.eval_reward)} at the end",
                 f"LoRA: {self.dir}/pytorch_lora_weights.safetensors",
+                *([f"its EMA (evaluated above): {self.dir}/ema/pytorch_lora_weights.safetensors"] if self.ema else []),
                 f"model card: {path}",
                 f"last checkpoint: {folder}/{sorted(os.listdir(folder))[-1]}",
             ]

@@ -5,6 +5,7 @@
     mean   = alpha_s x0_hat + sqrt(sigma_s^2 - std^2) eps_hat,   x_s = mean + std z
 At eta = 0 this is diffusers' DDIMScheduler.step on SD's path and FlowMatchEulerDiscreteScheduler.step on a flow's;
 at eta > 0 each step is a Gaussian with the same marginals, whose mean and std DDPO's log-prob and BRAID's KL use.
+On a flow's path, `flow_grpo_step` is the other Gaussian step in use, Flow-GRPO's (docs/ALGORITHMS.md, 1.10).
 The arithmetic runs in fp32 whatever the denoiser's dtype."""
 
 from dataclasses import dataclass, field
@@ -54,6 +55,13 @@ class Schedule:
         std = eta * self.sigmas[1:] * (1 - ratio**2).clamp(min=0).sqrt()
         return torch.where(self.sigmas[1:] > self.floor, std, torch.zeros_like(std))
 
+    def flow_grpo_std(self, a: float) -> torch.Tensor:
+        """(T,): the std of each of Flow-GRPO's steps at noise level `a` (flow_grpo_step); every step has noise at
+        a > 0, the last (into x_0) too."""
+        sigma, sigma_s = self.sigmas[:-1], self.sigmas[1:]
+        capped = torch.where(sigma == 1, self.sigmas[1], sigma)  # sigma / (1 - sigma) is infinite at sigma = 1
+        return a * (sigma / (1 - capped)).sqrt() * (sigma - sigma_s).sqrt()
+
 
 @dataclass
 class Step:
@@ -90,13 +98,36 @@ def ddim_step(schedule: Schedule, i, output, latents, eta: float = 0.0, prev_lat
     return Step(prev_latents, pred_x0, mean, std)
 
 
-def step_kl(schedule: Schedule, i, output, output_ref, latents, eta: float) -> torch.Tensor:
+def flow_grpo_step(schedule: Schedule, i, output, latents, eta: float = 0.7, prev_latents=None, generator=None) -> Step:
+    """Flow-GRPO's step (Liu et al., 2025, arXiv 2505.05470) on a flow's path, with `eta` its noise level a: the
+    Euler-Maruyama step of the SDE that has the flow's marginals, from sigma_t to sigma_s (dt = sigma_s - sigma_t < 0)
+        s    = a sqrt(sigma_t / (1 - sigma_t))            (sigma_t = 1 read as the next sigma in the denominator)
+        mean = x_t (1 + s^2 dt / (2 sigma_t)) + u (1 + s^2 (1 - sigma_t) / (2 sigma_t)) dt,   std = s sqrt(-dt)
+    At a = 0 it is the Euler step, ddim_step at eta 0. The same arguments as ddim_step, so either is the sampler."""
+    shape = (-1,) + (1,) * (latents.ndim - 1) if torch.is_tensor(i) and i.ndim else ()
+    if torch.is_tensor(i):
+        i = i.to(schedule.sigmas.device)
+    sigma, sigma_s = schedule.sigmas[i].view(shape), schedule.sigmas[i + 1].view(shape)
+    output, latents = output.float(), latents.float()
+    dt = sigma_s - sigma
+    s = eta * (sigma / (1 - torch.where(sigma == 1, schedule.sigmas[1], sigma))).sqrt()
+    mean = latents * (1 + s**2 / (2 * sigma) * dt) + output * (1 + s**2 * (1 - sigma) / (2 * sigma)) * dt
+    std = s * (-dt).sqrt()
+    if prev_latents is None:
+        prev_latents = mean if eta == 0 else mean + std * randn(mean.shape, generator, mean.device)
+    return Step(prev_latents, latents - sigma * output, mean, std)
+
+
+SAMPLERS = {"ddim": ddim_step, "flow_grpo": flow_grpo_step}
+
+
+def step_kl(schedule: Schedule, i, output, output_ref, latents, eta: float, step=ddim_step) -> torch.Tensor:
     """KL(p(. | x_t) || p_ref(. | x_t)) of step i at this eta, for the model's `output` and a reference's (the
     pretrained model's) from the same x_t: two Gaussians of the same std, so ||mean - mean_ref||^2 / (2 std^2), taken
     as the MEAN over latent dimensions (the scale of DDPO's log-prob). (B,); 0 where the step has no noise (its KL
-    is not defined: a deterministic step is not a policy)."""
-    step = ddim_step(schedule, i, output, latents, eta, prev_latents=latents)  # prev_latents: no noise drawn
-    mean_ref = ddim_step(schedule, i, output_ref, latents, eta, prev_latents=latents).mean
+    is not defined: a deterministic step is not a policy). `step`: the sampler's step function (SAMPLERS)."""
+    mean_ref = step(schedule, i, output_ref, latents, eta, prev_latents=latents).mean
+    step = step(schedule, i, output, latents, eta, prev_latents=latents)  # prev_latents: no noise drawn
     variance = step.std.flatten() ** 2
     noisy = variance > 0  # without noise, divide by 1: the gradient through where's unused branch would be 0 x inf
     kl = ((step.mean - mean_ref) ** 2).mean(dim=tuple(range(1, latents.ndim))) / (2 * torch.where(noisy, variance, 1))
@@ -118,16 +149,19 @@ def sample(
     cond,
     num_steps: int,
     guidance_scale: float,
-    eta: float = 0.0,
+    eta: float | list[float] = 0.0,
     generator=None,
     trajectory: bool = False,
     kl: bool = False,
+    step=ddim_step,
 ):
     """DDIM from x_T = `latents` to x_0 with guidance, without gradient (evaluation, DDPO's and RWR's sampling rounds,
     BRAID's offline data; the scripts that backpropagate through the sampler write their loop inline). Returns x_0,
     and the Trajectory when asked (else None). `kl`: also the pretrained model's output at every x_t visited, and the
     sum over steps of the KL between the two models' eta-1 steps (step_kl): how far the fine-tuned sampler has moved
-    from the pretrained one along this path, whatever eta it is sampled at."""
+    from the pretrained one along this path, whatever eta it is sampled at. `eta` may be one per step (DDPO's window
+    of noisy steps); `step` is the sampler's step function (SAMPLERS: DDIM's, or Flow-GRPO's with eta its a)."""
+    etas = eta if isinstance(eta, list) else [eta] * num_steps
     schedule = model.schedule(num_steps)
     record = Trajectory(latents=[latents]) if trajectory or kl else None
     if kl:
@@ -137,10 +171,10 @@ def sample(
         if kl:
             output_pre = model.predict(latents, t, cond, guidance_scale, pretrained=True)
             record.kl += step_kl(schedule, i, output, output_pre, latents, 1.0)
-        step = ddim_step(schedule, i, output, latents, eta, generator=generator)
-        latents = step.latents
+        taken = step(schedule, i, output, latents, etas[i], generator=generator)
+        latents = taken.latents
         if trajectory:
             record.latents.append(latents)
-            record.means.append(step.mean)
-            record.stds.append(step.std)
+            record.means.append(taken.mean)
+            record.stds.append(taken.std)
     return latents, record
