@@ -182,8 +182,6 @@ if __name__ == "__main__":
     model = load_model(
         args.pretrained_model, args.revision, run.device, run.dtype, args.resolution, args.num_steps, t5=args.t5
     )
-    if args.sampler == "flow_grpo" and not model.flow:
-        fail("--sampler flow_grpo is a flow model's step (SD 3, FLUX.1, Qwen-Image); this model is not one: use ddim")
     if args.free_text_encoders:
         model.free_text_encoders(train_prompts + eval_prompts)
     if args.gradient_checkpointing:
@@ -194,6 +192,8 @@ if __name__ == "__main__":
     # where the config ends there, and with DDIM's step a flow model's last two (Schedule.step_std says why).
     # Flow-GRPO's last step, into x_0, has noise but a std near sigma_min (0.006 on SD 3.5): not trained (nor in its
     # code).
+    if args.sampler == "flow_grpo" and not model.flow:
+        fail("--sampler flow_grpo is a flow model's step (SD 3, FLUX.1, Qwen-Image); this model is not one: use ddim")
     schedule, step_fn = model.schedule(args.num_steps), SAMPLERS[args.sampler]
     stds = schedule.step_std(args.eta) if args.sampler == "ddim" else schedule.flow_grpo_std(args.eta)
     policy_steps = ((stds > 0) & (schedule.sigmas[1:] > 0)).nonzero().flatten()  # (S,) step indices
@@ -213,7 +213,7 @@ if __name__ == "__main__":
     # TRY NOT TO MODIFY: the LoRA and its optimizer; the run folder, new or --resume's (common/run.py)
     lora_params = model.add_lora(args.lora_rank)
     optimizer = torch.optim.AdamW(lora_params, lr=args.learning_rate, weight_decay=args.weight_decay)
-    ema = EMA(lora_params, args.ema_decay) if args.ema_decay else None
+    ema = EMA(lora_params, args.ema_decay) if args.ema_decay else None  # common/lora.py
     start_epoch = run.start(
         model, optimizer, reward_fn, eval_prompts, method_state={"prompt_buffers": tracker}, ema=ema
     )

@@ -24,7 +24,8 @@ from scripts import LENGTH, ROOT, SCRIPTS, TINY, definitions, read_metrics, run_
 
 # the only differences allowed between the scripts' shared blocks: each names its method; DDPO and RWR count epochs,
 # DRaFT asks for a reward with a gradient, BRAID names its run after its data's source, has no reward model of its
-# own there, evaluates at its eta and names its learned reward; DDPO's checkpoints keep its per-prompt buffers
+# own there, evaluates at its eta and names its learned reward; DDPO's checkpoints keep its per-prompt buffers; DDPO
+# and RWR keep an EMA of the LoRA if asked (Flow-GRPO's recipe)
 ALLOWED = [
     (r'Run\(args, "[^"]*", ', "Run(args, METHOD, "),
     (r", differentiable=True", ""),
@@ -37,6 +38,9 @@ ALLOWED = [
         r"run.start(\1)",
     ),
     (r', method_state=\{"prompt_buffers": tracker\}', ""),
+    (r"\n    ema = EMA\(lora_params, args.ema_decay\) if args.ema_decay else None  # common/lora.py", ""),
+    (r", ema=ema", ""),
+    (r"run.start\(\n        (.*)\n    \)", r"run.start(\1)"),
 ]
 
 
@@ -84,7 +88,7 @@ def test_help_opens_with_the_scripts_docstring_and_lists_the_choices():
     assert result.returncode == 0 and "DDPO: Training Diffusion Models with Reinforcement Learning" in result.stdout
     assert (
         "--reward {aesthetic,pickscore,hpsv2,colorfulness," in result.stdout
-        and "jpeg_incompressibility}" in result.stdout
+        and "prompt_following}|STR" in result.stdout
     )
     assert "--mixed-precision {auto,bf16,no}" in result.stdout
 
