@@ -32,7 +32,7 @@ from common.flags import AtLeast0, AtLeast1, Count, Eta, Guidance, LearningRate,
 from common.lora import EMA
 from common.models import Conditioning, load_model
 from common.prompts import load_prompts, sample_prompts, split_prompts
-from common.rewards import RewardName, make_reward
+from common.rewards import RewardName, Scorer, make_reward
 from common.run import Run
 from common.sampling import SAMPLERS, sample, step_kl
 
@@ -107,6 +107,9 @@ class Args(RunArgs):  # RunArgs (common/flags.py): the flags every script shares
     ema_decay: float = 0.0
     """> 0: evaluate with an exponential moving average of the LoRA at this decay, saved in ema/ beside it
     (Flow-GRPO: 0.9)"""
+    async_reward: bool = True
+    """score each sampling batch in a worker thread while the next one samples (--no-async-reward: in turn; the
+    rewards are the same)"""
 
     # Algorithm specific arguments
     estimator: Literal["is", "sf"] = "is"
@@ -188,6 +191,8 @@ if __name__ == "__main__":
         model.checkpoint_blocks()
     reward_fn = make_reward(args.reward, run.device, run.dtype)
 
+    scorer = Scorer(reward_fn, background=args.async_reward)  # each batch scored while the next one samples
+
     # ALGO LOGIC: the MDP's actions are the steps with noise. A step without any is not a policy: SD's into abar = 1
     # where the config ends there, and with DDIM's step a flow model's last two (Schedule.step_std says why).
     # Flow-GRPO's last step, into x_0, has noise but a std near sigma_min (0.006 on SD 3.5): not trained (nor in its
@@ -248,11 +253,13 @@ if __name__ == "__main__":
             batch = {
                 "latents": torch.stack(trajectory.latents, dim=1),  # (B, T + 1, C, h, w): x_T ... x_0
                 "log_probs": torch.stack(log_probs, dim=1),  # (B, S): log p_old of each policy step
-                "rewards": reward_fn(model.decode(x0), prompts).float(),  # (B,)
+                "rewards": scorer.submit(model.decode(x0), prompts),  # (B,), once the worker has scored them
             }
             batches.append(batch)
             conds.append(cond)
             prompts_seen += prompts
+        for batch in batches:  # the round's rewards, each batch's scored while the next one sampled
+            batch["rewards"] = batch["rewards"].result()
         samples = {key: torch.cat([batch[key] for batch in batches]) for key in batches[0]}  # N = samples_per_epoch
         samples["cond"] = Conditioning.cat(conds)
         del batches, conds  # else the trajectories are held twice through the training (0.86 GB at SD 1.4's defaults)

@@ -27,7 +27,7 @@ from common.flags import AtLeast0, AtLeast1, Count, Guidance, LearningRate, Lora
 from common.lora import EMA
 from common.models import Conditioning, load_model
 from common.prompts import load_prompts, sample_prompts, split_prompts
-from common.rewards import RewardName, make_reward
+from common.rewards import RewardName, Scorer, make_reward
 from common.run import Run
 from common.sampling import randn, sample
 
@@ -103,6 +103,9 @@ class Args(RunArgs):  # RunArgs (common/flags.py): the flags every script shares
     """weight of the squared distance to the pretrained model's prediction in the loss (0: none, RWR as published)"""
     ema_decay: float = 0.0
     """> 0: evaluate with an exponential moving average of the LoRA at this decay, saved in ema/ beside it"""
+    async_reward: bool = True
+    """score each sampling batch in a worker thread while the next one samples (--no-async-reward: in turn; the
+    rewards are the same)"""
 
 
 # --preset tiny: the shipped tiny text-to-image model (assets/tiny-sd: coloured shapes at 32 px) on the CPU, with the
@@ -137,6 +140,8 @@ if __name__ == "__main__":
         model.checkpoint_blocks()
     reward_fn = make_reward(args.reward, run.device, run.dtype)
 
+    scorer = Scorer(reward_fn, background=args.async_reward)  # each batch scored while the next one samples
+
     # TRY NOT TO MODIFY: the LoRA and its optimizer; the run folder, new or --resume's (common/run.py)
     lora_params = model.add_lora(args.lora_rank)
     optimizer = torch.optim.AdamW(lora_params, lr=args.learning_rate, weight_decay=args.weight_decay)
@@ -157,11 +162,13 @@ if __name__ == "__main__":
             x0, _ = sample(model, latents, cond, args.num_steps, args.guidance_scale, args.eta, batch_generators)
             batch = {
                 "latents": x0,  # (B, C, h, w): the generated z_0, the regression's data
-                "rewards": reward_fn(model.decode(x0), prompts).float(),  # (B,)
+                "rewards": scorer.submit(model.decode(x0), prompts),  # (B,), once the worker has scored them
             }
             batches.append(batch)
             conds.append(cond)
             generators += batch_generators  # the training noise also comes from each sample's generator
+        for batch in batches:  # the round's rewards, each batch's scored while the next one sampled
+            batch["rewards"] = batch["rewards"].result()
         samples = {key: torch.cat([batch[key] for batch in batches]) for key in batches[0]}  # N = samples_per_epoch
         samples["cond"] = Conditioning.cat(conds)
 

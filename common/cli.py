@@ -161,18 +161,24 @@ def stop(signum, frame) -> None:
     raise Stopped(signum)
 
 
+def where_to_resume() -> str:
+    """ "; the last checkpoint is ... (--resume RUN)" for the run in progress (Running.folder), "; no checkpoint was
+    written" when it has none yet, "" before a run folder exists: the end of a sentence that stops a run."""
+    run_dir = Running.folder
+    folder = os.path.join(run_dir or "", "checkpoints")
+    names = sorted(n for n in os.listdir(folder) if ".tmp" not in n) if os.path.isdir(folder) else []
+    if names:
+        return f"; the last checkpoint is {os.path.join(folder, names[-1])} (--resume {run_dir})"
+    return "; no checkpoint was written" if run_dir else ""
+
+
 def on_exception(exc_type, exc, traceback) -> None:
     """sys.excepthook: running out of memory (CUDA or CPU) and a torchrun process that stopped answering end in one
     sentence and exit status 2 like the user errors; Ctrl-C, SIGTERM and SIGHUP in one line saying where the last
     checkpoint is (status 128 + the signal's number, as a shell reports it: 130 for Ctrl-C); anything else keeps
     Python's traceback."""
     if issubclass(exc_type, KeyboardInterrupt):
-        run_dir = Running.folder
-        folder = os.path.join(run_dir or "", "checkpoints")
-        names = sorted(n for n in os.listdir(folder) if ".tmp" not in n) if os.path.isdir(folder) else []
-        where = "; no checkpoint was written" if run_dir else ""
-        if names:
-            where = f"; the last checkpoint is {os.path.join(folder, names[-1])} (--resume {run_dir})"
+        where = where_to_resume()
         signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
         what = f"stopped by {signal.Signals(signum).name}" if isinstance(exc, Stopped) else "interrupted"
         print(f"{end_progress_bar()}{what}{where}", file=sys.__stderr__)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from common.cli import fail, load_error, load_or_fail
 from common.distributed import gather, sample_generators, shard
 from common.prompts import sample_prompts
+from common.rewards import Scorer
 from common.sampling import sample
 
 
@@ -228,7 +229,9 @@ def sample_images(
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """`size` images (uint8, (N, 3, H, W)) of `model` on prompts drawn from `prompts`, sampled as the script samples
     (`batch_size` a process, with these steps, guidance and eta), their scores by `score` (N,) and their prompts.
+    Each batch is scored in a worker thread while the next one samples (common.rewards.Scorer: the same numbers).
     Under torchrun each process samples its slice of every batch; every process gets them all."""
+    scorer = Scorer(score)
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     images, scores, data_prompts = [], [], []
     global_batch = world_size * batch_size
@@ -240,7 +243,8 @@ def sample_images(
         cond = model.encode(shard(batch_prompts, batch_size))
         x0, _ = sample(model, latents, cond, num_steps, guidance_scale, eta, generators)
         batch_images = model.decode(x0)
-        scores.append(gather(score(batch_images, shard(batch_prompts, batch_size))).cpu())
+        scores.append(scorer.submit(batch_images, shard(batch_prompts, batch_size)))
         images.append(gather((batch_images * 255).round().byte()).cpu())
         data_prompts += batch_prompts
+    scores = [gather(future.result()).cpu() for future in scores]  # in the same order on every process
     return torch.cat(images)[:size], torch.cat(scores)[:size].float(), data_prompts[:size]

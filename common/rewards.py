@@ -7,6 +7,7 @@ import importlib.util
 import inspect
 import io
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Literal
 
 import numpy as np
@@ -292,9 +293,38 @@ class Reward(nn.Module):
             fail(raised(self.spec, e))
         for name, value in values.items():
             check_value(name, value, len(images))
-        if len(values) > 1:
-            self.last = {name: value.detach() for name, value in values.items()}
+        self.last = {name: value.detach() for name, value in values.items()} if len(values) > 1 else {}
+        for part in self.sum.parts:  # a server's other numbers per image (common/remote.py), logged by their keys
+            self.last.update(getattr(part, "extras", {}))
         return sum(self.sum.weights[name] * value for name, value in values.items())
+
+
+class Scorer:
+    """Scores sampling batches with `reward_fn` in one worker thread, so that a batch's scoring (a server's round trip,
+    a large reward model) overlaps the sampling of the next, as ddpo-pytorch's executor does; `background=False`
+    scores at once. Either way `submit` returns a Future of the reward's (B,) tensor, the same numbers (the reward
+    sees the same images and prompts). A reward that ends the run does so when its result is asked for."""
+
+    def __init__(self, reward_fn, background: bool = True):
+        self.reward_fn, self.failed = reward_fn, False
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="reward") if background else None
+
+    def submit(self, images, prompts) -> Future:
+        if self.pool is not None:
+            return self.pool.submit(self.score, images, prompts)
+        future = Future()
+        future.set_result(self.score(images, prompts))
+        return future
+
+    @torch.no_grad()
+    def score(self, images, prompts) -> torch.Tensor:
+        if self.failed:  # an earlier batch's reward ended the run: the batches queued after it are not scored
+            raise SystemExit(2)
+        try:
+            return self.reward_fn(images, prompts).float()
+        except BaseException:
+            self.failed = True
+            raise
 
 
 def raised(spec: str, e: Exception) -> str:
@@ -358,9 +388,12 @@ def reward_from_file(spec: str) -> nn.Module:
 def make_reward(spec: str, device="cpu", dtype=torch.float32, differentiable=False, **kwargs) -> Reward:
     """The reward `spec`, frozen and in eval mode on `device` (its weights in `dtype`): a name of REWARDS (`kwargs` go
     to its constructor: model ids or local paths; NAME:FOLDER takes its models from a local folder), a user's
-    `path.py:Name`, or a weighted sum of those, "aesthetic+0.2*colorfulness" (a term given twice counts twice).
-    `differentiable`: refuse a reward without a gradient (DRaFT's and BRAID's need), also one that says it has one
-    and has not. One call on two random images checks the contract now rather than mid-run."""
+    `path.py:Name`, a server's `http://HOST:PORT/PATH` (common/remote.py), or a weighted sum of those,
+    "aesthetic+0.2*colorfulness" (a term given twice counts twice). `differentiable`: refuse a reward without a
+    gradient (DRaFT's and BRAID's need), also one that says it has one and has not. One call on two random images
+    checks the contract now rather than mid-run."""
+    if differentiable and ("http://" in spec or "https://" in spec):
+        fail(f"this method backpropagates through the reward, and a reward served over HTTP ('{spec}') gives none")
     parts, weights = {}, {}
     for term in spec.split("+"):
         weight, _, name = term.partition("*") if "*" in term else ("1", "", term)
@@ -377,7 +410,11 @@ def make_reward(spec: str, device="cpu", dtype=torch.float32, differentiable=Fal
         if name in parts:
             continue
         reward_name, _, folder = name.partition(":")
-        if name.endswith(".py") or ".py:" in name:
+        if name.startswith(("http://", "https://")):
+            from common.remote import HttpReward
+
+            parts[name] = HttpReward(name)
+        elif name.endswith(".py") or ".py:" in name:
             parts[name] = reward_from_file(name)
         elif name in REWARDS:
             parts[name] = REWARDS[name](**kwargs)
@@ -387,8 +424,8 @@ def make_reward(spec: str, device="cpu", dtype=torch.float32, differentiable=Fal
             parts[name] = REWARDS[reward_name](**LOCAL_MODELS[reward_name](folder))
         else:
             fail(
-                f"unknown reward '{name}'; choose one of: {', '.join(REWARDS)}, a file's path.py:Name, or a weighted"
-                " sum such as aesthetic+0.2*colorfulness"
+                f"unknown reward '{name}'; choose one of: {', '.join(REWARDS)}, a file's path.py:Name, a server's"
+                " http://HOST:PORT/PATH, or a weighted sum such as aesthetic+0.2*colorfulness"
             )
     reward = Reward(spec, parts, weights).requires_grad_(False).eval().to(device, dtype)
     gradient = differentiable and reward.differentiable

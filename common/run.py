@@ -86,7 +86,9 @@ class Run:
             if self.rank == 0:
                 print(f"{self.dir} is already finished at {counter} {done}: pass a larger {flag} to extend it")
             raise SystemExit(0)
-        name = "+".join(os.path.basename(term) for term in name.split("+"))  # a path, or a weighted sum of them
+        # a path, a server's URL, or a weighted sum of them: each term's file name, or the server's address and path
+        terms = [re.sub("https?://", "", t).strip("/") if "://" in t else os.path.basename(t) for t in name.split("+")]
+        name = "+".join(terms)
         name = re.sub(r"[^\w.+-]+", "_", name)[:60]
         self.name = f"{name}__{args.exp_name}__{args.seed}__{int(time.time())}"
         random.seed(args.seed)

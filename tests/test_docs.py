@@ -5,7 +5,7 @@ The commands are read from the pages themselves: each line of a ```bash block, e
     a CPU run on the shipped tiny model (--preset tiny)   run for real, in a temporary folder (slow tier)
     a run that needs a GPU or a download (SD 1.4, hub ids) parsed by the script's own command line and its checks,
                                                           up to where the run would start (fast tier)
-    training the tiny model (27 min)                      parsed by its command line (fast tier)
+    training the tiny model (27 min), the reward server   parsed by its command line (fast tier)
     set-up (pip) and test (pytest) commands               checked against the files and markers they name
     a ```python block                                     run (slow tier)
 A command of no known kind fails, so that a new command in the docs is never unchecked. The benchmarks' own commands
@@ -31,7 +31,7 @@ from scripts import ROOT, SCRIPTS
 
 PAGES = ["README.md", "assets/README.md", *sorted(os.path.relpath(p, ROOT) for p in glob.glob(f"{ROOT}/docs/*.md"))]
 BENCHMARKS_PAGE = "docs/BENCHMARKS.md"
-TRAIN_TINY = ("assets/train_tiny_sd.py", "assets/train_tiny_sd3.py")
+PARSED_ONLY = ("assets/train_tiny_sd.py", "assets/train_tiny_sd3.py", "reward_server.py")
 
 
 def read(page: str) -> str:
@@ -48,7 +48,7 @@ def commands(page: str) -> list[str]:
             lines = body.replace("\\\n", " ").splitlines()
             found += [line.split(" #")[0].strip() for line in lines if line.strip() and not line.startswith("#")]
     prose = re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
-    found += re.findall(r"`((?:python|torchrun) [^`]+)`", prose)
+    found += [" ".join(span.split()) for span in re.findall(r"`((?:python|torchrun) [^`]+)`", prose)]
     found += [line.strip() for line in prose.splitlines() if re.match(r"\s*(python|torchrun) ", line)]
     return found
 
@@ -80,13 +80,13 @@ def kind(command: str) -> tuple[str, list[str]]:
     if argv[0] == "python" and len(argv) > 1 and argv[1] in SCRIPTS:
         tiny = "--preset tiny" in command or "--preset=tiny" in command
         return ("tiny" if tiny else "gpu"), argv[1:]
-    if argv[0] == "python" and len(argv) > 1 and argv[1] in TRAIN_TINY:
-        return "train_tiny_sd", argv[1:]
+    if argv[0] == "python" and len(argv) > 1 and argv[1] in PARSED_ONLY:
+        return "parsed", argv[1:]
     return "unknown", argv
 
 
 DOC_COMMANDS = sorted({(page, c) for page in PAGES for c in commands(page) if not is_benchmarks(page, c)})
-BY_KIND = {k: sorted({c for _, c in DOC_COMMANDS if kind(c)[0] == k}) for k in ("tiny", "gpu", "train_tiny_sd")}
+BY_KIND = {k: sorted({c for _, c in DOC_COMMANDS if kind(c)[0] == k}) for k in ("tiny", "gpu", "parsed")}
 
 
 def test_every_documented_command_has_a_known_kind():
@@ -194,10 +194,10 @@ def test_gpu_command_parses(command, tmp_path, monkeypatch, capsys):
     assert args.preset == "sd14" or args.resume, "a --preset tiny command belongs to the runs below"
 
 
-@pytest.mark.parametrize("command", BY_KIND["train_tiny_sd"])
-def test_training_the_tiny_model_parses(command):
-    """Half an hour of training that writes over assets/tiny-sd or tiny-sd3: parsed only (tests/test_tiny_sd.py and
-    test_tiny_sd3.py check their products)."""
+@pytest.mark.parametrize("command", BY_KIND["parsed"])
+def test_training_the_tiny_model_and_serving_a_reward_parse(command):
+    """Half an hour of training that writes over assets/tiny-sd or tiny-sd3, and a server that runs until stopped:
+    parsed only (tests/test_tiny_sd.py, test_tiny_sd3.py and test_remote.py check what they do)."""
     import tyro
 
     train_args = runpy.run_path(os.path.join(ROOT, kind(command)[1][0]))["Args"]
@@ -219,17 +219,17 @@ def scratch_checkout(tmp_path):
     return tmp_path
 
 
-# appended to a documented --preset tiny command: the run as written, cut to two steps (epochs), so that the dozen
-# of them take seconds each rather than minutes (the full runs are the learning tests' and the method pages' numbers)
-SHORTER = {"ddpo.py": ["--num-epochs", "2"], "rwr.py": ["--num-epochs", "2"],
-           "braid.py": ["--train-steps", "2", "--offline-size", "24", "--reward-model-steps", "50"]}  # fmt: skip
+# appended to a documented --preset tiny command: the run as written, cut to one step (epoch), so that the dozen of
+# them take seconds each rather than minutes (the full runs are the learning tests' and the method pages' numbers)
+SHORTER = {"ddpo.py": ["--num-epochs", "1"], "rwr.py": ["--num-epochs", "1"],
+           "braid.py": ["--train-steps", "1", "--offline-size", "24", "--reward-model-steps", "50"]}  # fmt: skip
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", BY_KIND["tiny"])
 def test_tiny_command_runs(command, tmp_path):
     argv = shlex.split(command)
-    argv += SHORTER.get(argv[1], ["--train-steps", "2"])
+    argv += SHORTER.get(argv[1], ["--train-steps", "1"])
     cwd = scratch_checkout(tmp_path)
     result = subprocess.run([sys.executable, *argv[1:]], cwd=cwd, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
