@@ -46,6 +46,15 @@ def test_sampler_overhead_runs_its_equivalence_check_and_times_both(tiny_sd_path
 
 
 @pytest.mark.slow
+def test_async_reward_serves_a_slow_reward_and_times_both_kinds_of_run():
+    """On assets/tiny-sd, its default (the random tiny model is slower at the tiny preset's 32 px and 10 steps)."""
+    result = run(["benchmarks/speed/async_reward.py", "--batches", "1", "--epochs", "2", "--repeats", "1",
+                  "--delay", "0.2"])  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "the server waits 0.20 s an answer" in result.stdout and "ratio background / in turn:" in result.stdout
+
+
+@pytest.mark.slow
 def test_family_memory_counts_the_published_shapes_and_each_flag_saves(tmp_path):
     """The modules built on the meta device have the published parameter counts (so their configs are the models'),
     and each memory flag lowers the step's estimate: block-wise checkpointing keeps a fraction of a call's
@@ -413,6 +422,7 @@ def test_trl_ddpo_task_defaults_are_ddpo_tiny_preset():
 @pytest.mark.slow
 @pytest.mark.parametrize("bad, message", [
     (["benchmarks/speed/sampler_overhead.py", "--repeats", "0"], "--resolution, --batch-size, --num-steps and"),
+    (["benchmarks/speed/async_reward.py", "--epochs", "1"], "--batches and --repeats must be at least 1, --epochs at"),
     (["benchmarks/speed/levers.py", "warp_speed", "draft_k.py"], "unknown lever(s) warp_speed"),
     (["benchmarks/speed/levers.py", "tf32", "nope.py"], "nope.py is not a script of this repository"),
     (["benchmarks/speed/sd14_scale.py", "--levers", "warp_speed"], "unknown lever(s) ['warp_speed']"),
@@ -435,6 +445,8 @@ def test_trl_ddpo_task_defaults_are_ddpo_tiny_preset():
     (["benchmarks/results/frontier.py", "--summarize", "--output-dir", "TMP/runs", "--docs-dir", "TMP/docs"],
      "no finished runs under"),
     (["benchmarks/results/trl_ddpo_task.py", "--sample-batch-size", "3"], "--samples-per-epoch must be a multiple"),
+    (["benchmarks/results/prompt_following.py", "--settings", "ppo"], "unknown setting(s) ppo"),
+    (["benchmarks/results/prompt_following.py", "--summarize", "--output-dir", "TMP/runs"], "no finished run under"),
 ])  # fmt: skip
 def test_bad_input_ends_with_one_sentence(bad, message, tmp_path, monkeypatch, capsys):
     """Each is refused before anything is loaded or written (TMP: this test's folder, for what would read runs). Run
