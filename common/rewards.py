@@ -136,21 +136,51 @@ class PickScore(nn.Module):
         return (self.model.logit_scale.exp() * (image_embeds * text_embeds).sum(-1)).float()
 
 
+class ClipScore(nn.Module):
+    """CLIPScore (Hessel et al., 2021): 2.5 * max(cosine(image, text), 0) with CLIP ViT-B/32, the caption prefixed
+    with "A photo depicts" as in the paper's code; text-image alignment without a reference, in [0, 2.5]. (The
+    torchmetrics CLIPScore is 100 * max(cosine, 0), without the prefix, and ViT-L/14 by default.)"""
+
+    differentiable = True
+    prefix = "A photo depicts "
+
+    def __init__(self, model="openai/clip-vit-base-patch32"):
+        super().__init__()
+        from transformers import CLIPImageProcessor  # imported here: its import warns when torchvision is missing
+
+        self.model = load_or_fail(CLIPModel.from_pretrained, model)
+        self.processor = load_or_fail(CLIPImageProcessor.from_pretrained, model)
+        self.tokenizer = load_or_fail(AutoTokenizer.from_pretrained, model)
+
+    def forward(self, images, prompts):
+        pixels = processor_preprocess(self.processor, images).to(self.model.dtype)
+        text = self.tokenizer([self.prefix + p for p in prompts], padding=True, truncation=True, max_length=77,
+                              return_tensors="pt")  # fmt: skip
+        image_embeds = self.model.get_image_features(pixel_values=pixels).pooler_output
+        text_embeds = self.model.get_text_features(**text.to(images.device)).pooler_output
+        cosine = F.cosine_similarity(image_embeds.float(), text_embeds.float(), dim=-1)
+        return 2.5 * cosine.clamp(min=0)
+
+
 class HPSv2(nn.Module):
     """HPS v2 (Wu et al., 2023): cosine(image, text) of an open_clip ViT-H-14 fine-tuned on human preferences
-    (papers report it x100). Needs the optional open_clip package. Not run in this project's tests: open_clip
-    needs torchvision, which has no CPU build on PyPI (unverified here)."""
+    (papers report it x100); `version` "2.1" is the newer checkpoint of the same model (HPS_v2.1_compressed.pt).
+    Needs the optional open_clip package. The tests run it on a stand-in for open_clip: open_clip itself needs
+    torchvision, which has no CPU build on PyPI (its ViT-H-14 is unverified here)."""
 
     differentiable = True
 
-    def __init__(self, checkpoint="xswu/HPSv2"):
+    def __init__(self, checkpoint="xswu/HPSv2", version="2.0"):
         super().__init__()
         try:
             import open_clip
         except ImportError:
-            fail("the hpsv2 reward needs open_clip: pip install open-clip-torch")
+            fail(
+                f"the {'hpsv2' if version == '2.0' else 'hpsv2.1'} reward needs open_clip: pip install open-clip-torch"
+            )
         self.model = open_clip.create_model("ViT-H-14", pretrained=None)
-        state = torch.load(hub_file(checkpoint, "HPS_v2_compressed.pt"), map_location="cpu", weights_only=False)
+        filename = "HPS_v2_compressed.pt" if version == "2.0" else "HPS_v2.1_compressed.pt"
+        state = torch.load(hub_file(checkpoint, filename), map_location="cpu", weights_only=False)
         self.model.load_state_dict(state["state_dict"])
         self.tokenizer = open_clip.get_tokenizer("ViT-H-14")
 
@@ -159,6 +189,13 @@ class HPSv2(nn.Module):
         image_embeds = self.model.encode_image(clip_preprocess(images).to(dtype), normalize=True)
         text_embeds = self.model.encode_text(self.tokenizer(prompts).to(images.device), normalize=True)
         return (image_embeds * text_embeds).sum(-1).float()
+
+
+class HPSv21(HPSv2):
+    """HPS v2.1: HPS v2's model and formula with the newer checkpoint its authors released (v2.1)."""
+
+    def __init__(self, checkpoint="xswu/HPSv2"):
+        super().__init__(checkpoint, version="2.1")
 
 
 def jpeg_size_kb(images) -> torch.Tensor:
@@ -226,13 +263,15 @@ class PromptFollowing(nn.Module):
 
 # the names of REWARDS, as a flag's choices (the methods that need no gradient of the reward)
 RewardName = Literal[
-    "aesthetic", "pickscore", "hpsv2", "colorfulness", "jpeg_compressibility", "jpeg_incompressibility",
-    "prompt_following",
+    "aesthetic", "pickscore", "hpsv2", "hpsv2.1", "clipscore", "colorfulness", "jpeg_compressibility",
+    "jpeg_incompressibility", "prompt_following",
 ]  # fmt: skip
 REWARDS = {
     "aesthetic": Aesthetic,
     "pickscore": PickScore,
     "hpsv2": HPSv2,
+    "hpsv2.1": HPSv21,
+    "clipscore": ClipScore,
     "jpeg_compressibility": JpegCompressibility,
     "jpeg_incompressibility": JpegIncompressibility,
     "colorfulness": Colorfulness,
@@ -245,6 +284,8 @@ LOCAL_MODELS = {
     "aesthetic": lambda folder: dict(clip_model=folder, head=os.path.join(folder, "aesthetic-model.pth")),
     "pickscore": lambda folder: dict(model=folder, processor=folder),
     "hpsv2": lambda folder: dict(checkpoint=os.path.join(folder, "HPS_v2_compressed.pt")),
+    "hpsv2.1": lambda folder: dict(checkpoint=os.path.join(folder, "HPS_v2.1_compressed.pt")),
+    "clipscore": lambda folder: dict(model=folder),
 }
 MAX_WEIGHT = 1e6  # a weight beyond this is a typo (1e300 would overflow the sum)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import CLIPImageProcessor, CLIPModel
+from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
 from common.rewards import REWARDS, clip_preprocess, jpeg_size_kb, make_reward
 from scripts import LENGTH, SCRIPTS, TINY, definitions, read_metrics, run_script
@@ -112,6 +112,82 @@ def test_pickscore_through_tiny_clip(tiny_clip_path):
     assert images.grad.abs().sum() > 0
 
 
+def test_clipscore_through_tiny_clip(tiny_clip_path):
+    """2.5 * max(cosine, 0) of the image's and the prefixed caption's CLIP embeddings, computed here by hand."""
+    reward = make_reward("clipscore", model=tiny_clip_path)
+    images = smooth_images(6, 64, 48)
+    prompts = ["a photo of a cat", "a dog", "a red circle", "a blue square", "a cat", "a green dog"]
+    clip, tokenizer = CLIPModel.from_pretrained(tiny_clip_path), AutoTokenizer.from_pretrained(tiny_clip_path)
+    text = tokenizer(["A photo depicts " + p for p in prompts], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        image_embeds = clip.get_image_features(pixel_values=clip_preprocess(images)).pooler_output
+        text_embeds = clip.get_text_features(**text).pooler_output
+        cosine = (image_embeds / image_embeds.norm(dim=-1, keepdim=True) * text_embeds / text_embeds.norm(dim=-1,
+                  keepdim=True)).sum(-1)  # fmt: skip
+        scores = reward(images, prompts)
+    assert (cosine > 0).any() and (cosine < 0).any(), cosine  # both branches of the max
+    torch.testing.assert_close(scores, torch.where(cosine > 0, 2.5 * cosine, torch.zeros_like(cosine)))
+    images.requires_grad_()
+    reward(images, prompts).sum().backward()
+    assert images.grad.abs().sum() > 0
+
+
+class StandInOpenClip:
+    """What HPSv2 uses of open_clip, small: create_model (a module with encode_image and encode_text, its weights
+    loaded from the checkpoint) and get_tokenizer (letters to ids, 8 a prompt)."""
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.image = torch.nn.Linear(3 * 224 * 224, 8)
+            self.text = torch.nn.Embedding(128, 8)
+
+        def encode_image(self, pixels, normalize=False):
+            embeds = self.image(pixels.flatten(1))
+            return F.normalize(embeds, dim=-1) if normalize else embeds
+
+        def encode_text(self, ids, normalize=False):
+            embeds = self.text(ids).mean(1)
+            return F.normalize(embeds, dim=-1) if normalize else embeds
+
+    @staticmethod
+    def create_model(name, pretrained=None):
+        assert name == "ViT-H-14" and pretrained is None
+        return StandInOpenClip.Model()
+
+    @staticmethod
+    def get_tokenizer(name):
+        return lambda prompts: torch.tensor([[ord(c) % 128 for c in (p + " " * 8)[:8]] for p in prompts])
+
+
+@pytest.mark.parametrize("name, filename", [("hpsv2", "HPS_v2_compressed.pt"), ("hpsv2.1", "HPS_v2.1_compressed.pt")])
+def test_hpsv2_and_hpsv21_read_their_checkpoints_and_score_the_cosine(name, filename, tmp_path, monkeypatch):
+    """On a stand-in for open_clip (which needs torchvision, with no CPU build here): each version downloads its own
+    checkpoint file from xswu/HPSv2 and scores cosine(image, text) of CLIP-preprocessed images, computed by hand."""
+    import sys
+
+    import common.rewards
+
+    torch.manual_seed(0)
+    weights = StandInOpenClip.Model()
+    torch.save({"state_dict": weights.state_dict()}, tmp_path / filename)
+    asked = []
+    monkeypatch.setitem(sys.modules, "open_clip", StandInOpenClip)
+    monkeypatch.setattr(
+        common.rewards, "hub_file", lambda repo, file: asked.append((repo, file)) or str(tmp_path / file)
+    )
+    reward = make_reward(name)
+    assert asked[-1] == ("xswu/HPSv2", filename)
+    images, prompts = smooth_images(2, 64, 64), ["a cat", "a dog"]
+    with torch.no_grad():
+        expected = F.cosine_similarity(weights.encode_image(clip_preprocess(images)),
+                                       weights.encode_text(StandInOpenClip.get_tokenizer("")(prompts)))  # fmt: skip
+        torch.testing.assert_close(reward(images, prompts), expected)
+    images.requires_grad_()
+    reward(images, prompts).sum().backward()
+    assert images.grad.abs().sum() > 0
+
+
 def test_unknown_reward_lists_the_valid_names(capsys):
     with pytest.raises(SystemExit) as exit_info:
         make_reward("beauty")
@@ -120,7 +196,8 @@ def test_unknown_reward_lists_the_valid_names(capsys):
     assert "unknown reward 'beauty'" in message and all(name in message for name in REWARDS)
 
 
-def test_hpsv2_says_how_to_install_open_clip(capsys):
+@pytest.mark.parametrize("name", ["hpsv2", "hpsv2.1"])
+def test_hpsv2_says_how_to_install_open_clip(name, capsys):
     try:
         import open_clip  # noqa: F401
 
@@ -128,8 +205,8 @@ def test_hpsv2_says_how_to_install_open_clip(capsys):
     except ImportError:
         pass
     with pytest.raises(SystemExit):
-        make_reward("hpsv2")
-    assert "pip install open-clip-torch" in capsys.readouterr().err
+        make_reward(name)
+    assert f"the {name} reward needs open_clip: pip install open-clip-torch" in capsys.readouterr().err
 
 
 def test_missing_reward_model_gives_one_clear_sentence(capsys):

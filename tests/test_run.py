@@ -87,7 +87,7 @@ def test_help_opens_with_the_scripts_docstring_and_lists_the_choices():
     result = subprocess.run([sys.executable, "ddpo.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0 and "DDPO: Training Diffusion Models with Reinforcement Learning" in result.stdout
     assert (
-        "--reward {aesthetic,pickscore,hpsv2,colorfulness," in result.stdout
+        "--reward {aesthetic,pickscore,hpsv2,hpsv2.1,clipscore," in result.stdout
         and "prompt_following}|STR" in result.stdout
     )
     assert "--mixed-precision {auto,bf16,no}" in result.stdout
