@@ -110,7 +110,9 @@ class RunArgs:
     """encode the training and held-out prompts once, then free the text encoders' memory (docs/RUNS.md)"""
     gradient_checkpointing: Resumable[bool] = False
     """recompute each denoiser block in the backward pass instead of keeping its activations (docs/RUNS.md)"""
-    prompts: Literal["simple_animals", "nouns_activities", "shapes", "shapes_seen", "shapes_unseen"] = "simple_animals"
+    prompts: Literal[
+        "simple_animals", "nouns_activities", "geneval", "shapes", "shapes_seen", "shapes_unseen"
+    ] = "simple_animals"  # fmt: skip
     """the prompt set"""
     prompt_file: Optional[str] = None
     """a file of prompts, one per line, instead of --prompts"""

@@ -1,5 +1,6 @@
 """Prompt sets by name, a prompt file, and seedable sampling from them."""
 
+import json
 import os
 
 import torch
@@ -38,6 +39,17 @@ PROMPT_SETS = {
         if background != colour
     ],
 }
+# sets shipped as files (common/prompt_sets/README.md gives their sources and licences)
+PROMPT_SET_FILES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompt_sets")
+
+
+def geneval_metadata() -> list[dict]:
+    """GenEval's 553 evaluation prompts with what a detector must find in each image (tag, include, exclude, ...)."""
+    with open(os.path.join(PROMPT_SET_FILES, "geneval.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+PROMPT_SETS["geneval"] = [record["prompt"] for record in geneval_metadata()]
 PROMPT_SETS["shapes_seen"] = [p for p in PROMPT_SETS["shapes"] if tuple(p.split()[1:3]) not in UNSEEN_PAIRS]
 PROMPT_SETS["shapes_unseen"] = [p for p in PROMPT_SETS["shapes"] if tuple(p.split()[1:3]) in UNSEEN_PAIRS]
 

@@ -19,7 +19,7 @@ import common.run
 from common.checkpoint import find_checkpoint, save_checkpoint, truncate_metrics
 from common.cli import cli
 from common.models import load_model
-from common.prompts import PROMPT_SETS, load_prompts, sample_prompts, split_prompts
+from common.prompts import PROMPT_SETS, geneval_metadata, load_prompts, sample_prompts, split_prompts, validation_prompt
 from scripts import LENGTH, ROOT, SCRIPTS, TINY, definitions, read_metrics, run_script, run_subprocess
 
 # the only differences allowed between the scripts' shared blocks: each names its method; DDPO and RWR count epochs,
@@ -435,6 +435,14 @@ def test_prompt_sets_files_splits_and_seeded_draws(tmp_path):
     shapes = load_prompts("shapes")
     assert len(shapes) == len(set(shapes)) == 3 * 6 * 5  # shapes x shape colours x other background colours
     assert "a red circle on a white background" in shapes and "a red square on a red background" not in shapes
+    geneval, metadata = load_prompts("geneval"), geneval_metadata()  # GenEval's file, as its repository has it
+    assert len(geneval) == len(set(geneval)) == 553 and geneval == [record["prompt"] for record in metadata]
+    tags = {tag: sum(r["tag"] == tag for r in metadata) for tag in {r["tag"] for r in metadata}}
+    assert tags == {"single_object": 80, "two_object": 99, "counting": 80, "colors": 94, "position": 100,
+                    "color_attr": 100}  # fmt: skip
+    assert metadata[0] == {"tag": "single_object", "include": [{"class": "bench", "count": 1}],
+                           "prompt": "a photo of a bench"}  # fmt: skip
+    assert validation_prompt("geneval") == geneval  # also a held-out set by its name
     path = tmp_path / "prompts.txt"
     path.write_text("a red fox\n\n  a blue whale  \n")
     assert load_prompts(prompt_file=str(path)) == ["a red fox", "a blue whale"]
