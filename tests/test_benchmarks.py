@@ -402,6 +402,18 @@ def test_results_md_keeps_what_people_wrote_and_writes_no_conclusion_of_its_own(
         assert not hand_written(name, recorded)[1].startswith("(Not written yet"), name
 
 
+def test_the_prompt_following_section_goes_last_and_replaces_its_earlier_self():
+    """prompt_following.py --summarize puts its section at the end of RESULTS.md; compare.py --summarize, which
+    rewrites the page, puts it back there (with its hand-written block as the page has it)."""
+    from benchmarks.results.compare import PROMPT_FOLLOWING, with_last_section
+
+    page = f"# Results\n\n## A\n\na\n\n{PROMPT_FOLLOWING}\n\nold\n\n## B\n\nb\n"
+    expected = f"# Results\n\n## A\n\na\n\n## B\n\nb\n\n{PROMPT_FOLLOWING}\n\nnew\n"
+    assert with_last_section(page, f"{PROMPT_FOLLOWING}\n\nnew\n") == expected
+    assert with_last_section(expected, f"{PROMPT_FOLLOWING}\n\nnew\n") == expected
+    assert with_last_section("# Results\n", f"{PROMPT_FOLLOWING}\n\nnew") == f"# Results\n\n{PROMPT_FOLLOWING}\n\nnew\n"
+
+
 @pytest.mark.slow
 def test_trl_ddpo_task_defaults_are_ddpo_tiny_preset():
     """Its flags' defaults are `ddpo.py --preset tiny`'s, and what it has no flag for is ddpo.py's default."""

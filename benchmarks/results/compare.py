@@ -773,6 +773,19 @@ def lead_with(results: str, section: str) -> str:
     return f"{title}\n\n{section.strip()}\n\n{rest.lstrip()}"
 
 
+PROMPT_FOLLOWING = "## Flow-GRPO in miniature: prompt following on the tiny flow model"  # prompt_following.py's
+
+
+def with_last_section(results: str, section: str) -> str:
+    """RESULTS.md's text with `section` (prompt_following.py's) at its end, in place of an earlier one."""
+    heading = section.split("\n", 1)[0]
+    start = results.find(heading + "\n")
+    if start >= 0:  # the old section runs to the next heading of its level
+        end = results.find("\n## ", start + len(heading))
+        results = results[:start] + (results[end + 1 :] if end >= 0 else "")
+    return f"{results.rstrip()}\n\n{section.strip()}\n"
+
+
 def summarize(args: Args) -> None:
     """{docs_dir}/RESULTS.md and its figures, from the finished runs under --output-dir (led by frontier.py's section,
     {docs_dir}/results/frontier.md, where there is one)."""
@@ -793,6 +806,10 @@ def summarize(args: Args) -> None:
     frontier = os.path.join(args.docs_dir, "results", "frontier.md")
     if os.path.isfile(frontier):
         text = lead_with(text, open(frontier).read())
+    prompt_following = os.path.join(args.docs_dir, "results", "prompt_following.md")
+    if os.path.isfile(prompt_following):  # its section, with the hand-written block as RESULTS.md has it now
+        generated = open(prompt_following).read().split(HAND.format("prompt_following"))[0]
+        text = with_last_section(text, generated + "\n".join(hand_written("prompt_following", existing)) + "\n")
     with open(os.path.join(args.docs_dir, "RESULTS.md"), "w") as f:
         f.write(text)
     print(f"wrote {args.docs_dir}/RESULTS.md and {len(figures)} figures")

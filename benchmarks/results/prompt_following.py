@@ -1,7 +1,8 @@
 """Flow-GRPO in miniature: does reinforcement learning raise a flow model's prompt following, and which recipes pay?
 
     python benchmarks/results/prompt_following.py --jobs 2        # the runs: 9 settings x 3 seeds, a thread each
-    python benchmarks/results/prompt_following.py --summarize     # docs/results/prompt_following.{json,md,png}
+    python benchmarks/results/prompt_following.py --summarize     # the last section of docs/RESULTS.md, and
+                                                                  # docs/results/prompt_following.{json,md,png}
 
 The task: the shipped flow model `assets/tiny-sd3` (an SD 3 pipeline at 32 px), which draws its prompts' colours but
 not their shapes (its shapes are blobs that common.shapes.describe reads as a circle, a square or a triangle about
@@ -31,6 +32,7 @@ import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
+from benchmarks.results import compare  # noqa: E402  (the repository's root is on the path only from here)
 from common.cli import fail  # noqa: E402
 
 TASK = ["--preset", "tiny", "--pretrained-model", "assets/tiny-sd3", "--reward", "prompt_following", "--prompts",
@@ -71,15 +73,17 @@ class Args:
     jobs: int = 2
     """runs at a time (each on one thread)"""
     seeds: int = 3
-    """seeds 0, 1, ... of each setting"""
+    """seeds first_seed, first_seed + 1, ... of each setting"""
+    first_seed: int = 0
+    """the first seed (two calls with their own seeds share the cores without sharing a run)"""
     epochs: int = 16
     """epochs a run (64 reward queries each)"""
     settings: tuple[str, ...] = tuple(SETTINGS)
     """which settings to run"""
     summarize: bool = False
     """instead of running: read the finished runs, write docs/results/prompt_following.{json,md,png}"""
-    out: str = "docs/results"
-    """where --summarize writes"""
+    docs_dir: str = "docs"
+    """where --summarize writes: the section at the end of {docs_dir}/RESULTS.md, its files in {docs_dir}/results/"""
 
 
 def folder(args: Args, name: str, seed: int) -> str:
@@ -104,7 +108,8 @@ def run_all(args: Args) -> None:
             done = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         return None if done.returncode == 0 else f"{name} seed {seed}"
 
-    jobs = [(name, seed) for seed in range(args.seeds) for name in args.settings]  # every setting's seed 0 first
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    jobs = [(name, seed) for seed in seeds for name in args.settings]  # every setting's first seed first
     with ThreadPoolExecutor(args.jobs) as pool:  # each run is a subprocess: the threads only wait for them
         failed = [f for f in pool.map(one, jobs) if f]
     if failed:
@@ -175,32 +180,59 @@ def summarize(args: Args) -> None:
             "gain_per_100_queries": [
                 100 * (v - run[0]["held_out"]) / end[0]["queries"] for v, run in zip(last_two, runs)
             ],
+            "gain_per_minute": [
+                (v - run[0]["held_out"]) / (p["seconds"] / 60) for v, run, p in zip(last_two, runs, end)
+            ],
             "train_reward_first": [run[1]["train_reward"] for run in runs],
             "train_reward_last": [p["train_reward"] for p in end],
             "kl_end": [p["kl"] for p in end],
             "train_minutes": [p["seconds"] / 60 for p in end],
             "curves": runs,
         }
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "prompt_following.json"), "w") as f:
+    out = os.path.join(args.docs_dir, "results")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "prompt_following.json"), "w") as f:
         json.dump(rows, f, indent=1)
     lines = [
         "| setting | seeds | held-out all three right: start -> end (mean of the last two evaluations) | change"
-        " per 100 queries | training reward (seen prompts): epochs 1-4 -> 13-16 | KL at the end | training minutes"
-        " (1 thread) | what it is |",
-        "|---|---|---|---|---|---|---|---|",
+        " per 100 queries | change per training minute | training reward (seen prompts): epochs 1-4 -> 13-16 | KL at"
+        " the end | training minutes (1 thread) | what it is |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in rows.items():
         lines.append(
             f"| `{name}` | {row['seeds']} | {row['held_out_start']:.2f} -> {mean_sd(row['held_out_last_two'])} |"
-            f" {mean_sd(row['gain_per_100_queries'], 3)} | {mean_sd(row['train_reward_first'])} ->"
+            f" {mean_sd(row['gain_per_100_queries'], 3)} | {mean_sd(row['gain_per_minute'], 3)} |"
+            f" {mean_sd(row['train_reward_first'])} ->"
             f" {mean_sd(row['train_reward_last'])} | {mean_sd(row['kl_end'], 1)} |"
             f" {mean_sd(row['train_minutes'], 1)} | {SETTINGS[name][1]} |"
         )
-    with open(os.path.join(args.out, "prompt_following.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    seeds = sorted({row["seeds"] for row in rows.values()})
+    intro = (
+        "Written by `python benchmarks/results/prompt_following.py --summarize` from the runs of `prompt_following.py`:"
+        " `assets/tiny-sd3` (an SD 3 pipeline at 32 px, which draws its prompts' colours but hardly their shapes),"
+        " rewarded by `prompt_following` (the share of the prompt's shape, colour and background the image shows, read"
+        " back from the pixels), trained on `shapes_seen` and evaluated on `shapes_unseen`, whose colour-shape pairs"
+        " never occur in training (30 prompts, 2 images each at eta 0 from fixed noise, guidance 5, at the start and"
+        f" every 4 epochs). {args.epochs} epochs of 64 images (8 prompts x 8), 6 steps, guidance 5;"
+        f" {'/'.join(map(str, seeds))} seed(s) a setting, mean ± standard deviation over them. The measure: the share"
+        " of held-out images that follow all three parts of their prompt (`eval_fidelity`), its change per 100 reward"
+        " queries and against the training's minutes on one CPU thread (evaluations excluded; the runs shared a"
+        " two-core machine, two at a time, with other work, so minutes compare settings only roughly)."
+    )
+    section = "\n".join([compare.PROMPT_FOLLOWING, "", intro, "", *lines, "",
+                         "![held-out prompt following against reward queries and minutes, and the training reward]"
+                         "(results/prompt_following.png)", "", ""])  # fmt: skip
+    path = os.path.join(args.docs_dir, "RESULTS.md")
+    text = open(path).read() if os.path.isfile(path) else "# Results\n"
+    section += "\n".join(compare.hand_written("prompt_following", text)) + "\n"
+    with open(os.path.join(out, "prompt_following.md"), "w") as f:
+        f.write(section)
+    with open(path, "w") as f:
+        f.write(compare.with_last_section(text, section))
     print("\n".join(lines))
-    plot(rows, os.path.join(args.out, "prompt_following.png"))
+    plot(rows, os.path.join(out, "prompt_following.png"))
+    print(f"wrote {out}/prompt_following.md and put it at the end of {path}")
 
 
 def plot(rows: dict, path: str) -> None:
@@ -232,6 +264,10 @@ def plot(rows: dict, path: str) -> None:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    if min(args.jobs, args.seeds) < 1 or args.first_seed < 0 or args.epochs < 4 or args.epochs % 4:
+        fail(
+            "--jobs and --seeds must be at least 1, --first-seed at least 0, --epochs a multiple of 4 (the evaluations)"
+        )
     if args.summarize:
         summarize(args)
     else:
