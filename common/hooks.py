@@ -8,3 +8,5 @@ model_loaded = []
 lora_added = []
 # f(iterable) -> iterable, wrapping the training loop's counter (Run.steps) after the run's first evaluation
 training_loop = []
+# f(reward) -> None, for each reward make_reward returns (e.g. timing its forward and backward)
+reward_made = []

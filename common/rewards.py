@@ -18,6 +18,7 @@ from PIL import Image
 from torch import nn
 from transformers import AutoTokenizer, CLIPModel
 
+from common import hooks
 from common.cli import fail, load_or_fail
 from common.prompts import SHAPES
 
@@ -481,4 +482,6 @@ def make_reward(spec: str, device="cpu", dtype=torch.float32, differentiable=Fal
         )
     if gradient and not value.requires_grad:
         fail(f"the reward '{spec}' says it is differentiable, but its value carries no gradient back to the images")
+    for hook in hooks.reward_made:
+        hook(reward)
     return reward

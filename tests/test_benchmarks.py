@@ -49,7 +49,7 @@ def test_sampler_overhead_runs_its_equivalence_check_and_times_both(tiny_sd_path
 def test_async_reward_serves_a_slow_reward_and_times_both_kinds_of_run():
     """On assets/tiny-sd, its default (the random tiny model is slower at the tiny preset's 32 px and 10 steps)."""
     result = run(["benchmarks/speed/async_reward.py", "--batches", "1", "--epochs", "2", "--repeats", "1",
-                  "--delay", "0.2"])  # fmt: skip
+                  "--delay", "0.2", "--num-steps", "3"])  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "the server waits 0.20 s an answer" in result.stdout and "ratio background / in turn:" in result.stdout
 
@@ -76,20 +76,29 @@ def test_family_memory_counts_the_published_shapes_and_each_flag_saves(tmp_path)
 
 @pytest.mark.slow
 def test_gpu_check_dry_run_runs_the_whole_plan(tmp_path):
-    """The GPU machine's one command, at tiny shapes on the CPU: every kind of part ends (the six scripts through
-    speed/sd14_scale.py, another family's pipeline built and run (SD 3.5's; SDXL's part runs the same two commands on
-    its own model, and the batch-1 parts differ from the default ones only in their flags), the pairs with TRL
-    through peers/trl_trainers.py), every run is timed with its FLOPs counted, both sides of each TRL pair do the same
-    work, and the tables are written. TRL is a benchmark-only dependency; CI installs it (.ci/run)."""
+    """The GPU machine's one command, at tiny shapes on the CPU: every kind of part ends (a DRaFT-1 step profiled by
+    phase and kind of work through speed/profile_step.py; the six scripts through speed/sd14_scale.py; another
+    family's pipeline built and run (SD 3.5's; SDXL's parts, the levers' included, run the same commands on its own
+    model with other flags, and the batch-1 parts differ from the default ones only in their flags); the pairs with
+    TRL through peers/trl_trainers.py), every run is timed with its FLOPs counted, both sides of each TRL pair do the
+    same work, and the tables are written. TRL is a benchmark-only dependency; CI installs it (.ci/run)."""
     pytest.importorskip("trl", reason=TRL)
     out = tmp_path / "out"
     result = run(["benchmarks/speed/gpu_check.py", "--dry-run", "--out-dir", str(out), "--models-dir",
-                  str(tmp_path / "models"), "--only", "sd14 default", "sd35", "trl"])  # fmt: skip
+                  str(tmp_path / "models"), "--only", "profile sd14", "sd14 default", "sd35 draft", "trl"])  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "gpu_check.json").read_text())
     assert [p["status"] for p in report["parts"]] == ["ok"] * 4, [(p["name"], p.get("tail")) for p in report["parts"]]
+    (profile,) = [p["result"] for p in report["parts"] if "profile_step" in p["command"]]
+    assert profile["phase_calls"] == {"sampling (no gradient)": 3, "the step with gradient": 1, "VAE decode": 1,
+                                      "reward": 1}  # 4 steps, the last with gradient  # fmt: skip
+    assert all(seconds > 0 for name, seconds in profile["phases"].items() if name != "backward: reward")
+    assert (
+        profile["kinds"]["convolutions"] > 0 and profile["kinds"]["matrix products"] > 0 and len(profile["top"]) == 15
+    )
+    assert sum(profile["kinds"].values()) == pytest.approx(profile["profiled_step_seconds"])
     rows = [r for p in report["parts"] if "sd14_scale" in p["command"] for r in p["result"]["results"]]
-    assert sorted({r["script"] for r in rows}) == sorted(SCRIPTS) and len(rows) == 6 + 2
+    assert sorted({r["script"] for r in rows}) == sorted(SCRIPTS) and len(rows) == 6 + 1
     assert all(r["images_per_sec"] > 0 and r["tflop_per_step"] > 0 for r in rows)
     assert all(0.2 < r["peak_rss_gb"] < 20 for r in rows)  # each script's own process: torch and the models at least
     (trl,) = [p["result"] for p in report["parts"] if "trl_trainers" in p["command"]]
@@ -100,6 +109,7 @@ def test_gpu_check_dry_run_runs_the_whole_plan(tmp_path):
     assert len(runs) == 4 and all(run["images_per_sec"] > 0 and run["eval_reward"][0] > 0 for run in runs)
     table = (out / "gpu_check.md").read_text()
     assert "| sd35 draft_k.py --k 1 batch 1 | draft_k.py |" in table and "| ddpo |" in table
+    assert "### profile sd14 draft_k.py --k 1" in table and "| sampling (no gradient) |" in table
 
 
 def test_gpu_check_ends_with_exit_status_2_when_a_part_failed(tmp_path, monkeypatch, capsys):
@@ -155,13 +165,15 @@ def test_each_lever_switches_on_what_it_names(tiny_sd_path, monkeypatch, capsys)
     monkeypatch.setattr(torch.optim, "AdamW", torch.optim.AdamW)
     for name in ("model_loaded", "lora_added", "training_loop"):
         monkeypatch.setattr(hooks, name, [])
-    precision = torch.get_float32_matmul_precision()
+    precision, benchmark = torch.get_float32_matmul_precision(), torch.backends.cudnn.benchmark
     try:
-        apply(["tf32", "channels_last", "fused_adamw", "compile"])
+        apply(["tf32", "channels_last", "fused_adamw", "cudnn_benchmark", "compile"])
         assert torch.get_float32_matmul_precision() == "high"
+        model = common.models.load_model(tiny_sd_path, resolution=16)
+        assert torch.backends.cudnn.benchmark  # set once the model is loaded, after the run's own cuDNN settings
     finally:
         torch.set_float32_matmul_precision(precision)
-    model = common.models.load_model(tiny_sd_path, resolution=16)
+        torch.backends.cudnn.benchmark = benchmark
     assert model.denoiser.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert model.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     params = model.add_lora(4)
@@ -434,7 +446,9 @@ def test_trl_ddpo_task_defaults_are_ddpo_tiny_preset():
 @pytest.mark.slow
 @pytest.mark.parametrize("bad, message", [
     (["benchmarks/speed/sampler_overhead.py", "--repeats", "0"], "--resolution, --batch-size, --num-steps and"),
-    (["benchmarks/speed/async_reward.py", "--epochs", "1"], "--batches and --repeats must be at least 1, --epochs at"),
+    (["benchmarks/speed/profile_step.py", "--steps", "0"], "--batch-size, --warmup and --steps must be at least 1"),
+    (["benchmarks/speed/levers.py", "turbo", "draft_k.py"], "fused_adamw, cudnn_benchmark, compile"),
+    (["benchmarks/speed/async_reward.py", "--epochs", "1"], "--batches, --repeats and --num-steps must be at least 1"),
     (["benchmarks/speed/levers.py", "warp_speed", "draft_k.py"], "unknown lever(s) warp_speed"),
     (["benchmarks/speed/levers.py", "tf32", "nope.py"], "nope.py is not a script of this repository"),
     (["benchmarks/speed/sd14_scale.py", "--levers", "warp_speed"], "unknown lever(s) ['warp_speed']"),

@@ -47,19 +47,21 @@ class Args:
     """runs of each kind, alternating"""
     delay: float = -1.0
     """seconds the server waits before each answer; -1: as long as sampling one batch takes"""
+    num_steps: int = 10
+    """sampling steps (the tiny preset's 10)"""
 
 
-def sampling_seconds(model_path: str) -> float:
-    """The median seconds of sampling and decoding one batch as the runs do (32 images, 10 steps, guidance 5, the
-    tiny preset's shapes), on one thread."""
-    model = load_model(model_path, device="cpu", dtype=torch.float32, resolution=32, num_steps=10)
+def sampling_seconds(model_path: str, num_steps: int) -> float:
+    """The median seconds of sampling and decoding one batch as the runs do (32 images, guidance 5, the tiny preset's
+    shapes), on one thread."""
+    model = load_model(model_path, device="cpu", dtype=torch.float32, resolution=32, num_steps=num_steps)
     cond = model.encode(["a red circle on a white background"] * 32)
     times = []
     for seed in range(4):
         latents = model.initial_latents(32, torch.Generator().manual_seed(seed))
         start = time.perf_counter()
         with torch.no_grad():
-            x0, _ = sample(model, latents, cond, 10, 5.0, eta=1.0, generator=torch.Generator().manual_seed(seed))
+            x0, _ = sample(model, latents, cond, num_steps, 5.0, eta=1.0, generator=torch.Generator().manual_seed(seed))
             model.decode(x0)
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:])
@@ -70,7 +72,8 @@ def epoch_seconds(url: str, background: bool, args: Args, out: str) -> list[floa
     samples = 32 * args.batches
     command = [sys.executable, "ddpo.py", "--preset", "tiny", "--pretrained-model", args.model, "--reward", url,
                "--num-epochs", str(args.epochs), "--samples-per-epoch", str(samples), "--sample-batch-size", "32",
-               "--train-batch-size", "32", "--sample-every", "1000", "--save-every", "1000", "--output-dir", out,
+               "--train-batch-size", "32", "--num-steps", str(args.num_steps), "--sample-every", "1000", "--save-every",
+               "1000", "--output-dir", out,
                "--async-reward" if background else "--no-async-reward"]  # fmt: skip
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
@@ -83,11 +86,11 @@ def epoch_seconds(url: str, background: bool, args: Args, out: str) -> list[floa
 
 if __name__ == "__main__":
     args = tyro.cli(Args, description=__doc__)
-    if min(args.batches, args.repeats) < 1 or args.epochs < 2:
-        fail("--batches and --repeats must be at least 1, --epochs at least 2")
+    if min(args.batches, args.repeats, args.num_steps) < 1 or args.epochs < 2:
+        fail("--batches, --repeats and --num-steps must be at least 1, --epochs at least 2")
     install_error_handling()
     torch.set_num_threads(1)
-    delay = sampling_seconds(args.model) if args.delay < 0 else args.delay
+    delay = sampling_seconds(args.model, args.num_steps) if args.delay < 0 else args.delay
     reward = make_reward("jpeg_incompressibility")
 
     def slow(images, prompts):

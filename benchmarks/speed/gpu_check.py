@@ -8,15 +8,19 @@ what matters most is measured first if the budget runs out (a part that would st
 skipped; a part that fails is recorded with its last lines and the plan goes on, and the command then ends with exit
 status 2 and one sentence naming the parts that failed):
 1. the device's ceilings: a bf16 8192^3 matrix product (TFLOP/s) and a device-to-device copy (GB/s)
-2. the six scripts at SD 1.4's shapes (random weights, 512 px, bf16), each at its default batch for 3 optimizer steps
+2. where a DRaFT-1 step's time goes, at SD 1.4's shapes (512 px, 50 steps) and SDXL's (1024 px, 20 steps), batch 1:
+   by phase and by kind of work under torch.profiler, and the 15 most expensive kernels (speed/profile_step.py)
+3. the SDXL DRaFT-1 step at batch 1 (`draft_k.py --k 1`, 20 steps), then each lever alone against it:
+   --no-torch-deterministic, batch 4, and levers.py's channels_last, cudnn_benchmark and compile
+4. the six scripts at SD 1.4's shapes (random weights, 512 px, bf16), each at its default batch for 3 optimizer steps
    (DDPO and RWR: 3 epochs of 8 images): images/s after the first step, peak memory, FLOPs per step (attention
    included) and model-FLOP utilisation (speed/sd14_scale.py)
-3. SDXL base 1.0's and SD 3.5 Medium's shapes at 1024 px, batch 1: `draft_k.py --k 1` (20 steps) and `ddpo.py` (10
-   steps, 2 images an epoch); memory at batch 1 does not depend on the number of steps for these two
-4. DDPO and DRaFT (full backpropagation) at SD 1.4's shapes and batch 1: the memory targets
-5. the pairs with TRL 0.23.1: ddpo.py against DDPOTrainer and draft_k.py --k 1 against AlignPropTrainer on the same
+5. SD 3.5 Medium's shapes at 1024 px, batch 1: `draft_k.py --k 1` (20 steps), and `ddpo.py` on SDXL's and SD 3.5's
+   (10 steps, 2 images an epoch); memory at batch 1 does not depend on the number of steps for these two
+6. DDPO and DRaFT (full backpropagation) at SD 1.4's shapes and batch 1: the memory targets
+7. the pairs with TRL 0.23.1: ddpo.py against DDPOTrainer and draft_k.py --k 1 against AlignPropTrainer on the same
    work, one interleaved repeat (peers/trl_trainers.py --sd14)
-6. the other four scripts at batch 1
+8. the other four scripts at batch 1
 Writes gpu_check.json (every part's numbers, the device, versions, date and command) and gpu_check.md (the tables)
 to --out-dir, after every part, so that a run cut short still leaves what it measured.
 """
@@ -35,9 +39,11 @@ import tyro
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 from benchmarks.shared import build_family, build_models, device_name  # noqa: E402
+from benchmarks.speed.profile_step import markdown  # noqa: E402
 from common.cli import fail  # noqa: E402
 
 DRAFT_AND_BRAID = ["draft_full.py", "draft_k.py", "draft_lv.py", "braid.py"]
+LEVER_PARTS = ["channels_last", "cudnn_benchmark", "compile"]  # levers.py's, each measured alone
 BATCH_1 = {"draft_full.py": "--batch-size 1", "draft_k.py": "--batch-size 1", "draft_lv.py": "--batch-size 1",
            "braid.py": "--batch-size 1", "ddpo.py": "--sample-batch-size 1 --train-batch-size 1",
            "rwr.py": "--sample-batch-size 1 --train-batch-size 1"}  # fmt: skip
@@ -91,18 +97,28 @@ def plan(args: Args, python: str) -> list[tuple[str, list[str]]]:
     tiny = ["--tiny", "--steps", "2"] if args.dry_run else ["--steps", "3"]
     tiny += ["--samples-per-epoch", "8"]  # DDPO's and RWR's default batches: 8 to sample, 4 to train
     scale = [python, "benchmarks/speed/sd14_scale.py", "--models-dir", args.models_dir, *tiny, "--out", "{json}"]
-    parts = [("sd14 default batch", scale)]
+    profile = [python, "benchmarks/speed/profile_step.py", "--models-dir", args.models_dir, "--out", "{json}"]
+    profile += ["--tiny", "--warmup", "1", "--steps", "1"] if args.dry_run else []
+    parts = [
+        ("profile sd14 draft_k.py --k 1", profile),
+        ("profile sdxl draft_k.py --k 1", [*profile, "--family", "sdxl"]),
+    ]
+    steps = lambda n: "" if args.dry_run else f" --num-steps {n}"  # noqa: E731
+    shapes = {}
     for family in ("sdxl", "sd35"):
         model = os.path.join(args.models_dir, f"{family}-{'tiny' if args.dry_run else 'random'}")
-        shape = ["--model", model] + (["--resolution", "32"] if args.dry_run else ["--resolution", "1024"])
-        steps = lambda n: "" if args.dry_run else f" --num-steps {n}"  # noqa: E731
-        parts.append(
-            (
-                f"{family} draft_k.py --k 1 batch 1",
-                [*scale, *shape, "--scripts", "draft_k.py", "--extra-args=--k 1 --batch-size 1" + steps(20)],
-            )
-        )
-        ddpo = [*scale, *shape, "--scripts", "ddpo.py", "--samples-per-epoch", "2"]
+        shapes[family] = ["--model", model] + (["--resolution", "32"] if args.dry_run else ["--resolution", "1024"])
+    # the SDXL DRaFT-1 step at batch 1, then each lever alone against it, in the same run
+    draft_1 = [*scale, *shapes["sdxl"], "--scripts", "draft_k.py"]
+    default = "--extra-args=--k 1 --batch-size 1" + steps(20)
+    parts.append(("sdxl draft_k.py --k 1 batch 1", [*draft_1, default]))
+    parts.append(("sdxl lever --no-torch-deterministic", [*draft_1, default + " --no-torch-deterministic"]))
+    parts.append(("sdxl lever batch 4", [*draft_1, default.replace("--batch-size 1", "--batch-size 4")]))
+    parts += [(f"sdxl lever {lever}", [*draft_1, default, "--levers", lever]) for lever in LEVER_PARTS]
+    parts.append(("sd14 default batch", scale))
+    parts.append(("sd35 draft_k.py --k 1 batch 1", [*scale, *shapes["sd35"], "--scripts", "draft_k.py", default]))
+    for family in ("sdxl", "sd35"):
+        ddpo = [*scale, *shapes[family], "--scripts", "ddpo.py", "--samples-per-epoch", "2"]
         parts.append((f"{family} ddpo.py batch 1", [*ddpo, "--extra-args=" + BATCH_1["ddpo.py"] + steps(10)]))
     for script in ["ddpo.py", "draft_full.py"]:
         parts.append((f"sd14 batch 1 {script}", [*scale, "--scripts", script, "--extra-args=" + BATCH_1[script]]))
@@ -142,6 +158,8 @@ def table(report: dict) -> str:
             lines.append(f"| {part['name']} | {r['script']} | {r['images_per_sec']:.2f} | "
                          f"{f'{tflop:.1f}' if tflop else 'n/a'} | {mfu} | {datasheet} | {mem} |")  # fmt: skip
     for part in report["parts"]:
+        if "profile_step" in part["command"] and part.get("result"):  # its own tables (speed/profile_step.py)
+            lines += ["", f"### {part['name']}", "", markdown(part["result"])]
         if "trl_trainers" in part["command"] and part.get("result"):  # its own table (peers/trl_trainers.py)
             header = ("| pair | ours images/s | TRL images/s | ours / TRL | ours / TRL per CPU second | peak memory "
                       "(GB): ours | TRL | eval reward before -> after: ours | TRL |")  # fmt: skip
@@ -188,8 +206,9 @@ if __name__ == "__main__":
             part["status"] = "skipped: the budget was spent"
             continue
         began = time.time()
-        if name.split()[0] in ("sdxl", "sd35"):  # built when first needed: a budget spent earlier builds nothing
-            build_family(args.models_dir, name.split()[0], args.dry_run)
+        family = name.split()[1] if name.startswith("profile") else name.split()[0]
+        if family in ("sdxl", "sd35"):  # built when first needed: a budget spent earlier builds nothing
+            build_family(args.models_dir, family, args.dry_run)
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "part.json")
             try:

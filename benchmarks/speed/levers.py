@@ -7,6 +7,8 @@ tf32           TF32 tensor cores for fp32 matmuls and convolutions: the LoRA's f
                work is unaffected; on the CPU this changes nothing)
 channels_last  the denoiser's and VAE's weights in channels-last memory format, so convolutions run NHWC
 fused_adamw    torch.optim.AdamW(fused=True): one kernel for the whole LoRA update
+cudnn_benchmark  cuDNN's autotuner picks each convolution's fastest algorithm for its shapes (among the deterministic
+               ones while --torch-deterministic is on; on the CPU this changes nothing)
 compile        torch.compile of the denoiser (nn.Module.compile, in place, once its LoRA is added)
 """
 
@@ -42,11 +44,19 @@ def fused_adamw() -> None:
     torch.optim.AdamW = FusedAdamW
 
 
+def cudnn_benchmark() -> None:
+    def benchmark(model):  # after the run has set cuDNN's deterministic mode from its flag
+        torch.backends.cudnn.benchmark = True
+
+    hooks.model_loaded.append(benchmark)
+
+
 def compile_denoiser() -> None:
     hooks.lora_added.append(lambda model: model.denoiser.compile())
 
 
-LEVERS = {"tf32": tf32, "channels_last": channels_last, "fused_adamw": fused_adamw, "compile": compile_denoiser}
+LEVERS = {"tf32": tf32, "channels_last": channels_last, "fused_adamw": fused_adamw, "cudnn_benchmark": cudnn_benchmark,
+          "compile": compile_denoiser}  # fmt: skip
 
 
 def apply(names: list[str]) -> None:
