@@ -222,7 +222,7 @@ def scratch_checkout(tmp_path):
 # appended to a documented --preset tiny command: the run as written, cut to one step (epoch), so that the dozen of
 # them take seconds each rather than minutes (the full runs are the learning tests' and the method pages' numbers)
 SHORTER = {"ddpo.py": ["--num-epochs", "1"], "rwr.py": ["--num-epochs", "1"],
-           "braid.py": ["--train-steps", "1", "--offline-size", "24", "--reward-model-steps", "50"]}  # fmt: skip
+           "braid.py": ["--train-steps", "1", "--offline-size", "24", "--reward-model-steps", "20"]}  # fmt: skip
 
 
 @pytest.mark.slow

@@ -205,9 +205,9 @@ def test_two_runs_never_share_a_folder_and_a_folder_in_use_is_refused(tmp_path, 
 
 @pytest.mark.slow
 def test_processes_started_at_the_same_instant_cannot_both_take_a_run_folder(tmp_path):
-    """Four processes contest 20 run folders, one at a time, each contest starting at the same instant for all: in
+    """Four processes contest 12 run folders, one at a time, each contest starting at the same instant for all: in
     every one exactly one takes the folder (the earlier read-then-write lock let 2 to 4 take each, measured here)."""
-    rounds, start = 20, time.time() + 10  # time for all of them to start and import
+    rounds, start = 12, time.time() + 10  # time for all of them to start and import
     for r in range(rounds):
         (tmp_path / str(r)).mkdir()
     code = f"""import sys, time; sys.path.insert(0, {ROOT!r}); from common.checkpoint import lock
