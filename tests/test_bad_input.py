@@ -362,6 +362,7 @@ def test_no_file_can_run_code_when_loaded(tiny_sd_path, tmp_path, monkeypatch, c
     assert not marker.exists()
 
 
+@pytest.mark.slow  # 14 s
 def test_a_resume_stays_in_its_own_run_and_says_what_it_cannot_do(tiny_sd_path, tmp_path, monkeypatch, capsys):
     import shutil
 
@@ -385,6 +386,7 @@ def test_a_resume_stays_in_its_own_run_and_says_what_it_cannot_do(tiny_sd_path, 
         assert [json.loads(line)["step"] for line in f] == [1, 2, 3]
 
 
+@pytest.mark.slow  # 20 s
 def test_a_non_finite_loss_names_its_likely_cause(tiny_sd_path, tmp_path, monkeypatch, capsys):
     import common.rewards
 

@@ -58,6 +58,7 @@ def test_reward_head_fits_a_known_function():
     assert torch.nn.functional.mse_loss(prediction, test @ weights + 1.0) < 0.01 * scores.var()
 
 
+@pytest.mark.slow  # 20 s; the fast tier keeps the bonus and the head fit
 def test_bootstrap_spread_grows_away_from_the_data_and_c0_is_the_mean():
     features, scores, _ = toy_data()
     heads = fit_ensemble(features, scores, 4)
