@@ -127,40 +127,30 @@ class PickScore(nn.Module):
         self.processor = load_or_fail(CLIPImageProcessor.from_pretrained, processor)
         self.tokenizer = load_or_fail(AutoTokenizer.from_pretrained, processor)
 
-    def forward(self, images, prompts):
+    def cosine(self, images, texts) -> torch.Tensor:
+        """(B,) cosine of each image's and its text's embeddings, in fp32; texts truncated to 77 tokens."""
         pixels = processor_preprocess(self.processor, images).to(self.model.dtype)
-        text = self.tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
-        image_embeds = self.model.get_image_features(pixel_values=pixels).pooler_output
-        text_embeds = self.model.get_text_features(**text.to(images.device)).pooler_output
-        image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
-        text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
-        return (self.model.logit_scale.exp() * (image_embeds * text_embeds).sum(-1)).float()
+        text = self.tokenizer(texts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+        image_embeds = self.model.get_image_features(pixel_values=pixels).pooler_output.float()
+        text_embeds = self.model.get_text_features(**text.to(images.device)).pooler_output.float()
+        return F.cosine_similarity(image_embeds, text_embeds, dim=-1)
+
+    def forward(self, images, prompts):
+        return self.model.logit_scale.exp().float() * self.cosine(images, prompts)
 
 
-class ClipScore(nn.Module):
+class ClipScore(PickScore):
     """CLIPScore (Hessel et al., 2021): 2.5 * max(cosine(image, text), 0) with CLIP ViT-B/32, the caption prefixed
     with "A photo depicts" as in the paper's code; text-image alignment without a reference, in [0, 2.5]. (The
     torchmetrics CLIPScore is 100 * max(cosine, 0), without the prefix, and ViT-L/14 by default.)"""
 
-    differentiable = True
     prefix = "A photo depicts "
 
     def __init__(self, model="openai/clip-vit-base-patch32"):
-        super().__init__()
-        from transformers import CLIPImageProcessor  # imported here: its import warns when torchvision is missing
-
-        self.model = load_or_fail(CLIPModel.from_pretrained, model)
-        self.processor = load_or_fail(CLIPImageProcessor.from_pretrained, model)
-        self.tokenizer = load_or_fail(AutoTokenizer.from_pretrained, model)
+        super().__init__(model, processor=model)
 
     def forward(self, images, prompts):
-        pixels = processor_preprocess(self.processor, images).to(self.model.dtype)
-        text = self.tokenizer([self.prefix + p for p in prompts], padding=True, truncation=True, max_length=77,
-                              return_tensors="pt")  # fmt: skip
-        image_embeds = self.model.get_image_features(pixel_values=pixels).pooler_output
-        text_embeds = self.model.get_text_features(**text.to(images.device)).pooler_output
-        cosine = F.cosine_similarity(image_embeds.float(), text_embeds.float(), dim=-1)
-        return 2.5 * cosine.clamp(min=0)
+        return 2.5 * self.cosine(images, [self.prefix + p for p in prompts]).clamp(min=0)
 
 
 class HPSv2(nn.Module):
