@@ -33,7 +33,8 @@ from common.flags import AtLeast0, AtLeast1, Count, Eta, LearningRate, LoraRank,
 from common.models import load_model
 from common.offline_data import load_offline_data, offline_features, sample_images
 from common.prompts import load_prompts, sample_prompts, split_prompts
-from common.rewards import ImageFeatures, RewardName, make_reward
+from common.reward_models import ImageFeatures
+from common.rewards import RewardName, make_reward
 from common.run import Run
 from common.sampling import ddim_step
 

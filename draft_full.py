@@ -32,7 +32,9 @@ from common.sampling import ddim_step, step_kl
 
 @dataclass
 class Args(RunArgs):  # RunArgs (common/flags.py): the flags every script shares, then these
-    reward: Union[Literal["aesthetic", "pickscore", "hpsv2", "hpsv2.1", "clipscore", "colorfulness"], str] = "aesthetic"
+    reward: Union[
+        Literal["aesthetic", "pickscore", "hpsv2", "hpsv2.1", "clipscore", "imagereward", "colorfulness"], str
+    ] = "aesthetic"
     """the reward to maximise, differentiable (DRaFT backpropagates through it): a name, your own path.py:Name, or a
     weighted sum such as aesthetic+0.2*colorfulness"""
 

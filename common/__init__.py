@@ -6,7 +6,8 @@
     checkpoint   run folders, locks, atomic checkpoints, resuming
     models       the model behind one interface (Model, load_model); families/ holds one module per model family
     sampling     the DDIM step on any Gaussian path, its KL, the gradient-free sampling loop
-    rewards      the rewards and weighted sums of them; scoring in a worker thread while the next batch samples
+    rewards      the rewards by name and weighted sums of them; scoring in a worker thread while the next batch samples
+    reward_models the rewards that are models (CLIP-based, ImageReward) and their differentiable preprocessing
     remote       a reward served over HTTP: the JSON protocol and its client (reward_server.py serves one)
     prompts      prompt sets (prompt_sets/ holds those shipped as files, with their licences) and the held-out split
     distributed  torchrun: each process's slice of a global batch, gradients averaged

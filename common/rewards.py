@@ -1,7 +1,7 @@
 """Rewards by name. Each is an nn.Module called as reward(images, prompts) -> (B,) float32 tensor, with images
-(B, 3, H, W) in [0, 1], and a class attribute `differentiable` (DRaFT and BRAID need True). Model-based rewards
-take their model ids or local paths as arguments, so tests pass tiny models through the same code. `make_reward`
-also builds a user's own reward from a file (path.py:Name) and weighted sums (aesthetic+0.2*colorfulness)."""
+(B, 3, H, W) in [0, 1], and a class attribute `differentiable` (DRaFT and BRAID need True). The weight-free ones live
+here, the models in common/reward_models.py. `make_reward` also builds a user's own reward from a file (path.py:Name),
+a served one (http://HOST:PORT/PATH) and weighted sums (aesthetic+0.2*colorfulness). `Scorer` scores in a thread."""
 
 import importlib.util
 import inspect
@@ -12,181 +12,13 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from huggingface_hub import hf_hub_download
 from PIL import Image
 from torch import nn
-from transformers import AutoTokenizer, CLIPModel
 
 from common import hooks
-from common.cli import fail, load_or_fail
+from common.cli import fail
 from common.prompts import SHAPES
-
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def clip_preprocess(images, size: int = 224, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD) -> torch.Tensor:
-    """Differentiable CLIP preprocessing: resize the short side to `size` (bicubic, antialiased), centre crop,
-    normalise. Matches CLIPImageProcessor on the same image up to its uint8 rounding (tests/test_rewards.py)."""
-    height, width = images.shape[-2:]
-    scale = size / min(height, width)
-    new_height, new_width = max(size, int(height * scale)), max(size, int(width * scale))
-    images = F.interpolate(images, (new_height, new_width), mode="bicubic", antialias=True, align_corners=False)
-    images = images.clamp(0, 1)  # bicubic overshoots; PIL clips it to the uint8 range
-    top, left = (new_height - size) // 2, (new_width - size) // 2
-    images = images[..., top : top + size, left : left + size]
-    mean, std = (torch.tensor(v, device=images.device).view(3, 1, 1) for v in (mean, std))
-    return (images - mean) / std
-
-
-def processor_preprocess(processor, images) -> torch.Tensor:
-    """clip_preprocess with the size, mean and std of a model's own image processor config."""
-    size = processor.crop_size["height"] if processor.do_center_crop else processor.size["shortest_edge"]
-    return clip_preprocess(images, size, processor.image_mean, processor.image_std)
-
-
-def hub_file(repo_or_path: str, filename: str) -> str:
-    """A local file as is, else `filename` downloaded from the hub repo `repo_or_path`."""
-    return (
-        repo_or_path if os.path.isfile(repo_or_path) else load_or_fail(hf_hub_download, repo_or_path, filename=filename)
-    )
-
-
-class ClipImageFeatures(nn.Module):
-    """L2-normalised CLIP image embeddings, differentiable: what the aesthetic predictor (and BRAID's reward model)
-    reads. `clip_model` is a hub id or local folder of a transformers CLIPModel with its image processor."""
-
-    def __init__(self, clip_model="openai/clip-vit-large-patch14"):
-        super().__init__()
-        from transformers import CLIPImageProcessor  # imported here: its import warns when torchvision is missing
-
-        self.clip = load_or_fail(CLIPModel.from_pretrained, clip_model)  # the text tower idles: 1/4 of the weights
-        self.processor = load_or_fail(CLIPImageProcessor.from_pretrained, clip_model)
-
-    def forward(self, images):  # (B, 3, H, W) in [0, 1] -> (B, projection_dim), in the CLIP model's dtype
-        pixels = processor_preprocess(self.processor, images).to(self.clip.dtype)
-        embeds = self.clip.get_image_features(pixel_values=pixels).pooler_output
-        return embeds / embeds.norm(dim=-1, keepdim=True)
-
-
-class ImageFeatures(nn.Module):
-    """Frozen, differentiable image features for a reward model fitted on them (BRAID's): ClipImageFeatures of a CLIP
-    id or path, or "vae": the text-to-image `model`'s own VAE latents average-pooled to 4 x 4 (no extra download)."""
-
-    def __init__(self, feature_model: str, model):
-        super().__init__()
-        self.vae = model.vae if feature_model == "vae" else None  # a submodule: its device is the features'
-        self.encode_images = model.encode_images
-        self.clip = ClipImageFeatures(feature_model).requires_grad_(False).eval() if self.vae is None else None
-
-    def forward(self, images):  # (B, 3, H, W) in [0, 1] -> (B, D)
-        if self.clip is not None:
-            return self.clip(images).float()
-        return F.adaptive_avg_pool2d(self.encode_images(images), 4).flatten(1)  # (B, C * 16)
-
-
-class Aesthetic(nn.Module):
-    """LAION 'improved aesthetic predictor': L2-normalised CLIP ViT-L/14 image embeddings into an MLP head
-    (768-1024-128-64-16-1, dropouts, no activations), weights sac+logos+ava1-l14-linearMSE."""
-
-    differentiable = True
-
-    def __init__(self, clip_model="openai/clip-vit-large-patch14", head="trl-lib/ddpo-aesthetic-predictor"):
-        super().__init__()
-        self.features = ClipImageFeatures(clip_model)
-        dim = self.features.clip.config.projection_dim
-        self.head = nn.Sequential(
-            nn.Linear(dim, 1024),
-            nn.Dropout(0.2),
-            nn.Linear(1024, 128),
-            nn.Dropout(0.2),
-            nn.Linear(128, 64),
-            nn.Dropout(0.1),
-            nn.Linear(64, 16),
-            nn.Linear(16, 1),
-        )
-        state_dict = torch.load(hub_file(head, "aesthetic-model.pth"), map_location="cpu", weights_only=True)
-        self.head.load_state_dict({k.removeprefix("layers."): v for k, v in state_dict.items()})
-
-    def forward(self, images, prompts=None):
-        embeds = self.features(images)
-        return self.head(embeds.to(self.head[0].weight.dtype)).squeeze(-1).float()
-
-
-class PickScore(nn.Module):
-    """PickScore (Kirstain et al., 2023): logit_scale.exp() * cosine(image, text) of a fine-tuned CLIP-H."""
-
-    differentiable = True
-
-    def __init__(self, model="yuvalkirstain/PickScore_v1", processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K"):
-        super().__init__()
-        from transformers import CLIPImageProcessor  # imported here: its import warns when torchvision is missing
-
-        self.model = load_or_fail(CLIPModel.from_pretrained, model)
-        self.processor = load_or_fail(CLIPImageProcessor.from_pretrained, processor)
-        self.tokenizer = load_or_fail(AutoTokenizer.from_pretrained, processor)
-
-    def cosine(self, images, texts) -> torch.Tensor:
-        """(B,) cosine of each image's and its text's embeddings, in fp32; texts truncated to 77 tokens."""
-        pixels = processor_preprocess(self.processor, images).to(self.model.dtype)
-        text = self.tokenizer(texts, padding=True, truncation=True, max_length=77, return_tensors="pt")
-        image_embeds = self.model.get_image_features(pixel_values=pixels).pooler_output.float()
-        text_embeds = self.model.get_text_features(**text.to(images.device)).pooler_output.float()
-        return F.cosine_similarity(image_embeds, text_embeds, dim=-1)
-
-    def forward(self, images, prompts):
-        return self.model.logit_scale.exp().float() * self.cosine(images, prompts)
-
-
-class ClipScore(PickScore):
-    """CLIPScore (Hessel et al., 2021): 2.5 * max(cosine(image, text), 0) with CLIP ViT-B/32, the caption prefixed
-    with "A photo depicts" as in the paper's code; text-image alignment without a reference, in [0, 2.5]. (The
-    torchmetrics CLIPScore is 100 * max(cosine, 0), without the prefix, and ViT-L/14 by default.)"""
-
-    prefix = "A photo depicts "
-
-    def __init__(self, model="openai/clip-vit-base-patch32"):
-        super().__init__(model, processor=model)
-
-    def forward(self, images, prompts):
-        return 2.5 * self.cosine(images, [self.prefix + p for p in prompts]).clamp(min=0)
-
-
-class HPSv2(nn.Module):
-    """HPS v2 (Wu et al., 2023): cosine(image, text) of an open_clip ViT-H-14 fine-tuned on human preferences
-    (papers report it x100); `version` "2.1" is the newer checkpoint of the same model (HPS_v2.1_compressed.pt).
-    Needs the optional open_clip package. The tests run it on a stand-in for open_clip: open_clip itself needs
-    torchvision, which has no CPU build on PyPI (its ViT-H-14 is unverified here)."""
-
-    differentiable = True
-
-    def __init__(self, checkpoint="xswu/HPSv2", version="2.0"):
-        super().__init__()
-        try:
-            import open_clip
-        except ImportError:
-            fail(
-                f"the {'hpsv2' if version == '2.0' else 'hpsv2.1'} reward needs open_clip: pip install open-clip-torch"
-            )
-        self.model = open_clip.create_model("ViT-H-14", pretrained=None)
-        filename = "HPS_v2_compressed.pt" if version == "2.0" else "HPS_v2.1_compressed.pt"
-        state = torch.load(hub_file(checkpoint, filename), map_location="cpu", weights_only=False)
-        self.model.load_state_dict(state["state_dict"])
-        self.tokenizer = open_clip.get_tokenizer("ViT-H-14")
-
-    def forward(self, images, prompts):
-        dtype = next(self.model.parameters()).dtype
-        image_embeds = self.model.encode_image(clip_preprocess(images).to(dtype), normalize=True)
-        text_embeds = self.model.encode_text(self.tokenizer(prompts).to(images.device), normalize=True)
-        return (image_embeds * text_embeds).sum(-1).float()
-
-
-class HPSv21(HPSv2):
-    """HPS v2.1: HPS v2's model and formula with the newer checkpoint its authors released (v2.1)."""
-
-    def __init__(self, checkpoint="xswu/HPSv2"):
-        super().__init__(checkpoint, version="2.1")
+from common.reward_models import Aesthetic, ClipScore, HPSv2, HPSv21, ImageReward, PickScore
 
 
 def jpeg_size_kb(images) -> torch.Tensor:
@@ -254,7 +86,7 @@ class PromptFollowing(nn.Module):
 
 # the names of REWARDS, as a flag's choices (the methods that need no gradient of the reward)
 RewardName = Literal[
-    "aesthetic", "pickscore", "hpsv2", "hpsv2.1", "clipscore", "colorfulness", "jpeg_compressibility",
+    "aesthetic", "pickscore", "hpsv2", "hpsv2.1", "clipscore", "imagereward", "colorfulness", "jpeg_compressibility",
     "jpeg_incompressibility", "prompt_following",
 ]  # fmt: skip
 REWARDS = {
@@ -263,6 +95,7 @@ REWARDS = {
     "hpsv2": HPSv2,
     "hpsv2.1": HPSv21,
     "clipscore": ClipScore,
+    "imagereward": ImageReward,
     "jpeg_compressibility": JpegCompressibility,
     "jpeg_incompressibility": JpegIncompressibility,
     "colorfulness": Colorfulness,
@@ -277,6 +110,7 @@ LOCAL_MODELS = {
     "hpsv2": lambda folder: dict(checkpoint=os.path.join(folder, "HPS_v2_compressed.pt")),
     "hpsv2.1": lambda folder: dict(checkpoint=os.path.join(folder, "HPS_v2.1_compressed.pt")),
     "clipscore": lambda folder: dict(model=folder),
+    "imagereward": lambda folder: dict(checkpoint=folder, tokenizer=folder),  # ImageReward.pt, med_config.json
 }
 MAX_WEIGHT = 1e6  # a weight beyond this is a typo (1e300 would overflow the sum)
 

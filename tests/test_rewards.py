@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
-from common.rewards import REWARDS, clip_preprocess, jpeg_size_kb, make_reward
+from common.reward_models import clip_preprocess
+from common.rewards import REWARDS, jpeg_size_kb, make_reward
 from scripts import LENGTH, SCRIPTS, TINY, definitions, read_metrics, run_script
 
 
@@ -166,7 +167,7 @@ def test_hpsv2_and_hpsv21_read_their_checkpoints_and_score_the_cosine(name, file
     checkpoint file from xswu/HPSv2 and scores cosine(image, text) of CLIP-preprocessed images, computed by hand."""
     import sys
 
-    import common.rewards
+    import common.reward_models
 
     torch.manual_seed(0)
     weights = StandInOpenClip.Model()
@@ -174,7 +175,7 @@ def test_hpsv2_and_hpsv21_read_their_checkpoints_and_score_the_cosine(name, file
     asked = []
     monkeypatch.setitem(sys.modules, "open_clip", StandInOpenClip)
     monkeypatch.setattr(
-        common.rewards, "hub_file", lambda repo, file: asked.append((repo, file)) or str(tmp_path / file)
+        common.reward_models, "hub_file", lambda repo, file: asked.append((repo, file)) or str(tmp_path / file)
     )
     reward = make_reward(name)
     assert asked[-1] == ("xswu/HPSv2", filename)

@@ -375,7 +375,7 @@ def test_a_rewards_own_models_from_a_local_folder(tiny_clip_path, aesthetic_head
     shutil.copytree(tiny_clip_path, folder)
     shutil.copy(aesthetic_head_path, folder / "aesthetic-model.pth")
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    from common.rewards import Aesthetic
+    from common.reward_models import Aesthetic
 
     expected = Aesthetic(clip_model=tiny_clip_path, head=aesthetic_head_path).eval()(images)
     torch.testing.assert_close(make_reward(f"aesthetic:{folder}")(images), expected)
