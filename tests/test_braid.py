@@ -151,7 +151,7 @@ def test_script_runs_on_synthesised_data(variant, tiny_sd_path, tmp_path, monkey
     "layout",
     [
         pytest.param("scores.csv", marks=pytest.mark.slow),
-        "metadata.jsonl in train/",
+        pytest.param("metadata.jsonl in train/", marks=pytest.mark.slow),
         pytest.param("metadata.csv", marks=pytest.mark.slow),
     ],
 )

@@ -135,7 +135,8 @@ def test_denoising_loss_against_diffusers_add_noise_and_get_velocity(tiny_sd_eps
 VARIANTS = [("ddpo.py", []), ("ddpo.py", ["--estimator", "sf"]), ("rwr.py", []), ("rwr.py", ["--sparse"])]
 
 
-@pytest.mark.parametrize("script, variant", VARIANTS)
+@pytest.mark.parametrize("script, variant", [v if not v[1] else pytest.param(*v, marks=pytest.mark.slow)
+                                             for v in VARIANTS])  # fmt: skip
 def test_script_runs_and_writes_metrics_grids_and_lora(script, variant, tiny_sd_path, tmp_path, monkeypatch):
     run_script(script, ["--pretrained-model", tiny_sd_path, *TINY, *variant, "--num-epochs", "2", "--sample-every",
                         "1", "--output-dir", str(tmp_path)], monkeypatch)  # fmt: skip
@@ -166,6 +167,7 @@ def test_ddpo_ratio_is_one_before_the_first_update(tiny_sd_path, tmp_path, monke
     assert metrics["clipfrac"] == 0.0 and metrics["approx_kl"] < 1e-10
 
 
+@pytest.mark.slow
 def test_ddpo_timesteps_per_call_changes_no_number(tiny_sd_path, tmp_path, monkeypatch):
     """The 4 trained steps of each trajectory in 4 UNet calls or in one: the same loss, gradient and update (one
     optimizer step an epoch), float rounding apart."""

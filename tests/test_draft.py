@@ -69,7 +69,8 @@ def record_gradient_window(monkeypatch) -> list[bool]:
     return seen
 
 
-@pytest.mark.parametrize("script, k", [("draft_k.py", 1), ("draft_k.py", 3), ("draft_full.py", 4)])
+@pytest.mark.parametrize("script, k", [("draft_k.py", 1), pytest.param("draft_k.py", 3, marks=pytest.mark.slow),
+                                       pytest.param("draft_full.py", 4, marks=pytest.mark.slow)])  # fmt: skip
 def test_exactly_the_last_k_steps_carry_gradient(script, k, tiny_sd_path, tmp_path, monkeypatch):
     seen = record_gradient_window(monkeypatch)
     run_script(script, ["--pretrained-model", tiny_sd_path, *TINY, "--train-steps", "2", "--output-dir", str(tmp_path),
@@ -77,7 +78,8 @@ def test_exactly_the_last_k_steps_carry_gradient(script, k, tiny_sd_path, tmp_pa
     assert seen == ([False] * (4 - k) + [True] * k) * 2  # 4 sampling steps, two training steps
 
 
-@pytest.mark.parametrize("window", [["--k", "3"], ["--k-min", "2", "--k", "5"]], ids=["fixed", "random"])
+@pytest.mark.parametrize("window", [["--k", "3"], pytest.param(["--k-min", "2", "--k", "5"], marks=pytest.mark.slow)],
+                         ids=["fixed", "random"])  # fmt: skip
 def test_each_trajectory_backpropagates_through_its_own_last_k_steps(window, tiny_sd_path, tmp_path, monkeypatch):
     """A zero added to the latents entering each UNet call of the training loop: its gradient is non-zero for a sample
     exactly when that sample's reward reaches back to the call. Each sample's reach must be one contiguous tail of

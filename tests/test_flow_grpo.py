@@ -180,7 +180,10 @@ def record_steps(monkeypatch) -> list:
     return calls
 
 
-@pytest.mark.parametrize(("placement", "sampler"), [("random", "ddim"), ("sliding", "flow_grpo")])
+SLIDING = pytest.param("sliding", "flow_grpo", marks=pytest.mark.slow)
+
+
+@pytest.mark.parametrize(("placement", "sampler"), [("random", "ddim"), SLIDING])
 def test_a_window_samples_w_noisy_steps_and_trains_exactly_them(
     sampler, placement, tiny_sd3_path, tmp_path, monkeypatch
 ):
@@ -212,7 +215,7 @@ def test_a_window_samples_w_noisy_steps_and_trains_exactly_them(
         assert windows == [[0, 1], [1, 2], [2, 3]]
 
 
-@pytest.mark.parametrize("train_guidance", [True, False])
+@pytest.mark.parametrize("train_guidance", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_guidance_free_training_makes_one_denoiser_call_a_step(train_guidance, tiny_sd3_path, tmp_path, monkeypatch):
     """--no-train-guidance: the sampling rounds and the training call the denoiser once per step on the batch (batch
     2 and 2); with guidance, on the batch twice over (4 and 4). The evaluations keep guidance (8 images: 16)."""
@@ -230,7 +233,8 @@ def test_guidance_free_training_makes_one_denoiser_call_a_step(train_guidance, t
     assert sizes.count(2 * factor) == 2 * 6 + 2 * 4  # 2 sampling batches x 6 steps, 2 training batches x 4 steps
 
 
-@pytest.mark.parametrize("script", ["ddpo.py", pytest.param("rwr.py", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["ddpo.py", "rwr.py"])
 def test_ema_evaluates_with_the_average_and_saves_it_beside_the_lora(script, tiny_sd3_path, tmp_path, monkeypatch):
     """--ema-decay: the run's end saves the average in ema/ (loadable as the LoRA is) and it differs from the LoRA
     after training; the last evaluation samples with it (its reward is the EMA's, not the trained LoRA's)."""

@@ -199,7 +199,8 @@ def test_draft_refuses_a_served_reward_before_contacting_it(capsys):
 
 
 # ---- in a run ----
-@pytest.mark.parametrize("script", ["ddpo.py", pytest.param("rwr.py", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["ddpo.py", "rwr.py"])
 def test_a_served_reward_scored_in_the_background_changes_no_number(
     script, served, tiny_sd_path, tmp_path, monkeypatch
 ):

@@ -280,7 +280,8 @@ def test_your_own_reward_from_a_file_and_weighted_sums(reward_file, capsys):
 
 
 @pytest.mark.parametrize("script, spec, differentiable", [
-    ("draft_k.py", "Redness", True), ("ddpo.py", "brightness_bucket", False), ("ddpo.py", "Redness", True),
+    ("draft_k.py", "Redness", True), pytest.param("ddpo.py", "brightness_bucket", False, marks=pytest.mark.slow),
+    pytest.param("ddpo.py", "Redness", True, marks=pytest.mark.slow),
 ])  # fmt: skip
 def test_a_reward_file_runs_through_draft_and_ddpo(script, spec, differentiable, reward_file, tiny_sd_path, tmp_path,
                                                    monkeypatch):  # fmt: skip

@@ -93,7 +93,8 @@ def test_help_opens_with_the_scripts_docstring_and_lists_the_choices():
     assert "--mixed-precision {auto,bf16,no}" in result.stdout
 
 
-@pytest.mark.parametrize("script", ["draft_k.py", pytest.param("braid.py", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["draft_k.py", "braid.py"])
 def test_a_run_prints_no_library_warning_and_releases_its_lock(script, tiny_sd_path, tmp_path):
     """`python script ...` as a user runs it: nothing on stderr but progress bars (no library warning, no note that
     an SD-sized model is slow on the CPU), and the run folder's lock is gone when the process ends."""
@@ -182,6 +183,7 @@ def hold_lock(run_dir) -> subprocess.Popen:
     return holder
 
 
+@pytest.mark.slow
 def test_two_runs_never_share_a_folder_and_a_folder_in_use_is_refused(tmp_path, capsys):
     first = common.checkpoint.open_run_dir(str(tmp_path), "reward__exp__1__1700000000", None, None, rank=0)
     second = common.checkpoint.open_run_dir(str(tmp_path), "reward__exp__1__1700000000", None, None, rank=0)
@@ -259,6 +261,7 @@ def test_resume_refuses_a_method_change_or_another_script_and_applies_a_new_lr(t
     assert [m["epoch"] for m in metrics] == [1, 2]
 
 
+@pytest.mark.slow
 def test_a_kill_while_writing_a_checkpoint_resumes_to_the_uninterrupted_run(tiny_sd_path, tmp_path, monkeypatch):
     """The process dies after the LoRA of checkpoint 4 is written and before its state.pt: resuming the run folder
     takes checkpoint 2, skips the incomplete one, and ends with the uninterrupted run's metrics and LoRA."""
@@ -349,6 +352,7 @@ def test_a_diverging_run_stops_before_overwriting_the_lora(tiny_sd_path, tmp_pat
     assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["step_000001", "step_000002"]
 
 
+@pytest.mark.slow
 def test_out_of_memory_ends_in_one_sentence(tiny_sd_path, tmp_path):
     """The GPU's allocator gives up in the first denoiser call (torch.OutOfMemoryError, raised here by a stand-in:
     a real allocation that large can be granted by the CPU's overcommit and end in the kernel's OOM killer instead):
@@ -394,7 +398,8 @@ BF16 = {
 }
 
 
-@pytest.mark.parametrize("script", BF16)
+@pytest.mark.parametrize("script", [s if s in ("draft_k.py", "ddpo.py") else pytest.param(s, marks=pytest.mark.slow)
+                                    for s in BF16])  # fmt: skip
 def test_bf16_on_the_cpu_trains_an_fp32_lora_on_bf16_frozen_weights(
     script, tiny_sd_path, tmp_path, monkeypatch, capsys
 ):

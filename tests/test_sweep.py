@@ -247,6 +247,7 @@ def test_images_no_one_can_read_end_in_one_sentence(make, message, tiny_sd_path,
     expect_exit_2("braid.py", args, message, monkeypatch, capsys)
 
 
+@pytest.mark.slow
 def test_a_pt_data_sets_images_are_read_at_the_resolution(tiny_sd_path, tmp_path, monkeypatch):
     """1 px images and 24 px images both become --resolution images, as a folder's are."""
     scores = torch.arange(12.0)
@@ -259,6 +260,7 @@ def test_a_pt_data_sets_images_are_read_at_the_resolution(tiny_sd_path, tmp_path
         assert read_metrics(tmp_path / f"out{size}")[1][0]["step"] == 1
 
 
+@pytest.mark.slow
 def test_braid_resumed_without_its_synthesised_data_names_the_file(tiny_sd_path, tmp_path, monkeypatch, capsys):
     args = ["--pretrained-model", tiny_sd_path, *TINY["braid.py"], "--train-steps", "1", "--output-dir", str(tmp_path)]
     run_script("braid.py", args, monkeypatch)
@@ -270,10 +272,11 @@ def test_braid_resumed_without_its_synthesised_data_names_the_file(tiny_sd_path,
 
 @pytest.mark.parametrize("tamper, message", [
     (lambda s: {**s, "rng": "seed"}, "its 'rng' is a str, not a uint8 tensor"),
-    (lambda s: {**s, "step": "1"}, "its 'step' is a str, not a count"),
-    (lambda s: {**s, "optimizer": [1, 2]}, "its 'optimizer' is a list, not an optimizer's state_dict"),
-    (lambda s: {**s, "optimizer": {"state": {}, "param_groups": [{"params": [0]}, {"params": [1]}]}},
-     "does not fit this run"),
+    pytest.param(lambda s: {**s, "step": "1"}, "its 'step' is a str, not a count", marks=pytest.mark.slow),
+    pytest.param(lambda s: {**s, "optimizer": [1, 2]}, "its 'optimizer' is a list, not an optimizer's state_dict",
+                 marks=pytest.mark.slow),
+    pytest.param(lambda s: {**s, "optimizer": {"state": {}, "param_groups": [{"params": [0]}, {"params": [1]}]}},
+                 "does not fit this run", marks=pytest.mark.slow),
 ])  # fmt: skip
 def test_a_tampered_checkpoint_is_refused(tamper, message, tiny_sd_path, tmp_path, monkeypatch, capsys):
     run_script("draft_k.py", ["--pretrained-model", tiny_sd_path, *DRAFT, "--train-steps", "1", "--output-dir",
