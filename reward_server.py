@@ -6,9 +6,10 @@
 The protocol (common/remote.py), JSON both ways and no pickle, so that neither side runs code the other sends:
     POST {"prompts": [str, ...], "images": [base64 PNG, ...]}  ->  200 {"rewards": [float, ...]}
 A request that is not that (not JSON, missing or mistyped keys, counts that differ, an image that is not a PNG or is
-too large, images of different sizes, too many images) is answered 400 or 413 with {"error": "..."} and the server
-goes on; a reward that fails on a request is answered 500 with its sentence. GET answers what is served. Each
-request is scored as one batch, one at a time, on this machine's device (--no-cuda: the CPU).
+too large, images of different sizes, too many images or pixels, too large a body) is answered 400 or 413 with
+{"error": "..."} and the server goes on; a reward that fails on a request is answered 500 with its sentence. GET
+answers what is served. Each request is scored as one batch, one at a time, on this machine's device (--no-cuda: the
+CPU).
 
 Python's own http.server, threaded: no dependency to install, and enough for what it carries (one trainer, or a few,
 sending a batch of images every few seconds); behind a proxy or for many clients, put it behind a real web server.
@@ -44,6 +45,10 @@ class Args:
     """the most images one request may carry"""
     max_pixels: int = 4096 * 4096
     """the most pixels one image may have"""
+    max_request_pixels: int = 2**27
+    """the most pixels of one request's images in all (2**27: 128 images of 1024 x 1024, 1.5 GB once decoded)"""
+    max_body_mb: int = 1024
+    """the largest request body in MiB (the PNGs, as base64)"""
 
 
 class Refused(Exception):
@@ -52,8 +57,10 @@ class Refused(Exception):
         self.status = status
 
 
-def read_request(body: bytes, max_images: int, max_pixels: int) -> tuple[torch.Tensor, list[str]]:
-    """The request's images (B, 3, H, W) in [0, 1] and prompts, or Refused with the status and what is wrong."""
+def read_request(body: bytes, max_images: int, max_pixels: int, max_request_pixels: int = 2**27):
+    """The request's images (B, 3, H, W) in [0, 1] and prompts, or Refused with the status and what is wrong. Each
+    image's size is read from its PNG header before its pixels are decoded, so that a small body of highly compressed
+    images cannot make the server decode more than `max_request_pixels` pixels."""
     try:
         request = json.loads(body)
     except (ValueError, UnicodeDecodeError):
@@ -67,20 +74,33 @@ def read_request(body: bytes, max_images: int, max_pixels: int) -> tuple[torch.T
         raise Refused(400, f"{len(images)} images and {len(prompts)} prompts: give one prompt per image, at least one")
     if len(images) > max_images:
         raise Refused(413, f"{len(images)} images in one request; this server takes at most {max_images}")
-    decoded = []
+    decoded, left = [], max_request_pixels
     for i, text in enumerate(images):
         if not isinstance(text, str):
             raise Refused(400, f"image {i} is not a string of base64 text")
         try:
-            decoded.append(image_from_base64(text, max_pixels))
+            decoded.append(image_from_base64(text, min(max_pixels, left)))
         except ValueError as e:
+            if "pixels" in str(e) and left < max_pixels:
+                raise Refused(413, f"the images have more than {max_request_pixels} pixels in all") from None
             raise Refused(413 if "pixels" in str(e) else 400, f"image {i} {e}") from None
+        left -= decoded[-1].shape[1] * decoded[-1].shape[2]
     if len({tuple(image.shape) for image in decoded}) > 1:
         raise Refused(400, "the images differ in size: send one size per request")
     return torch.stack(decoded), prompts
 
 
-def serve(reward_fn, spec: str, device, host: str, port: int, max_images: int = 512, max_pixels: int = 4096 * 4096):
+def serve(
+    reward_fn,
+    spec: str,
+    device,
+    host: str,
+    port: int,
+    max_images: int = 512,
+    max_pixels: int = 4096 * 4096,
+    max_request_pixels: int = 2**27,
+    max_body_mb: int = 1024,
+):
     """A threaded HTTP server of `reward_fn` (not yet serving: call serve_forever, in a thread if need be)."""
     lock = threading.Lock()  # one batch at a time on the device
 
@@ -103,10 +123,12 @@ def serve(reward_fn, spec: str, device, host: str, port: int, max_images: int = 
                 length = int(self.headers.get("Content-Length", ""))
             except ValueError:
                 return self.answer(411, {"error": "the request needs a Content-Length"})
-            if length > max_images * (max_pixels * 4 + 1024):
-                return self.answer(413, {"error": f"a body of {length} bytes is more than this server takes"})
+            if length > max_body_mb * 2**20:
+                return self.answer(
+                    413, {"error": f"a body of {length} bytes; this server takes at most {max_body_mb} MiB"}
+                )
             try:
-                images, prompts = read_request(self.rfile.read(length), max_images, max_pixels)
+                images, prompts = read_request(self.rfile.read(length), max_images, max_pixels, max_request_pixels)
             except Refused as e:
                 return self.answer(e.status, {"error": str(e)})
             try:
@@ -130,7 +152,17 @@ if __name__ == "__main__":
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     reward_fn = make_reward(args.reward, device, dtype)
     try:
-        server = serve(reward_fn, args.reward, device, args.host, args.port, args.max_images, args.max_pixels)
+        server = serve(
+            reward_fn,
+            args.reward,
+            device,
+            args.host,
+            args.port,
+            args.max_images,
+            args.max_pixels,
+            args.max_request_pixels,
+            args.max_body_mb,
+        )
     except OSError as e:  # the port is taken, or the address is not this machine's
         fail(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}): choose another --port or --host")
     host, port = server.server_address[:2]

@@ -110,7 +110,7 @@ def test_served_reward_equals_the_reward_in_process(served):
 
 
 def test_the_server_refuses_bad_requests_with_4xx_and_keeps_serving(served):
-    url = served("colorfulness", max_images=3, max_pixels=32 * 32)
+    url = served("colorfulness", max_images=3, max_pixels=32 * 32, max_request_pixels=2 * 32 * 32, max_body_mb=1)
     png = png_base64(torch.rand(3, 8, 8))
     cases = {
         b"not json": (400, "not JSON"),
@@ -124,6 +124,11 @@ def test_the_server_refuses_bad_requests_with_4xx_and_keeps_serving(served):
         json.dumps({"images": [png_base64(torch.zeros(3, 64, 64))], "prompts": ["a"]}).encode(): (413, "pixels"),
         json.dumps({"images": [png, png_base64(torch.rand(3, 8, 9))], "prompts": ["a", "b"]}).encode(): (400, "size"),
         json.dumps({"images": [7], "prompts": ["a"]}).encode(): (400, "not a string"),
+        json.dumps({"images": [png_base64(torch.zeros(3, 32, 32))] * 3, "prompts": ["a"] * 3}).encode(): (
+            413,
+            "2048 pixels in all",
+        ),  # each image within its limit, not the three together
+        json.dumps({"images": [png] * 3, "prompts": ["a" * 2**19] * 3}).encode(): (413, "at most 1 MiB"),
     }
     for body, (status, said) in cases.items():
         got, answer = post(url, body)
