@@ -220,10 +220,16 @@ class ImageReward(nn.Module):
         def file(name):
             return os.path.join(checkpoint, name) if os.path.isdir(checkpoint) else hub_file(checkpoint, name)
 
-        path = file("ImageReward.pt")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        with open(file("med_config.json")) as f:
-            med = json.load(f)
+        path, config = file("ImageReward.pt"), file("med_config.json")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only: no code runs on loading
+            with open(config) as f:
+                med = json.load(f)
+        except Exception as e:  # a truncated download, another kind of file
+            reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
+            fail(f"cannot read ImageReward's '{path}' and '{config}' ({reason})")
+        if not isinstance(state, dict) or not isinstance(med, dict) or not set(MED_KEYS) <= set(med):
+            fail(f"'{path}' and '{config}' are not ImageReward's state dict and BERT config (THUDM/ImageReward)")
         parts = {prefix: {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
                  for prefix in ("blip.visual_encoder.", "blip.text_encoder.", "mlp.layers.")}  # fmt: skip
         vision = {vision_name(k): v for k, v in parts.pop("blip.visual_encoder.").items()}
@@ -253,6 +259,7 @@ class ImageReward(nn.Module):
         image_tokens = self.vision(pixel_values=pixels).last_hidden_state
         text = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=35, return_tensors="pt")
         # is_decoder=False (the default): the prompt's tokens see each other both ways; they see every image token
-        states = self.text(**text.to(images.device), encoder_hidden_states=image_tokens).last_hidden_state
+        states = self.text(text.input_ids.to(images.device), text.attention_mask.to(images.device),
+                           encoder_hidden_states=image_tokens).last_hidden_state  # fmt: skip
         score = self.head(states[:, 0].to(self.head[0].weight.dtype)).squeeze(-1).float()
         return (score - self.mean) / self.std

@@ -149,3 +149,14 @@ def test_imagereward_names_what_a_wrong_checkpoint_lacks(imagereward_folder, tmp
     message = capsys.readouterr().err.strip()
     assert "lacks ImageReward's blip.text_encoder tensor encoder.layer.1.crossattention.self.key.weight" in message
     assert len(message.splitlines()) == 1
+
+
+def test_imagereward_refuses_a_file_that_is_not_its_checkpoint(imagereward_folder, tmp_path, capsys):
+    for name in ("vocab.txt", "tokenizer_config.json", "med_config.json"):
+        (tmp_path / name).write_bytes((imagereward_folder / name).read_bytes())
+    (tmp_path / "ImageReward.pt").write_bytes(b"<html>not found</html>")  # what a failed download can leave
+    with pytest.raises(SystemExit) as exit_info:
+        ImageReward(str(tmp_path), tokenizer=str(tmp_path))
+    message = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(message.splitlines()) == 1
+    assert message.startswith(f"error: cannot read ImageReward's '{tmp_path / 'ImageReward.pt'}'"), message
