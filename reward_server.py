@@ -124,9 +124,14 @@ def serve(
             except ValueError:
                 return self.answer(411, {"error": "the request needs a Content-Length"})
             if length > max_body_mb * 2**20:
-                return self.answer(
-                    413, {"error": f"a body of {length} bytes; this server takes at most {max_body_mb} MiB"}
-                )
+                self.answer(413, {"error": f"a body of {length} bytes; this server takes at most {max_body_mb} MiB"})
+                self.close_connection = True
+                try:  # read and drop the body, so that the client, still sending it, then reads this answer rather
+                    while 0 < length <= 4 * max_body_mb * 2**20:  # than a broken pipe (beyond 4 times the limit: not)
+                        length -= len(self.rfile.read(min(length, 2**20))) or length
+                except OSError:  # the client hung up first
+                    pass
+                return
             try:
                 images, prompts = read_request(self.rfile.read(length), max_images, max_pixels, max_request_pixels)
             except Refused as e:
