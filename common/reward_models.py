@@ -233,8 +233,9 @@ class ImageReward(nn.Module):
         parts = {prefix: {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
                  for prefix in ("blip.visual_encoder.", "blip.text_encoder.", "mlp.layers.")}  # fmt: skip
         vision = {vision_name(k): v for k, v in parts.pop("blip.visual_encoder.").items()}
-        if "embeddings.position_embedding" not in vision:
-            fail(f"'{path}' is not an ImageReward checkpoint: it has no blip.visual_encoder weights")
+        shapes = ("embeddings.position_embedding", "embeddings.patch_embedding.weight", "encoder.layers.0.mlp.fc1.bias")
+        if not all(key in vision for key in shapes):  # what the ViT's size is read from
+            fail(f"'{path}' is not an ImageReward checkpoint: it lacks blip.visual_encoder's embeddings or blocks")
         positions, width = vision["embeddings.position_embedding"].shape[1:]
         patch = vision["embeddings.patch_embedding.weight"].shape[-1]
         self.vision = BlipVisionModel(BlipVisionConfig(
