@@ -33,7 +33,7 @@ from common.flags import AtLeast0, AtLeast1, Count, Eta, LearningRate, LoraRank,
 from common.models import load_model
 from common.offline_data import load_offline_data, offline_features, sample_images
 from common.prompts import load_prompts, sample_prompts, split_prompts
-from common.reward_models import ImageFeatures
+from common.reward_models import ImageFeatures, mlp_head
 from common.rewards import RewardName, make_reward
 from common.run import Run
 from common.sampling import ddim_step
@@ -44,16 +44,8 @@ class RewardHead(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.body = nn.Sequential(
-            nn.Linear(dim, 1024),
-            nn.Dropout(0.2),
-            nn.Linear(1024, 128),
-            nn.Dropout(0.2),
-            nn.Linear(128, 64),
-            nn.Dropout(0.1),
-            nn.Linear(64, 16),
-        )
-        self.out = nn.Linear(16, 1)
+        head = mlp_head(dim)
+        self.body, self.out = head[:-1], head[-1]  # dim-1024-128-64-16, then 16-1
 
     def forward(self, features):
         penultimate = self.body(features)  # (B, 16)
